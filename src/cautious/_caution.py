@@ -1,0 +1,68 @@
+"""The :class:`Caution` options object, shared by the reference and every backend."""
+
+from __future__ import annotations
+
+import dataclasses
+
+NORMALIZATIONS = ("mean_clamp", "count_plus_one", "exact", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Caution:
+    r"""How the cautious mask rescales the kept coordinates of a tensor.
+
+    With ``n`` entries in a tensor and ``k`` of them kept by the mask, the kept
+    entries of the base direction ``u`` are multiplied by ``scale``:
+
+    .. math::
+
+        \text{mean\_clamp:}\quad s = 1 / \max(k/n,\ \text{floor}) \qquad
+        \text{count\_plus\_one:}\quad s = n / (k + 1) \qquad
+        \text{exact:}\quad s = n / \max(k, 1) \qquad
+        \text{none:}\quad s = 1
+
+    Args:
+      normalize: one of ``"mean_clamp"`` (default; what timm and the paper's
+        current AdamW code do), ``"count_plus_one"`` (the paper's text and its
+        Lion code), ``"exact"`` or ``"none"``.
+      floor: the lower clamp on the kept fraction ``k/n`` used by
+        ``"mean_clamp"``; must lie in ``(0, 1]``. Ignored by the other
+        normalizations, which is allowed but never silent: it is part of the
+        object's ``repr``.
+
+    Passing ``caution=True`` to any optimizer means ``Caution()``;
+    ``caution=False`` turns the mask off and reproduces the base optimizer.
+    """
+
+    normalize: str = "mean_clamp"
+    floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        from cautious.spec.errors import validate
+
+        validate({"normalize": self.normalize, "floor": self.floor})
+        object.__setattr__(self, "floor", float(self.floor))
+
+    def scale(self, count: int, n: int) -> float:
+        """The exact rescale factor for ``count`` kept entries out of ``n`` (float64)."""
+        if n <= 0:
+            return 1.0
+        if self.normalize == "mean_clamp":
+            return 1.0 / max(count / n, self.floor)
+        if self.normalize == "count_plus_one":
+            return n / (count + 1)
+        if self.normalize == "exact":
+            return n / max(count, 1)
+        return 1.0
+
+
+def as_caution(caution: bool | Caution | None, *, name: str = "caution") -> Caution | None:
+    """Normalise the ``caution`` argument: ``True`` -> ``Caution()``, ``False`` -> ``None``."""
+    if isinstance(caution, Caution):
+        return caution
+    if caution is True:
+        return Caution()
+    if caution is False or caution is None:
+        return None
+    raise TypeError(f"{name} must be a bool or a cautious.Caution, got {caution!r}")
+

@@ -1,0 +1,179 @@
+r"""Error bounds derived from the computation, one step at a time.
+
+For every quantity of a step the reference computes, in float64, both the value
+and a bound on how far a correct implementation computing in the case's compute
+dtype may be from it. With ``e = K * unit_roundoff(compute)`` and ``tn`` the
+smallest normal of the compute dtype (flush-to-zero slack):
+
+.. math::
+
+    \text{err}(a x + b y) &= e\,(|a x| + |b y|) + |a|\,\text{err}(x) + |b|\,\text{err}(y) + tn \\
+    \text{err}(\sqrt{x}) &= \min\!\big(\text{err}(x) / (2\sqrt{x}),\ \sqrt{\text{err}(x)}\big) + e\sqrt{x} \\
+    \text{err}(x / y) &= e\,|x/y| + \text{err}(x)/y_{lo} + |x/y|\,\text{err}(y)/y_{lo},
+    \quad y_{lo} = y - \text{err}(y) > 0
+
+First-order propagation through these rules gives bounds for ``m``, ``v``,
+``u`` and the parameters. A sign is *undecided* where the value lies within its
+bound of zero; there the implementation may keep or mask the entry, and the
+checker requires the scale to be consistent with the decisions it took.
+The ``tn`` slack is added only where the operands are nonzero, so exact zeros
+stay exact (and an exact-zero gradient is always masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from cautious.conformance.case import Case
+from cautious.spec.dtypes import compute_dtype, tiny, unit_roundoff
+
+__all__ = ["K", "TensorTerms", "tensor_terms"]
+
+#: Operations' worth of rounding allowed per quantity. Generous enough for any
+#: evaluation order of the formulas; tight enough that a float32 bias correction
+#: or an off-by-one step is far outside it.
+K = 16
+
+
+@dataclasses.dataclass
+class TensorTerms:
+    """Reference values and bounds for one tensor's step."""
+
+    p: np.ndarray  # input parameter (float64)
+    g: np.ndarray  # gradient the rule consumed (after maximize / coupled decay)
+    err_g: np.ndarray
+    u: np.ndarray  # base direction (before caution)
+    err_u: np.ndarray
+    undecided: np.ndarray  # bool: the mask decision may go either way
+    lion_sign_undecided: np.ndarray  # bool: Lion's sign(c) itself is undecided
+    state: dict[str, np.ndarray | None]  # expected new state fields
+    state_err: dict[str, np.ndarray | None]
+
+
+def _slack(mag: np.ndarray, tn: float) -> np.ndarray:
+    return np.where(mag > 0, tn, 0.0)
+
+
+def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> TensorTerms:
+    """Reference terms with bounds for one tensor at 1-based step ``t``."""
+    hp = dict(case.hparams)
+    cd = compute_dtype(case.dtype)
+    e = K * unit_roundoff(cd)
+    tn = tiny(cd)
+    p = np.asarray(p, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    s = tuple(None if x is None else np.asarray(x, dtype=np.float64) for x in s)
+    wd = weight_decay(case)
+    is_decoupled = decoupled(case)
+    if hp.get("maximize", False):
+        g = -g
+    # flush-to-zero: a subnormal gradient may be read as zero.
+    err_g = np.where(np.abs(g) < tn, np.abs(g), 0.0)
+    if wd != 0 and not is_decoupled:
+        mag = np.abs(g) + wd * np.abs(p)
+        g = g + wd * p
+        err_g = e * mag + err_g + _slack(mag, tn)
+
+    state: dict[str, np.ndarray | None] = {}
+    state_err: dict[str, np.ndarray | None] = {}
+    lion_undecided = np.zeros(g.shape, bool)
+    rule = "adam" if case.rule == "adamw" else case.rule
+    if rule == "adam":
+        b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.999)))
+        eps = float(hp.get("eps", 1e-8))
+        m0, v0, vmax0 = s
+        mag_m = np.abs(b1 * m0) + np.abs((1 - b1) * g)
+        m = b1 * m0 + (1 - b1) * g
+        err_m = e * mag_m + (1 - b1) * err_g + _slack(mag_m, tn)
+        g2 = g * g
+        mag_v = np.abs(b2 * v0) + (1 - b2) * g2
+        v = b2 * v0 + (1 - b2) * g2
+        err_v = e * mag_v + (1 - b2) * (2 * np.abs(g) * err_g + err_g * err_g) + _slack(mag_v, tn)
+        state.update(m=m, v=v)
+        state_err.update(m=err_m, v=err_v)
+        if hp.get("amsgrad", False):
+            vmax = np.maximum(vmax0, v)
+            state["v_max"], state_err["v_max"] = vmax, err_v
+            vh, err_vh = vmax, err_v
+        else:
+            state["v_max"], state_err["v_max"] = None, None
+            vh, err_vh = v, err_v
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        if hp.get("eps_placement", "corrected") == "corrected":
+            q, err_q = vh / bc2, err_vh / bc2
+            num, err_num = m / bc1, err_m / bc1
+        else:
+            q, err_q = vh, err_vh
+            c = math.sqrt(bc2) / bc1
+            num, err_num = c * m, c * err_m
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.sqrt(q)
+            err_r = np.minimum(np.where(r > 0, err_q / (2 * r), np.inf), np.sqrt(err_q)) + e * r
+            den = r + eps
+            err_den = err_r + e * den
+            den_lo = den - err_den
+            u = num / den
+            err_u = e * np.abs(u) + (err_num + np.abs(u) * err_den) / den_lo
+            err_u = np.where(den_lo > 0, err_u, np.inf)
+        sign_err = err_m  # sign(u) == sign(m)
+        sign_val = m
+    elif rule == "lion":
+        b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.99)))
+        (m0,) = s
+        mag_c = np.abs(b1 * m0) + np.abs((1 - b1) * g)
+        c = b1 * m0 + (1 - b1) * g
+        err_c = e * mag_c + (1 - b1) * err_g + _slack(mag_c, tn)
+        u = np.sign(c)
+        err_u = np.zeros_like(u)
+        lion_undecided = (np.abs(c) <= err_c) & (err_c > 0)
+        mag_m = np.abs(b2 * m0) + np.abs((1 - b2) * g)
+        state["m"] = b2 * m0 + (1 - b2) * g
+        state_err["m"] = e * mag_m + (1 - b2) * err_g + _slack(mag_m, tn)
+        sign_val, sign_err = c, err_c
+    else:
+        mom = float(hp.get("momentum", 0.0))
+        damp = float(hp.get("dampening", 0.0))
+        if mom == 0:
+            u, err_u = g, err_g
+            state["m"], state_err["m"] = None, None
+        else:
+            (m0,) = s
+            if t == 1:
+                m, err_m = g.copy(), err_g
+            else:
+                mag = np.abs(mom * m0) + np.abs((1 - damp) * g)
+                m = mom * m0 + (1 - damp) * g
+                err_m = e * mag + (1 - damp) * err_g + _slack(mag, tn)
+            state["m"], state_err["m"] = m, err_m
+            if hp.get("nesterov", False):
+                mag = np.abs(g) + mom * np.abs(m)
+                u = g + mom * m
+                err_u = e * mag + err_g + mom * err_m + _slack(mag, tn)
+            else:
+                u, err_u = m, err_m
+        sign_val, sign_err = u, err_u
+
+    with np.errstate(invalid="ignore"):
+        undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | (
+            (np.abs(g) <= err_g) & (err_g > 0)
+        )
+    undecided &= ~(np.isnan(u) | np.isnan(g))
+    return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
+
+
+def weight_decay(case: Case) -> float:
+    """The case's weight decay, with the factory default when unset."""
+    if "weight_decay" in case.hparams:
+        return float(case.hparams["weight_decay"])
+    return 1e-2 if case.rule == "adamw" else 0.0
+
+
+def decoupled(case: Case) -> bool:
+    """Whether the case's weight decay is decoupled (AdamW, Lion, or the explicit option)."""
+    if case.rule in ("adamw", "lion"):
+        return True
+    return bool(case.hparams.get("decoupled_weight_decay", False))

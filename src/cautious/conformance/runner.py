@@ -1,0 +1,139 @@
+"""Drive any adapter through the Hypothesis-generated suite."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+from cautious import spec
+from cautious.conformance.case import Adapter, Case, NumpyAdapter
+from cautious.conformance.check import StepReport, check_step, repro_snippet
+from cautious.conformance.strategies import cases, step_inputs
+
+__all__ = ["ConformanceError", "ConformanceResult", "run_conformance", "check_trajectory", "register_profiles"]
+
+_REFERENCE = NumpyAdapter()
+
+
+class ConformanceError(AssertionError):
+    """An implementation disagreed with the reference; the message carries a runnable repro."""
+
+    def __init__(self, message: str, report: StepReport | None = None, repro: str = "") -> None:
+        super().__init__(message)
+        self.report = report
+        self.repro = repro
+
+
+@dataclasses.dataclass
+class ConformanceResult:
+    """What a run checked: examples per (rule, dtype), the worst error in units of the bound, notes."""
+
+    examples: dict[tuple[str, str], int]
+    worst: float
+    notes: set[str]
+
+
+def register_profiles() -> None:
+    """Hypothesis profiles: ``ci`` (derandomized, bounded, no database) and ``thorough`` (local)."""
+    common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+    settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **common)
+    settings.register_profile("thorough", max_examples=1000, **common)
+    settings.register_profile("dev", max_examples=100, **common)
+
+
+def check_trajectory(
+    adapter: Adapter,
+    case: Case,
+    params: Sequence[np.ndarray],
+    grad_seq: Sequence[Sequence[np.ndarray]],
+    state: spec.State,
+) -> tuple[float, set[str]]:
+    """Step ``adapter`` along ``grad_seq``, re-synced to the reference before every step.
+
+    Raises :class:`ConformanceError` at the first step that disagrees.
+    Returns the worst error in units of the bound and the notes collected.
+    """
+    worst, notes = 0.0, set()
+    params = [np.asarray(p) for p in params]
+    for step_i, grads in enumerate(grad_seq):
+        repro = repro_snippet(case, params, grads, state)
+        got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        report = check_step(case, params, grads, state, got_params, got_state)
+        notes.update(report.notes)
+        if not report.ok:
+            first = report.mismatches[0]
+            msg = (
+                f"{adapter.name} disagrees with the reference at step {step_i + 1} of {len(grad_seq)} "
+                f"({case.describe()}):\n  {first}\n"
+                + "".join(f"  also: {m}\n" for m in report.mismatches[1:4])
+                + "Reproduce the reference step with:\n"
+                + repro
+            )
+            raise ConformanceError(msg, report, repro)
+        worst = max(worst, report.worst)
+        params, state = _REFERENCE.step(case, params, grads, state)
+    return worst, notes
+
+
+def run_conformance(
+    adapter: Adapter,
+    *,
+    rules: Sequence[str] | None = None,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    max_examples: int | None = None,
+    allow_nan: bool = True,
+    max_steps: int = 3,
+    seed: int | None = None,
+) -> ConformanceResult:
+    """Check ``adapter`` against the reference on Hypothesis-generated cases.
+
+    Every supported rule, option and dtype in ``rules`` x ``dtypes`` is drawn;
+    cases the adapter declines (``supports`` returns a reason) are skipped, but a
+    requested rule with no supported case at all is an error. The number of
+    examples comes from the active Hypothesis profile (``ci`` in CI) unless
+    ``max_examples`` is given. On failure, Hypothesis shrinks the example and a
+    :class:`ConformanceError` with a runnable repro is raised.
+    """
+    rules = tuple(rules or spec.RULES)
+    examples: collections.Counter = collections.Counter()
+    all_notes: set[str] = set()
+    worst = [0.0]
+
+    @settings(
+        **({"max_examples": max_examples} if max_examples is not None else {}),
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        **({"derandomize": False} if seed is not None else {}),
+    )
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        case = data.draw(cases(rules, dtypes), label="case")
+        reason = adapter.supports(case)
+        assume(reason is None)
+        params, grad_seq, state = data.draw(
+            step_inputs(case, max_steps=max_steps, allow_nan=allow_nan), label="inputs"
+        )
+        note(f"case: {case.describe()}")
+        w, n = check_trajectory(adapter, case, params, grad_seq, state)
+        examples[(case.rule, case.dtype)] += 1
+        all_notes.update(n)
+        worst[0] = max(worst[0], w)
+
+    if seed is not None:
+        from hypothesis import seed as hseed
+
+        run = hseed(seed)(run)
+    run()
+    missing = [r for r in rules if not any(k[0] == r for k in examples)]
+    if missing and os.environ.get("CAUTIOUS_ALLOW_EMPTY") != "1":
+        raise ConformanceError(
+            f"{adapter.name}: no example ran for rule(s) {missing}; the adapter declined every drawn case "
+            "(pass rules=... to restrict the run to what it implements)"
+        )
+    return ConformanceResult(dict(examples), worst[0], all_notes)

@@ -1,0 +1,278 @@
+r"""Reference optimizers: pure functions over immutable state.
+
+Every optimizer here is the same generic step around a base :class:`~cautious.spec.rules.Rule`:
+
+.. math::
+
+    g &\leftarrow -g \text{ if maximize} \\
+    g &\leftarrow g + \lambda p \quad\text{(coupled L2 decay, when decay is coupled)} \\
+    u, s' &= \text{rule.direction}(g, s, t) \\
+    u &\leftarrow \text{mask}(u, g)\cdot\text{scale}\cdot u \quad\text{(when caution is on)} \\
+    p' &= p - \eta\,\lambda\, d \odot p - \eta\, u
+    \quad\text{(decoupled decay; } d = [u \cdot p \ge 0] \text{ if cautious\_weight\_decay else } 1)
+
+``g`` in the mask is the gradient the rule consumed: after the maximize
+negation and after coupled decay. Decoupled decay is never masked by caution.
+Caution never changes ``s'``.
+
+Each factory returns an :class:`Optimizer` with ``init(params) -> state`` and
+``step(params, grads, state) -> (new_params, new_state)`` over sequences of
+NumPy arrays. Arithmetic is float64; each result is rounded once to the dtype
+of the array it replaces.
+
+>>> import numpy as np, cautious.spec as spec
+>>> opt = spec.adamw(lr=0.1, weight_decay=0.0)
+>>> state = opt.init([np.zeros(3)])
+>>> (p,), state = opt.step([np.array([1.0, 1.0, 1.0])], [np.array([1.0, -1.0, 0.0])], state)
+>>> p.round(6).tolist(), state.step
+([0.85, 1.15, 1.0], 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cautious._caution import Caution, as_caution
+from cautious.spec.errors import validate
+from cautious.spec.mask import decay_mask
+from cautious.spec.rules import Rule, adam_rule, cautious, lion_rule, sgd_rule
+
+__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer"]
+
+
+class State(NamedTuple):
+    """Optimizer state: ``step`` (steps taken so far) and one rule state per tensor."""
+
+    step: int
+    leaves: tuple[Any, ...]
+
+
+class Optimizer(NamedTuple):
+    """A reference optimizer: ``init``, ``step`` and the hyperparameters it was built with."""
+
+    init: Any
+    step: Any
+    rule: str
+    hparams: Mapping[str, Any]
+
+
+def _f64(x: Any) -> Any:
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def _cast_like(new: Any, old: Any) -> Any:
+    if isinstance(new, tuple) and hasattr(new, "_fields"):
+        return type(new)(*(_cast_like(a, b) for a, b in zip(new, old)))
+    if new is None:
+        return None
+    return np.asarray(new, dtype=np.asarray(old).dtype)
+
+
+def make_optimizer(
+    rule: Rule,
+    *,
+    lr: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    hparams: Mapping[str, Any],
+) -> Optimizer:
+    """Build the generic step around ``rule``; see the module docstring for the math."""
+    if cautious_weight_decay and not decoupled:
+        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    inner = cautious(rule, caution) if caution is not None else rule
+    lr = float(lr)
+    wd = float(weight_decay)
+
+    def init(params: Sequence[np.ndarray]) -> State:
+        return State(0, tuple(rule.init(np.asarray(p)) for p in params))
+
+    def step(
+        params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State
+    ) -> tuple[list[np.ndarray], State]:
+        if not (len(params) == len(grads) == len(state.leaves)):
+            raise ValueError(
+                f"params, grads and state must have the same length, got "
+                f"{len(params)}, {len(grads)} and {len(state.leaves)}"
+            )
+        for p, g in zip(params, grads):
+            if np.shape(g) != np.shape(p):
+                raise ValueError(f"gradient shape {np.shape(g)} does not match parameter shape {np.shape(p)}")
+        t = int(state.step) + 1
+        new_params, new_leaves = [], []
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for p, g, s in zip(params, grads, state.leaves):
+                p_new, s_new = one(np.asarray(p), g, s, t)
+                new_params.append(p_new)
+                new_leaves.append(s_new)
+        return new_params, State(t, tuple(new_leaves))
+
+    def one(p: np.ndarray, g: np.ndarray, s: Any, t: int) -> tuple[np.ndarray, Any]:
+        p64 = _f64(p)
+        g64 = _f64(g)
+        s64 = type(s)(*(_f64(x) for x in s))
+        if maximize:
+            g64 = -g64
+        if wd != 0 and not decoupled:
+            g64 = g64 + wd * p64
+        u, s_new = inner.direction(g64, s64, t)
+        if wd != 0 and decoupled:
+            d = p64 if not cautious_weight_decay else np.where(decay_mask(u, p64), p64, 0.0)
+            p_new = p64 - (lr * wd) * d - lr * u
+        else:
+            p_new = p64 - lr * u
+        return np.asarray(p_new, dtype=p.dtype), _cast_like(s_new, s)
+
+    return Optimizer(init, step, rule.name, dict(hparams))
+
+
+def _betas(betas: Any) -> tuple[Any, Any]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
+    return b1, b2
+
+
+BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+
+
+def _common(caution: Any, **flags: Any) -> Caution | None:
+    validate(flags)
+    return as_caution(caution)
+
+
+def adam(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    caution: bool | Caution = True,
+    eps_placement: str = "corrected",
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious Adam (coupled L2 decay, as torch.optim.Adam). ``caution=False`` is plain Adam."""
+    b1, b2 = _betas(betas)
+    hp = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, eps_placement=eps_placement)
+    validate(hp, BETA_NAMES)
+    c = _common(
+        caution,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    rule = adam_rule(beta1=float(b1), beta2=float(b2), eps=float(eps), amsgrad=amsgrad, eps_placement=eps_placement)
+    hp.update(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled_weight_decay, caution=c,
+              cautious_weight_decay=cautious_weight_decay)
+    return make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+    )
+
+
+def adamw(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    eps_placement: str = "corrected",
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious AdamW (decoupled decay, as torch.optim.AdamW). ``caution=False`` is plain AdamW."""
+    return adam(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+        caution=caution,
+        eps_placement=eps_placement,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+
+
+def lion(
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious Lion (decoupled decay). ``caution=False`` is plain Lion."""
+    b1, b2 = _betas(betas)
+    hp = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=weight_decay)
+    validate(hp, BETA_NAMES)
+    c = _common(caution, maximize=maximize, cautious_weight_decay=cautious_weight_decay)
+    hp.update(maximize=maximize, decoupled=True, caution=c, cautious_weight_decay=cautious_weight_decay)
+    return make_optimizer(
+        lion_rule(beta1=float(b1), beta2=float(b2)),
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+    )
+
+
+def sgd(
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious SGD with momentum (as torch.optim.SGD, plus optional decoupled decay)."""
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    validate(hp)
+    c = _common(
+        caution,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+    hp.update(nesterov=nesterov, maximize=maximize, decoupled=decoupled_weight_decay, caution=c,
+              cautious_weight_decay=cautious_weight_decay)
+    return make_optimizer(
+        sgd_rule(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov),
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+    )

@@ -1,0 +1,202 @@
+r"""Base rules: pure functions from a gradient to a descent direction.
+
+A :class:`Rule` is the part of an optimizer that turns the gradient ``g`` into
+the direction ``u`` (descent convention: the optimizer moves
+``p <- p - lr * u``), before the learning rate and before decoupled weight
+decay. Rules know nothing about caution; :func:`cautious` wraps any of them.
+
+Per-tensor state is an immutable NamedTuple (``AdamState``, ``LionState``,
+``SGDState``); ``step`` is the 1-based index of the step being taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cautious._caution import Caution
+from cautious.spec.mask import apply_caution
+
+__all__ = [
+    "Rule",
+    "AdamState",
+    "LionState",
+    "SGDState",
+    "adam_rule",
+    "lion_rule",
+    "sgd_rule",
+    "cautious",
+    "adam_direction",
+    "lion_direction",
+    "sgd_direction",
+]
+
+
+class Rule(NamedTuple):
+    """A base rule: ``init(p) -> s`` and ``direction(g, s, step) -> (u, s_new)``."""
+
+    name: str
+    init: Callable[[np.ndarray], Any]
+    direction: Callable[[np.ndarray, Any, int], tuple[np.ndarray, Any]]
+
+
+class AdamState(NamedTuple):
+    """Adam's per-tensor state: first moment ``m``, second moment ``v``, and ``v_max`` (amsgrad, else None)."""
+
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray | None = None
+
+
+class LionState(NamedTuple):
+    """Lion's per-tensor state: the momentum ``m``."""
+
+    m: np.ndarray
+
+
+class SGDState(NamedTuple):
+    """SGD's per-tensor state: the momentum buffer ``m`` (None when momentum is 0)."""
+
+    m: np.ndarray | None
+
+
+def adam_direction(
+    g: np.ndarray,
+    s: AdamState,
+    step: int,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool = False,
+    eps_placement: str = "corrected",
+) -> tuple[np.ndarray, AdamState]:
+    r"""Adam's direction.
+
+    .. math::
+
+        m' &= \beta_1 m + (1-\beta_1) g, \qquad v' = \beta_2 v + (1-\beta_2) g^2,
+        \qquad \hat v = \max(v_{max}, v') \text{ if amsgrad else } v' \\
+        u &= \frac{m' / (1-\beta_1^t)}{\sqrt{\hat v / (1-\beta_2^t)} + \epsilon}
+        \quad\text{(eps\_placement="corrected": torch, optax)} \\
+        u &= \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\cdot\frac{m'}{\sqrt{\hat v} + \epsilon}
+        \quad\text{(eps\_placement="uncorrected": Keras, TF, HF)}
+
+    Bias corrections are computed in float64 from the float64 betas.
+    Because the denominator is positive, ``sign(u) == sign(m')``.
+    """
+    m = beta1 * s.m + (1.0 - beta1) * g
+    v = beta2 * s.v + (1.0 - beta2) * (g * g)
+    v_max = np.maximum(s.v_max, v) if amsgrad else None
+    v_used = v_max if amsgrad else v
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    if eps_placement == "corrected":
+        u = (m / bc1) / (np.sqrt(v_used / bc2) + eps)
+    else:
+        u = (math.sqrt(bc2) / bc1) * (m / (np.sqrt(v_used) + eps))
+    return u, AdamState(m, v, v_max)
+
+
+def lion_direction(
+    g: np.ndarray, s: LionState, step: int, *, beta1: float, beta2: float
+) -> tuple[np.ndarray, LionState]:
+    r"""Lion's direction (Chen et al. 2023).
+
+    .. math::
+
+        u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g), \qquad
+        m' = \beta_2 m + (1-\beta_2) g
+
+    ``sign(0) = 0`` and ``sign(NaN) = NaN``.
+    """
+    del step
+    u = np.sign(beta1 * s.m + (1.0 - beta1) * g)
+    m = beta2 * s.m + (1.0 - beta2) * g
+    return u, LionState(m)
+
+
+def sgd_direction(
+    g: np.ndarray,
+    s: SGDState,
+    step: int,
+    *,
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[np.ndarray, SGDState]:
+    r"""SGD-momentum's direction, as torch.optim.SGD.
+
+    .. math::
+
+        m' = g \text{ at step 1, else } \mu m + (1-\tau) g, \qquad
+        u = g + \mu m' \text{ (nesterov) else } m'
+
+    With ``momentum == 0`` there is no buffer and ``u = g``.
+    """
+    if momentum == 0:
+        return g, SGDState(None)
+    m = g.copy() if step == 1 else momentum * s.m + (1.0 - dampening) * g
+    u = g + momentum * m if nesterov else m
+    return u, SGDState(m)
+
+
+def _zeros_like(p: np.ndarray) -> np.ndarray:
+    return np.zeros_like(p)
+
+
+def adam_rule(
+    *, beta1: float, beta2: float, eps: float, amsgrad: bool = False, eps_placement: str = "corrected"
+) -> Rule:
+    """Adam as a :class:`Rule`."""
+
+    def init(p: np.ndarray) -> AdamState:
+        return AdamState(_zeros_like(p), _zeros_like(p), _zeros_like(p) if amsgrad else None)
+
+    def direction(g: np.ndarray, s: AdamState, step: int) -> tuple[np.ndarray, AdamState]:
+        return adam_direction(
+            g, s, step, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, eps_placement=eps_placement
+        )
+
+    return Rule("adam", init, direction)
+
+
+def lion_rule(*, beta1: float, beta2: float) -> Rule:
+    """Lion as a :class:`Rule`."""
+
+    def direction(g: np.ndarray, s: LionState, step: int) -> tuple[np.ndarray, LionState]:
+        return lion_direction(g, s, step, beta1=beta1, beta2=beta2)
+
+    return Rule("lion", lambda p: LionState(_zeros_like(p)), direction)
+
+
+def sgd_rule(*, momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Rule:
+    """SGD-momentum as a :class:`Rule`."""
+
+    def init(p: np.ndarray) -> SGDState:
+        return SGDState(_zeros_like(p) if momentum != 0 else None)
+
+    def direction(g: np.ndarray, s: SGDState, step: int) -> tuple[np.ndarray, SGDState]:
+        return sgd_direction(g, s, step, momentum=momentum, dampening=dampening, nesterov=nesterov)
+
+    return Rule("sgd", init, direction)
+
+
+def cautious(rule: Rule, caution: Caution) -> Rule:
+    r"""Wrap any base rule with the cautious mask: the one place caution is written.
+
+    .. math::  u^c = \text{mask}(u, g) \cdot \text{scale} \cdot u
+
+    The wrapped rule has the same state as the inner rule, untouched: caution
+    only changes the direction it returns. See :mod:`cautious.spec.mask`.
+    """
+
+    def direction(g: np.ndarray, s: Any, step: int) -> tuple[np.ndarray, Any]:
+        u, s_new = rule.direction(g, s, step)
+        u_c, _, _, _ = apply_caution(u, g, caution)
+        return u_c, s_new
+
+    return Rule(f"cautious({rule.name})", rule.init, direction)
