@@ -76,6 +76,11 @@ def round_to(x: np.ndarray, name: str) -> np.ndarray:
     1.0078125
     """
     x = np.asarray(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _round_to(x, name)
+
+
+def _round_to(x: np.ndarray, name: str) -> np.ndarray:
     if name == "bfloat16":
         # float64 -> float32 -> bfloat16 is a double rounding; it is exact unless
         # the float32 step lands on a bfloat16 tie, which we resolve from float64.

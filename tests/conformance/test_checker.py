@@ -1,0 +1,125 @@
+"""Tests of the suite itself: it passes the reference, flags deviations, and tolerates only rounding."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import cautious
+from cautious import spec
+from cautious.conformance import Case, ConformanceError, NumpyAdapter, check_step, run_conformance, spec_optimizer
+from cautious.conformance.check import repro_snippet
+
+
+def test_reference_passes_its_own_suite_all_dtypes():
+    result = run_conformance(NumpyAdapter(), dtypes=("float32", "float64", "bfloat16", "float16"))
+    assert {r for r, _ in result.examples} == set(spec.RULES)
+    assert result.worst <= 1.0
+
+
+def _case(rule="adamw", dtype="float32", **hp):
+    return Case(rule, {"lr": 0.1, **hp}, dtype)
+
+
+def _ref(case, params, grads, state):
+    return NumpyAdapter().step(case, params, grads, state)
+
+
+def test_one_ulp_of_compute_passes_but_one_percent_fails():
+    case = _case()
+    params, grads = [np.ones(8, np.float32)], [np.linspace(-1, 1, 8).astype(np.float32)]
+    state = spec_optimizer(case).init(params)
+    new, st = _ref(case, params, grads, state)
+    nudged = [np.nextafter(new[0], np.float32(np.inf))]
+    assert check_step(case, params, grads, state, nudged, st).ok
+    off = [new[0] * np.float32(1.01)]
+    report = check_step(case, params, grads, state, off, st)
+    assert not report.ok and "params[0]" in str(report.mismatches[0])
+
+
+def test_state_and_step_are_compared():
+    case = _case()
+    params, grads = [np.ones(4, np.float32)], [np.array([1, -1, 2, -2], np.float32)]
+    state = spec_optimizer(case).init(params)
+    new, st = _ref(case, params, grads, state)
+    bad_m = spec.State(1, (st.leaves[0]._replace(m=st.leaves[0].m * 2),))
+    assert "state.leaves[0].m" in str(check_step(case, params, grads, state, new, bad_m).mismatches[0])
+    bad_step = spec.State(2, st.leaves)
+    assert "state.step" in str(check_step(case, params, grads, state, new, bad_step).mismatches[0])
+    hidden = check_step(case, params, grads, state, new, None)
+    assert hidden.ok and any("parameters compared only" in n for n in hidden.notes)
+
+
+def test_undecided_entry_either_way_but_scale_must_follow():
+    # m' = 0.5*m + 0.5*g lands within float32 rounding of zero for entry 0: m = -g exactly, but
+    # an implementation computing (1-b1)*g + b1*m in another order may get a tiny nonzero.
+    case = _case(rule="adamw", betas=(0.5, 0.999), weight_decay=0.0, caution=cautious.Caution("exact"))
+    g = np.array([3e-7, 1.0, 1.0, -1.0], np.float32)
+    m = np.array([-3e-7, 1.0, -1.0, -1.0], np.float32)
+    state = spec.State(3, (spec.AdamState(m, np.ones(4, np.float32)),))
+    params = [np.ones(4, np.float32)]
+    ref, st = _ref(case, params, [g], state)
+    terms_u = spec.adam_direction(g.astype(np.float64), state.leaves[0], 4, beta1=0.5, beta2=0.999, eps=1e-8)[0]
+    # reference: entry 0 has u == 0 (masked), entries 1 and 3 kept: k = 2, scale 2.
+    assert terms_u[0] == 0
+    # an implementation that kept entry 0 (with its tiny u) must use k = 3, scale 4/3:
+    kept3 = ref[0].copy()
+    for i in (1, 3):
+        kept3[i] = np.float32(1 - 0.1 * (4 / 3) * terms_u[i])
+    assert check_step(case, params, [g], state, [kept3], st).ok
+    # ... while a scale that no admissible count explains (k = 4/3 of 4) fails:
+    wrong_scale = ref[0].copy()
+    wrong_scale[1] = np.float32(1 - 0.1 * 3 * terms_u[1])
+    assert not check_step(case, params, [g], state, [wrong_scale], st).ok
+
+
+def test_nan_must_propagate():
+    case = _case()
+    params, grads = [np.ones(3, np.float32)], [np.array([np.nan, 1, -1], np.float32)]
+    state = spec_optimizer(case).init(params)
+    new, st = _ref(case, params, grads, state)
+    assert np.isnan(new[0][0])
+    frozen = [new[0].copy()]
+    frozen[0][0] = 1.0  # the NaN entry silently masked
+    assert not check_step(case, params, grads, state, frozen, st).ok
+
+
+def test_repro_snippet_runs_and_recomputes_the_reference():
+    case = Case("lion", {"lr": 0.1, "betas": (0.5, 0.25), "caution": cautious.Caution("exact")}, "bfloat16", "float32")
+    params = [np.array([[1.0, -2.0]], np.float32), np.zeros(0, np.float32)]
+    grads = [np.array([[0.5, 0.5]], np.float32), np.zeros(0, np.float32)]
+    state = spec.State(2, (spec.LionState(np.array([[1.0, 1.0]], np.float32)), spec.LionState(np.zeros(0, np.float32))))
+    ns: dict = {}
+    exec(repro_snippet(case, params, grads, state), ns)
+    expected, _ = spec_optimizer(case).step(params, grads, state)
+    assert all(np.array_equal(a, b) for a, b in zip(ns["new_params"], expected))
+
+
+class _Broken(NumpyAdapter):
+    name = "broken"
+
+    def step(self, case, params, grads, state):
+        new, st = super().step(case, params, grads, state)
+        if case.caution is not None and case.caution.normalize == "exact":
+            c = dataclasses.replace(case, hparams={**case.hparams, "caution": cautious.Caution("count_plus_one")})
+            new, st = super().step(c, params, grads, state)
+        return new, st
+
+
+def test_runner_shrinks_failure_to_repro():
+    with pytest.raises(ConformanceError) as info:
+        run_conformance(_Broken(), rules=("sgd",), max_examples=200, allow_nan=False)
+    text = str(info.value)
+    assert "broken disagrees with the reference" in text
+    assert "normalize='exact'" in text and "opt = spec.sgd(" in text
+
+
+def test_runner_refuses_when_nothing_ran():
+    class Nothing(NumpyAdapter):
+        name = "nothing"
+
+        def supports(self, case):
+            return "implements nothing"
+
+    with pytest.raises(ConformanceError, match="no example ran"):
+        run_conformance(Nothing(), rules=("lion",), max_examples=5)

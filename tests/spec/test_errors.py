@@ -1,0 +1,88 @@
+"""The invalid-hyperparameter table: exact types and messages from the reference factories."""
+
+import math
+
+import numpy as np
+import pytest
+
+import cautious
+from cautious import spec
+from cautious.spec.errors import ERROR_TABLE, FLAGS, invalid_examples, message, validate
+
+FACTORY_KEYS = {
+    "lr": ("adamw", "lr"),
+    "eps": ("adamw", "eps"),
+    "weight_decay": ("adamw", "weight_decay"),
+    "momentum": ("sgd", "momentum"),
+    "dampening": ("sgd", "dampening"),
+    "eps_placement": ("adamw", "eps_placement"),
+}
+
+
+@pytest.mark.parametrize(("key", "value", "exc", "msg"), invalid_examples(), ids=repr)
+def test_validate_table(key, value, exc, msg):
+    with pytest.raises(exc) as info:
+        validate({key: value})
+    assert str(info.value) == msg
+
+
+@pytest.mark.parametrize("check", ERROR_TABLE, ids=lambda c: c.key)
+def test_every_row_names_parameter_and_range(check):
+    value = check.invalid[0]
+    text = message(check.key, value, "NAME")
+    assert text.startswith("NAME must be ") and check.valid in text and repr(value) in text
+
+
+@pytest.mark.parametrize(("key", "value", "exc", "msg"), invalid_examples(), ids=repr)
+def test_factories_raise_table_errors(key, value, exc, msg):
+    if key in FACTORY_KEYS:
+        rule, arg = FACTORY_KEYS[key]
+        with pytest.raises(exc) as info:
+            getattr(spec, rule)(**{arg: value})
+        assert str(info.value) == msg
+    elif key in ("beta1", "beta2"):
+        betas = [0.9, 0.999]
+        betas[0 if key == "beta1" else 1] = value
+        for rule in ("adamw", "adam", "lion"):
+            with pytest.raises(exc) as info:
+                getattr(spec, rule)(betas=tuple(betas))
+            name = "betas[0]" if key == "beta1" else "betas[1]"
+            assert str(info.value) == msg.replace(key, name, 1)
+    elif key in ("floor", "normalize"):
+        with pytest.raises(exc) as info:
+            cautious.Caution(**{key: value})
+        assert str(info.value) == msg
+    elif key in FLAGS:
+        rule = {"amsgrad": "adamw", "nesterov": "sgd", "decoupled_weight_decay": "sgd"}.get(key, "adamw")
+        with pytest.raises(exc) as info:
+            getattr(spec, rule)(**{key: value})
+        assert str(info.value) == msg
+
+
+def test_valid_values_pass_and_are_finite_checked():
+    validate({"lr": np.float32(0.1), "beta1": 0.0, "beta2": 0.999, "eps": 0.0, "floor": 1.0})
+    with pytest.raises(ValueError, match=r"^lr must be a finite number >= 0, got nan$"):
+        validate({"lr": np.array(math.nan)})
+    with pytest.raises(TypeError, match="^lr must be a real number, got True$"):
+        validate({"lr": True})
+
+
+def test_unknown_key_rejected():
+    with pytest.raises(TypeError, match="unknown hyperparameter 'lrr'"):
+        validate({"lrr": 1.0})
+
+
+def test_names_are_substituted():
+    with pytest.raises(ValueError, match=r"^beta_1 must be a finite number in \[0, 1\), got 1\.0$"):
+        validate({"beta1": 1.0}, {"beta1": "beta_1"})
+
+
+def test_structural_errors():
+    with pytest.raises(ValueError, match="^nesterov=True requires momentum > 0 and dampening == 0$"):
+        spec.sgd(momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="^cautious_weight_decay=True requires decoupled weight decay$"):
+        spec.adam(weight_decay=0.1, cautious_weight_decay=True)
+    with pytest.raises(TypeError, match="^caution must be a bool or a cautious.Caution, got 'yes'$"):
+        spec.adamw(caution="yes")
+    with pytest.raises(TypeError, match="^betas must be a pair of numbers, got 0.9$"):
+        spec.adamw(betas=0.9)
