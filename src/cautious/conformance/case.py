@@ -65,6 +65,10 @@ class Adapter(Protocol):
     ``LionState`` or ``SGDState`` of NumPy arrays. The adapter returns the same
     structure. An adapter whose implementation cannot expose some state returns
     ``None`` in that leaf field: the suite then compares what it can, and says so.
+
+    Optionally, ``fixed_hparams(rule) -> dict`` pins the hyperparameters an
+    implementation does not vary (``{"caution": Caution(), "amsgrad": False}``), so
+    the suite draws only what it implements instead of skipping most cases.
     """
 
     name: str

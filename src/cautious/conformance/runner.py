@@ -91,6 +91,7 @@ def run_conformance(
     allow_nan: bool = True,
     max_steps: int = 3,
     seed: int | None = None,
+    pin: dict | None = None,
 ) -> ConformanceResult:
     """Check ``adapter`` against the reference on Hypothesis-generated cases.
 
@@ -98,10 +99,18 @@ def run_conformance(
     cases the adapter declines (``supports`` returns a reason) are skipped, but a
     requested rule with no supported case at all is an error. The number of
     examples comes from the active Hypothesis profile (``ci`` in CI) unless
-    ``max_examples`` is given. On failure, Hypothesis shrinks the example and a
+    ``max_examples`` is given. An adapter may pin hyperparameters it does not
+    vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
+    this run (``pin={"caution": Caution("exact")}``). On failure, Hypothesis shrinks the example and a
     :class:`ConformanceError` with a runnable repro is raised.
     """
     rules = tuple(rules or spec.RULES)
+    fixed = getattr(adapter, "fixed_hparams", None)
+    # An implementation whose state cannot be loaded is checked from fresh states, one step at a time.
+    fresh_only = bool(getattr(adapter, "fresh_only", False))
+    if pin:
+        base_fixed = fixed
+        fixed = lambda rule: {**((base_fixed(rule) or {}) if base_fixed else {}), **pin}  # noqa: E731
     examples: collections.Counter = collections.Counter()
     all_notes: set[str] = set()
     worst = [0.0]
@@ -114,11 +123,11 @@ def run_conformance(
     )
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        case = data.draw(cases(rules, dtypes), label="case")
+        case = data.draw(cases(rules, dtypes, fixed), label="case")
         reason = adapter.supports(case)
         assume(reason is None)
         params, grad_seq, state = data.draw(
-            step_inputs(case, max_steps=max_steps, allow_nan=allow_nan), label="inputs"
+            step_inputs(case, max_steps=max_steps, allow_nan=allow_nan, fresh_only=fresh_only), label="inputs"
         )
         note(f"case: {case.describe()}")
         w, n = check_trajectory(adapter, case, params, grad_seq, state)

@@ -10,7 +10,8 @@ still shows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -125,11 +126,29 @@ def hparams(draw, rule: str) -> dict:
 
 
 @st.composite
-def cases(draw, rules: Sequence[str] = spec.RULES, dtypes: Sequence[str] = ("float32", "float64")) -> Case:
+def cases(
+    draw,
+    rules: Sequence[str] = spec.RULES,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    fixed: Callable[[str], Mapping[str, Any] | None] | None = None,
+) -> Case:
+    """A :class:`Case`. ``fixed(rule)`` may pin hyperparameters (an implementation's fixed options)."""
     rule = draw(st.sampled_from(list(rules)))
     dtype = draw(st.sampled_from(list(dtypes)))
     state_dtype = "float32" if dtype in ("bfloat16", "float16") else None
-    return Case(rule, draw(hparams(rule)), dtype, state_dtype)
+    hp = draw(hparams(rule))
+    pinned = dict(fixed(rule) or {}) if fixed is not None else {}
+    hp.update(pinned)
+    if not _decoupled(rule, hp) and "cautious_weight_decay" in hp:
+        hp["cautious_weight_decay"] = False
+    if hp.get("nesterov") and (not hp.get("momentum") or hp.get("dampening")):
+        hp["nesterov"] = False
+    hp = {k: v for k, v in hp.items() if v is not None}
+    return Case(rule, hp, dtype, state_dtype)
+
+
+def _decoupled(rule: str, hp: Mapping[str, Any]) -> bool:
+    return rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
 
 
 def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) -> tuple:
@@ -162,7 +181,9 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) ->
 
 
 @st.composite
-def step_inputs(draw, case: Case, max_tensors: int = 3, max_steps: int = 3, allow_nan: bool = True):
+def step_inputs(
+    draw, case: Case, max_tensors: int = 3, max_steps: int = 3, allow_nan: bool = True, fresh_only: bool = False
+):
     """``(params, grad_sequence, state)``: a starting point and 1..max_steps gradients.
 
     The starting state is either the optimizer's fresh state (step 0) or an
@@ -171,10 +192,10 @@ def step_inputs(draw, case: Case, max_tensors: int = 3, max_steps: int = 3, allo
     """
     shape_list = draw(shapes(max_tensors))
     params = draw(tensor_lists(shape_list, case.dtype))
-    n_steps = draw(st.integers(1, max_steps))
+    n_steps = 1 if fresh_only else draw(st.integers(1, max_steps))
     nan = allow_nan and draw(st.integers(0, 3)) == 0
     grad_seq = [draw(tensor_lists(shape_list, case.dtype, allow_nan=nan)) for _ in range(n_steps)]
-    fresh = draw(st.booleans())
+    fresh = fresh_only or draw(st.booleans())
     if fresh:
         sd = numpy_dtype(case.state_storage)
         opt = _spec_opt(case)
