@@ -80,7 +80,9 @@ class _Cautious(torch.optim.Optimizer):
         mask = None
         if group["caution"]:
             mask = self._mask(u if u_sign is None else u_sign, g)
-            u = torch.where(mask, u * self._scale(mask, group["floor"], total).to(u.dtype), torch.zeros_like(u))
+            u = torch.where(
+                mask, u * self._scale(mask, group["floor"], total).to(u.dtype), torch.zeros_like(u)
+            )
         if wd != 0:
             if self.bug == "masked_decay" and mask is not None:
                 p.sub_(lr * wd * p * mask)
@@ -173,7 +175,9 @@ class CautiousLion(_Cautious):
                     st["exp_avg"] = torch.zeros_like(p)
                 m = st["exp_avg"]
                 u = torch.sign(m * b1 + p.grad * (1 - b1))
-                u = torch.where(torch.isnan(p.grad) | torch.isnan(m), p.grad + m, u)  # sign(NaN) is 0 in torch
+                u = torch.where(
+                    torch.isnan(p.grad) | torch.isnan(m), p.grad + m, u
+                )  # sign(NaN) is 0 in torch
                 pairs.append((p, u, p.grad, m))
             total = self._total([(u, g) for _, u, g, _ in pairs])
             for p, u, g, m in pairs:
@@ -209,3 +213,15 @@ class CautiousSGD(_Cautious):
             for p, u, g in pairs:
                 self._apply(p, u, g, {**group, "weight_decay": 0.0}, total)
         return loss
+
+
+def mutant(bug: str, base: type = CautiousAdamW) -> type:
+    """``base`` with one planted bug from :data:`BUGS`."""
+    if bug not in BUGS:
+        raise ValueError(f"bug must be one of {', '.join(BUGS)}, got {bug!r}")
+    return type(f"{base.__name__}_{bug}", (base,), {"bug": bug, "__module__": __name__})
+
+
+# Importable by path for `cautious verify --target my_port:CautiousAdamW_<bug>`.
+for _bug in BUGS:
+    globals()[f"CautiousAdamW_{_bug}"] = mutant(_bug)

@@ -7,11 +7,21 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cautious", description="Cautious optimizers: spec, backends, conformance.")
+    parser = argparse.ArgumentParser(
+        prog="cautious", description="Cautious optimizers: spec, backends, conformance."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="step every base rule with and without caution on a toy problem")
     demo.add_argument("--steps", type=int, default=200)
-    args = parser.parse_args(argv)
+    verify = sub.add_parser("verify", help="check our backends or a third-party port against the reference")
+    from cautious.conformance.verify import build_parser
+
+    build_parser(verify)
+    args, _ = parser.parse_known_args(argv)
+    if args.command == "verify":
+        from cautious.conformance.verify import main as verify_main
+
+        return verify_main(sys.argv[2:] if argv is None else argv[1:])
     if args.command == "demo":
         from cautious._demo import main as demo_main
 

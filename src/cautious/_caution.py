@@ -65,4 +65,3 @@ def as_caution(caution: bool | Caution | None, *, name: str = "caution") -> Caut
     if caution is False or caution is None:
         return None
     raise TypeError(f"{name} must be a bool or a cautious.Caution, got {caution!r}")
-

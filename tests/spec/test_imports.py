@@ -30,6 +30,8 @@ def test_reference_and_registry_import_no_framework():
 
 def test_no_generic_top_level_packages_installed():
     # `spec`, `backends` or `conformance` must never be importable as top-level packages.
-    code = "import importlib.util as u; print([n for n in ('spec','backends','conformance') if u.find_spec(n)])"
+    code = (
+        "import importlib.util as u; print([n for n in ('spec','backends','conformance') if u.find_spec(n)])"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd="/")
     assert out.stdout.strip() == "[]"

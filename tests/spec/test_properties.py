@@ -30,7 +30,14 @@ def _base_direction(case, g, s, t):
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
         return spec.adam_direction(
-            g, s, t, beta1=b1, beta2=b2, eps=hp["eps"], amsgrad=hp["amsgrad"], eps_placement=hp["eps_placement"]
+            g,
+            s,
+            t,
+            beta1=b1,
+            beta2=b2,
+            eps=hp["eps"],
+            amsgrad=hp["amsgrad"],
+            eps_placement=hp["eps_placement"],
         )
     if case.rule == "lion":
         b1, b2 = hp["betas"]
@@ -56,7 +63,11 @@ def test_masked_entries_do_not_move_and_kept_keep_sign(data):
     case = data.draw(_f64_case())
     normalize = data.draw(st.sampled_from(["mean_clamp", "count_plus_one", "exact", "none"]))
     case = _with(
-        case, weight_decay=0.0, cautious_weight_decay=False, maximize=False, caution=cautious.Caution(normalize)
+        case,
+        weight_decay=0.0,
+        cautious_weight_decay=False,
+        maximize=False,
+        caution=cautious.Caution(normalize),
     )
     params, grad_seq, state = data.draw(step_inputs(case, max_steps=1, allow_nan=False))
     new, _ = _step(case, params, grad_seq[0], state)
@@ -163,7 +174,11 @@ def test_signed_zero_gradients_masked_alike():
 def test_empty_and_zero_dim_tensors():
     for rule in spec.RULES:
         opt = getattr(spec, rule)(lr=0.1, **({"momentum": 0.9} if rule == "sgd" else {}))
-        params = [np.zeros((0, 3), np.float32), np.float32(2.0) * np.ones((), np.float32), np.zeros(0, np.float32)]
+        params = [
+            np.zeros((0, 3), np.float32),
+            np.float32(2.0) * np.ones((), np.float32),
+            np.zeros(0, np.float32),
+        ]
         grads = [np.zeros((0, 3), np.float32), np.ones((), np.float32), np.zeros(0, np.float32)]
         new, st1 = opt.step(params, grads, opt.init(params))
         assert new[0].shape == (0, 3) and new[2].shape == (0,)

@@ -158,9 +158,7 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         sign_val, sign_err = u, err_u
 
     with np.errstate(invalid="ignore"):
-        undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | (
-            (np.abs(g) <= err_g) & (err_g > 0)
-        )
+        undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
     undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
 

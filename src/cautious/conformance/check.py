@@ -211,7 +211,9 @@ def check_step(
     for i, (p, g, s, gp) in enumerate(zip(params, grads, state.leaves, got_params)):
         gp = np.asarray(gp)
         if gp.shape != np.shape(p):
-            mismatches.append(Mismatch(f"params[{i}].shape", (), np.nan, np.nan, 0.0, f"{gp.shape} != {np.shape(p)}"))
+            mismatches.append(
+                Mismatch(f"params[{i}].shape", (), np.nan, np.nan, 0.0, f"{gp.shape} != {np.shape(p)}")
+            )
             continue
         if case.dtype == "bfloat16" and gp.size:
             if not np.array_equal(round_to(gp, "bfloat16"), gp.astype(np.float32), equal_nan=True):

@@ -8,16 +8,22 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, note, settings
-from hypothesis.errors import Unsatisfiable
+from hypothesis import HealthCheck, Phase, assume, given, note, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 
 from cautious import spec
 from cautious.conformance.case import Adapter, Case, NumpyAdapter
 from cautious.conformance.check import StepReport, check_step, repro_snippet
 from cautious.conformance.strategies import cases, step_inputs
 
-__all__ = ["ConformanceError", "ConformanceResult", "run_conformance", "check_trajectory", "register_profiles"]
+__all__ = [
+    "ConformanceError",
+    "ConformanceResult",
+    "run_conformance",
+    "check_trajectory",
+    "register_profiles",
+]
 
 _REFERENCE = NumpyAdapter()
 
@@ -64,11 +70,18 @@ def check_trajectory(
     params = [np.asarray(p) for p in params]
     for step_i, grads in enumerate(grad_seq):
         repro = repro_snippet(case, params, grads, state)
-        got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        got_params, got_state = adapter.step(
+            case, [p.copy() for p in params], [g.copy() for g in grads], state
+        )
         report = check_step(case, params, grads, state, got_params, got_state)
         notes.update(report.notes)
         if not report.ok:
             first = report.mismatches[0]
+            if first.what.startswith(("params[", "state.leaves[")) and not first.what.endswith(".shape"):
+                repro += (
+                    f"\nprint(new_{first.what}[{first.index!r}])  # reference: {first.expected!r}; "
+                    f"{adapter.name} gave {first.got!r} (allowed error {first.bound:.3g})"
+                )
             msg = (
                 f"{adapter.name} disagrees with the reference at step {step_i + 1} of {len(grad_seq)} "
                 f"({case.describe()}):\n  {first}\n"
@@ -92,6 +105,7 @@ def run_conformance(
     max_steps: int = 3,
     seed: int | None = None,
     pin: dict | None = None,
+    shrink: bool = True,
 ) -> ConformanceResult:
     """Check ``adapter`` against the reference on Hypothesis-generated cases.
 
@@ -101,7 +115,8 @@ def run_conformance(
     examples comes from the active Hypothesis profile (``ci`` in CI) unless
     ``max_examples`` is given. An adapter may pin hyperparameters it does not
     vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
-    this run (``pin={"caution": Caution("exact")}``). On failure, Hypothesis shrinks the example and a
+    this run (``pin={"caution": Caution("exact")}``). ``shrink=False`` reports the
+    first failing example as found (faster; for mutation testing). On failure, Hypothesis shrinks the example and a
     :class:`ConformanceError` with a runnable repro is raised.
     """
     rules = tuple(rules or spec.RULES)
@@ -120,6 +135,7 @@ def run_conformance(
         deadline=None,
         suppress_health_check=list(HealthCheck),
         **({"derandomize": False} if seed is not None else {}),
+        **({} if shrink else {"phases": [Phase.explicit, Phase.reuse, Phase.generate]}),
     )
     @given(data=st.data())
     def run(data: st.DataObject) -> None:

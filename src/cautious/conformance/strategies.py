@@ -182,7 +182,12 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) ->
 
 @st.composite
 def step_inputs(
-    draw, case: Case, max_tensors: int = 3, max_steps: int = 3, allow_nan: bool = True, fresh_only: bool = False
+    draw,
+    case: Case,
+    max_tensors: int = 3,
+    max_steps: int = 3,
+    allow_nan: bool = True,
+    fresh_only: bool = False,
 ):
     """``(params, grad_sequence, state)``: a starting point and 1..max_steps gradients.
 
@@ -219,8 +224,11 @@ def invalid_hparams(draw, rule: str):
     """``(hparams, exception type, message)``: one invalid value in otherwise valid hyperparameters."""
     from cautious.spec.errors import ERROR_TABLE, message
 
-    keys = {"adam": ("lr", "beta1", "beta2", "eps", "weight_decay"), "lion": ("lr", "beta1", "beta2", "weight_decay"),
-            "sgd": ("lr", "momentum", "dampening", "weight_decay")}[("adam" if rule == "adamw" else rule)]
+    keys = {
+        "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+        "lion": ("lr", "beta1", "beta2", "weight_decay"),
+        "sgd": ("lr", "momentum", "dampening", "weight_decay"),
+    }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))
     check = next(c for c in ERROR_TABLE if c.key == key)
@@ -235,4 +243,3 @@ def invalid_hparams(draw, rule: str):
         hp[key] = value
         name = key
     return hp, ValueError, message(key, value, name)
-

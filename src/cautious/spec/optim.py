@@ -171,9 +171,16 @@ def adam(
         decoupled_weight_decay=decoupled_weight_decay,
         cautious_weight_decay=cautious_weight_decay,
     )
-    rule = adam_rule(beta1=float(b1), beta2=float(b2), eps=float(eps), amsgrad=amsgrad, eps_placement=eps_placement)
-    hp.update(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled_weight_decay, caution=c,
-              cautious_weight_decay=cautious_weight_decay)
+    rule = adam_rule(
+        beta1=float(b1), beta2=float(b2), eps=float(eps), amsgrad=amsgrad, eps_placement=eps_placement
+    )
+    hp.update(
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled=decoupled_weight_decay,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+    )
     return make_optimizer(
         rule,
         lr=lr,
@@ -264,8 +271,13 @@ def sgd(
     )
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
-    hp.update(nesterov=nesterov, maximize=maximize, decoupled=decoupled_weight_decay, caution=c,
-              cautious_weight_decay=cautious_weight_decay)
+    hp.update(
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled=decoupled_weight_decay,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+    )
     return make_optimizer(
         sgd_rule(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov),
         lr=lr,

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -114,7 +115,18 @@ class Target:
         if raw is None:
             raise ValueError(f"{path}: no [target] table")
         tables = raw if isinstance(raw, list) else [raw]
-        return [cls(**{**t, "dtypes": tuple(t.get("dtypes", ("float32", "float64")))}) for t in tables]
+        here = os.path.dirname(os.path.abspath(path))
+        return [
+            cls(
+                **{
+                    **t,
+                    "dtypes": tuple(t.get("dtypes", ("float32", "float64"))),
+                    # sys_path entries are relative to the TOML file
+                    "sys_path": tuple(os.path.join(here, p) for p in t.get("sys_path", ())),
+                }
+            )
+            for t in tables
+        ]
 
     def state_names(self) -> dict[str, str]:
         if self.state is not None:
@@ -143,7 +155,9 @@ class Target:
     def notes(self) -> list[str]:
         out = []
         if self.options.get("decay_masked"):
-            out.append("the target masks decoupled weight decay (not the spec's choice): checked with weight_decay=0")
+            out.append(
+                "the target masks decoupled weight decay (not the spec's choice): checked with weight_decay=0"
+            )
         if not self.state_names():
             out.append("no state mapping: checked from fresh states, parameters only")
         return out

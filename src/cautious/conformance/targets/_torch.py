@@ -15,7 +15,12 @@ from cautious import spec
 from cautious.conformance.case import Case
 from cautious.conformance.targets import TargetAdapterBase, resolve
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 TORCH_GROUP_KEYS = {
     "params", "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
     "differentiable", "fused", "momentum", "dampening", "nesterov", "decoupled_weight_decay", "initial_lr",

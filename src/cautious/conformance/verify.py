@@ -1,0 +1,266 @@
+"""``cautious verify``: check our backends or a third-party port against the reference.
+
+Each target runs in its own subprocess (frameworks never share a process); the
+parent streams their progress lines and prints one table at the end::
+
+    implementation     rule   option          dtype    result  examples  worst/bound
+    torch/foreach      adamw  mean_clamp      float32  pass          10   0.12
+
+For every failure it prints Hypothesis's shrunk example as a runnable snippet
+(inputs, expected, got, the first diverging tensor and index). ``--json FILE``
+writes the same as JSON. The exit code is 0 only when every cell passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from cautious import spec
+
+#: Our backends' lanes: backend -> [(lane, "module:Adapter", kwargs, extra environment)].
+LANES: dict[str, list[tuple[str, str, dict[str, Any], dict[str, str]]]] = {
+    "numpy": [("reference", "cautious.conformance.case:NumpyAdapter", {}, {})],
+    "torch": [
+        ("single", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "single"}, {}),
+        ("foreach", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "foreach"}, {}),
+        ("fused", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "fused"}, {}),
+    ],
+    "jax": [
+        ("eager", "cautious.backends.jax._conformance:JaxAdapter", {"jit": False}, {"JAX_ENABLE_X64": "1"}),
+        ("jit", "cautious.backends.jax._conformance:JaxAdapter", {"jit": True}, {"JAX_ENABLE_X64": "1"}),
+    ],
+    "tensorflow": [
+        ("eager", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "eager"}, {}),
+        ("function", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "function"}, {}),
+        ("xla", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "xla"}, {}),
+    ],
+}
+
+OPTIONS = ("off", "mean_clamp", "count_plus_one", "exact", "none")
+
+
+@dataclasses.dataclass
+class Cell:
+    implementation: str
+    rule: str
+    option: str
+    dtype: str
+    result: str  # pass | fail | skip
+    examples: int = 0
+    worst: float = 0.0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def _caution(option: str) -> Any:
+    return False if option == "off" else spec.Caution(option)
+
+
+def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: int, seed: int) -> list[Cell]:
+    from cautious.conformance.runner import ConformanceError, run_conformance
+
+    cells = []
+    for rule in rules:
+        for option in options:
+            for dtype in dtypes:
+                t0 = time.perf_counter()
+                pin = None if option == "declared" else {"caution": _caution(option)}
+                try:
+                    res = run_conformance(
+                        adapter, rules=(rule,), dtypes=(dtype,), max_examples=max_examples, seed=seed, pin=pin
+                    )
+                    n = sum(res.examples.values())
+                    cell = Cell(
+                        name, rule, option, dtype, "pass", n, res.worst, detail="; ".join(sorted(res.notes))
+                    )
+                except ConformanceError as e:
+                    skipped = "no example ran" in str(e)
+                    cell = Cell(name, rule, option, dtype, "skip" if skipped else "fail", detail=str(e))
+                cell.seconds = time.perf_counter() - t0
+                print(
+                    f"[{name}] {rule:<6} {option:<15} {dtype:<8} {cell.result.upper():<4} "
+                    f"{cell.examples:>4} ex  worst {cell.worst:.2f}  ({cell.seconds:.1f}s)",
+                    flush=True,
+                )
+                cells.append(cell)
+    return cells
+
+
+def worker(job: dict[str, Any]) -> list[Cell]:
+    """Run one job (a backend, or a third-party target) in this process."""
+    from cautious.conformance import register_profiles
+    from cautious.conformance.targets import Target, load_adapter, resolve
+
+    register_profiles()
+    from hypothesis import settings
+
+    settings.load_profile("ci")
+    dtypes = tuple(job["dtypes"])
+    cells: list[Cell] = []
+    if job["kind"] == "backend":
+        for lane, path, kwargs, _ in LANES[job["backend"]]:
+            name = f"{job['backend']}/{lane}"
+            try:
+                adapter = resolve(path)(**kwargs)
+            except Exception as e:  # an uninstalled or broken lane is a failure, said plainly
+                cells.append(Cell(name, "-", "-", "-", "fail", detail=f"cannot build adapter: {e!r}"))
+                print(f"[{name}] cannot build adapter: {e!r}", flush=True)
+                continue
+            cells += _run_cells(
+                name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"]
+            )
+    else:
+        target = Target(**job["target"])
+        adapter = load_adapter(target)
+        for note in target.notes():
+            print(f"[{target.name}] note: {note}", flush=True)
+        dts = tuple(d for d in dtypes if d in target.dtypes) or target.dtypes
+        cells += _run_cells(
+            target.name, adapter, [target.rule], ["declared"], dts, job["max_examples"], job["seed"]
+        )
+    return cells
+
+
+def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> list[Cell]:
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = os.path.join(tmp, "job.json"), os.path.join(tmp, "cells.json")
+        with open(inp, "w") as f:
+            json.dump(job, f)
+        env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "cautious.conformance.verify", "--worker", inp, out], env=env
+        )
+        if proc.returncode != 0 or not os.path.exists(out):
+            label = job.get("backend") or job["target"]["name"] or job["target"]["path"]
+            return [
+                Cell(str(label), "-", "-", "-", "fail", detail=f"worker exited with status {proc.returncode}")
+            ]
+        with open(out) as f:
+            return [Cell(**c) for c in json.load(f)]
+
+
+def _table(cells: list[Cell]) -> str:
+    head = ("implementation", "rule", "option", "dtype", "result", "examples", "worst/bound")
+    rows = [head] + [
+        (c.implementation, c.rule, c.option, c.dtype, c.result, str(c.examples), f"{c.worst:.2f}")
+        for c in cells
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="cautious verify", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--backend", action="append", default=[], help="one of ours: numpy, torch, jax, tensorflow"
+    )
+    p.add_argument("--target", help="a third-party implementation: 'package.module:Name'")
+    p.add_argument("--kind", choices=("torch", "optax", "keras", "numpy"), help="what --target is")
+    p.add_argument("--rule", choices=spec.RULES, help="the spec rule --target implements")
+    p.add_argument(
+        "--hparam", action="append", default=[], metavar="SPEC=NAME", help="name mapping, repeatable"
+    )
+    p.add_argument("--fixed", action="append", default=[], metavar="NAME=JSON", help="constructor argument")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="implemented option")
+    p.add_argument("--state", action="append", default=[], metavar="FIELD=NAME", help="state mapping")
+    p.add_argument("--path", action="append", default=[], help="add a directory to sys.path for --target")
+    p.add_argument("--config", help="a TOML file describing one or more targets")
+    p.add_argument("--rules", nargs="+", default=list(spec.RULES), help="rules to check for our backends")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    p.add_argument("--options", nargs="+", default=list(OPTIONS), help="caution settings for our backends")
+    p.add_argument("--max-examples", type=int, default=10, help="examples per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report as JSON to this file")
+    return p
+
+
+def _pairs(items: list[str], parse_json: bool) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        out[key] = json.loads(value) if parse_json else value
+    return out
+
+
+def jobs_from_args(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    from cautious.backends import BACKENDS, available
+    from cautious.conformance.targets import Target
+
+    common = {"dtypes": args.dtypes, "max_examples": args.max_examples, "seed": args.seed}
+    jobs = []
+    targets: list[Target] = []
+    if args.config:
+        targets += Target.from_toml(args.config)
+    if args.target:
+        if not (args.kind and args.rule):
+            raise SystemExit("--target needs --kind and --rule")
+        targets.append(
+            Target(
+                kind=args.kind,
+                path=args.target,
+                rule=args.rule,
+                hparams=_pairs(args.hparam, False),
+                fixed=_pairs(args.fixed, True),
+                options=_pairs(args.option, True),
+                state=_pairs(args.state, False) or None,
+                sys_path=tuple(os.path.abspath(p) for p in args.path),
+            )
+        )
+    for t in targets:
+        t.sys_path = tuple(os.path.abspath(p) for p in t.sys_path) or (os.getcwd(),)
+        jobs.append(({"kind": "target", "target": dataclasses.asdict(t), **common}, {}))
+    backends = args.backend or ([] if targets else list(available()))
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
+        env: dict[str, str] = {}
+        for _, _, _, e in LANES[b]:
+            env.update(e)
+        jobs.append(
+            ({"kind": "backend", "backend": b, "rules": args.rules, "options": args.options, **common}, env)
+        )
+    return jobs
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = build_parser(parser).parse_args(argv)
+    jobs = jobs_from_args(args)
+    cells: list[Cell] = []
+    t0 = time.perf_counter()
+    for job, env in jobs:
+        label = job.get("backend") or job["target"]["name"]
+        print(f"== {label} (own process)", flush=True)
+        cells += _spawn(job, env)
+    print()
+    print(_table(cells))
+    failed = [c for c in cells if c.result == "fail"]
+    for c in failed:
+        print(f"\n--- FAIL {c.implementation} {c.rule} {c.option} {c.dtype}\n{c.detail}")
+    passed = sum(c.result == "pass" for c in cells)
+    skipped = sum(c.result == "skip" for c in cells)
+    print(f"\n{passed} passed, {len(failed)} failed, {skipped} skipped in {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(c) for c in cells], f, indent=1)
+    return 0 if cells and not failed and passed else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        with open(sys.argv[2]) as f:
+            job = json.load(f)
+        result = worker(job)
+        with open(sys.argv[3], "w") as f:
+            json.dump([dataclasses.asdict(c) for c in result], f)
+        sys.exit(0)
+    sys.exit(main())

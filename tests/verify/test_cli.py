@@ -1,0 +1,83 @@
+"""`cautious verify` and the pytest plugin, run as a user would: subprocesses, other directories."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+CLI = [sys.executable, "-m", "cautious"]
+
+
+def _run(args, cwd, timeout=600):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_verify_config_passes_and_writes_json(tmp_path):
+    out = _run([*CLI, "verify", "--config", str(EXAMPLES / "my_port.toml"), "--max-examples", "5",
+                "--json", str(tmp_path / "r.json")], cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    cells = json.loads((tmp_path / "r.json").read_text())
+    assert {c["rule"] for c in cells} == {"adamw", "lion", "sgd"}
+    assert all(c["result"] == "pass" and c["examples"] == 5 for c in cells)
+    assert "implementation" in out.stdout and "6 passed, 0 failed" in out.stdout
+
+
+def test_verify_reports_a_mutant_with_a_runnable_repro(tmp_path):
+    out = _run([*CLI, "verify", "--target", "my_port:CautiousAdamW_masked_decay", "--kind", "torch",
+                "--rule", "adamw", "--path", str(EXAMPLES), "--hparam", "lr=lr", "--hparam", "betas=betas",
+                "--hparam", "eps=eps", "--hparam", "weight_decay=weight_decay", "--max-examples", "40",
+                "--dtypes", "float64"], cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 1
+    assert "--- FAIL my_port:CautiousAdamW_masked_decay adamw declared float64" in out.stdout
+    snippet = out.stdout.split("Reproduce the reference step with:\n", 1)[1].split("\n\n", 1)[0]
+    ns: dict = {}
+    exec(snippet, ns)  # the snippet runs and prints the reference value it names
+    assert "new_params" in ns
+
+
+def test_verify_our_numpy_backend_and_bad_arguments(tmp_path):
+    out = _run([*CLI, "verify", "--backend", "numpy", "--max-examples", "3", "--rules", "lion"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "numpy/reference" in out.stdout and "10 passed, 0 failed" in out.stdout
+    bad = _run([*CLI, "verify", "--backend", "mxnet"], cwd=tmp_path)
+    assert bad.returncode != 0 and "unknown backend 'mxnet'" in bad.stderr
+    bad = _run([*CLI, "verify", "--target", "x:Y"], cwd=tmp_path)
+    assert bad.returncode != 0 and "--target needs --kind and --rule" in bad.stderr
+
+
+def test_pytest_plugin_from_a_separate_directory(tmp_path):
+    # The port lives outside our package; the port's own test run uses only the plugin's option.
+    shutil.copy(EXAMPLES / "my_port.py", tmp_path)
+    shutil.copy(EXAMPLES / "my_port.toml", tmp_path)
+    base = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--pyargs",
+        "cautious.conformance.test_targets",
+    ]
+    ok = _run([*base, "--cautious-config", "my_port.toml", "--cautious-max-examples", "10"], cwd=tmp_path)
+    assert ok.returncode == 0 and "3 passed" in ok.stdout, ok.stdout + ok.stderr
+    bad = _run([*base, "--cautious-target", "my_port:CautiousAdamW_f32_bias_correction", "--cautious-kind", "torch",
+                "--cautious-rule", "adamw", "--cautious-hparam", "lr=lr", "--cautious-hparam", "betas=betas",
+                "--cautious-hparam", "eps=eps"], cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 1 and "1 failed" in bad.stdout
+
+
+def test_pytest_plugin_fixture_in_a_port_conftest(tmp_path):
+    shutil.copy(EXAMPLES / "my_port.py", tmp_path)
+    (tmp_path / "test_port.py").write_text(
+        "from cautious.conformance.targets import Target\n"
+        "def test_lion(cautious_conformance):\n"
+        "    t = Target(kind='torch', path='my_port:CautiousLion', rule='lion',\n"
+        "               hparams={'lr': 'lr', 'betas': 'betas', 'weight_decay': 'weight_decay'})\n"
+        "    assert sum(cautious_conformance(t).examples.values()) == 10\n"
+    )
+    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--cautious-max-examples", "10",
+                "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
