@@ -53,6 +53,16 @@ class TensorTerms:
     state_err: dict[str, np.ndarray | None]
 
 
+def _ema_mag(x: np.ndarray, y: np.ndarray, b: float) -> np.ndarray:
+    """Magnitude for the rounding error of ``b*x + (1-b)*y`` in either form.
+
+    The multiply-add form errs by about ``e*(|b x| + |(1-b) y|)``; the lerp form
+    ``x + (1-b)*(y - x)`` (torch's ``lerp_``, Keras's ``assign_add``) also by
+    ``e*(1-b)|x|``, which matters when ``b`` is small. ``|x| + (1-b)|y|`` covers both.
+    """
+    return np.abs(x) + (1 - b) * np.abs(y)
+
+
 def _slack(mag: np.ndarray, tn: float) -> np.ndarray:
     return np.where(mag > 0, tn, 0.0)
 
@@ -85,11 +95,11 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.999)))
         eps = float(hp.get("eps", 1e-8))
         m0, v0, vmax0 = s
-        mag_m = np.abs(b1 * m0) + np.abs((1 - b1) * g)
+        mag_m = _ema_mag(m0, g, b1)
         m = b1 * m0 + (1 - b1) * g
         err_m = e * mag_m + (1 - b1) * err_g + _slack(mag_m, tn)
         g2 = g * g
-        mag_v = np.abs(b2 * v0) + (1 - b2) * g2
+        mag_v = _ema_mag(v0, g2, b2)
         v = b2 * v0 + (1 - b2) * g2
         err_v = e * mag_v + (1 - b2) * (2 * np.abs(g) * err_g + err_g * err_g) + _slack(mag_v, tn)
         state.update(m=m, v=v)
@@ -124,13 +134,13 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
     elif rule == "lion":
         b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.99)))
         (m0,) = s
-        mag_c = np.abs(b1 * m0) + np.abs((1 - b1) * g)
+        mag_c = _ema_mag(m0, g, b1)
         c = b1 * m0 + (1 - b1) * g
         err_c = e * mag_c + (1 - b1) * err_g + _slack(mag_c, tn)
         u = np.sign(c)
         err_u = np.zeros_like(u)
         lion_undecided = (np.abs(c) <= err_c) & (err_c > 0)
-        mag_m = np.abs(b2 * m0) + np.abs((1 - b2) * g)
+        mag_m = _ema_mag(m0, g, b2)
         state["m"] = b2 * m0 + (1 - b2) * g
         state_err["m"] = e * mag_m + (1 - b2) * err_g + _slack(mag_m, tn)
         sign_val, sign_err = c, err_c

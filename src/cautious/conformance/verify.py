@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 from cautious import spec
@@ -84,6 +85,9 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
                 except ConformanceError as e:
                     skipped = "no example ran" in str(e)
                     cell = Cell(name, rule, option, dtype, "skip" if skipped else "fail", detail=str(e))
+                except Exception as e:  # the implementation raised: a failure, with Hypothesis's notes
+                    text = "".join(traceback.format_exception(e)[-3:]) + "\n".join(getattr(e, "__notes__", []))
+                    cell = Cell(name, rule, option, dtype, "fail", detail=f"{name} raised:\n{text}")
                 cell.seconds = time.perf_counter() - t0
                 print(
                     f"[{name}] {rule:<6} {option:<15} {dtype:<8} {cell.result.upper():<4} "
@@ -183,12 +187,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _pairs(items: list[str], parse_json: bool) -> dict[str, Any]:
-    out = {}
+    """``KEY=VALUE`` items; VALUE is JSON, or a name (``a,b`` is a list of names: betas=b1,b2)."""
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"expected KEY=VALUE, got {item!r}")
-        out[key] = json.loads(value) if parse_json else value
+        out[key] = json.loads(value) if parse_json else (value.split(",") if "," in value else value)
     return out
 
 
@@ -218,7 +223,8 @@ def jobs_from_args(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[
         )
     for t in targets:
         t.sys_path = tuple(os.path.abspath(p) for p in t.sys_path) or (os.getcwd(),)
-        jobs.append(({"kind": "target", "target": dataclasses.asdict(t), **common}, {}))
+        env = {"JAX_ENABLE_X64": "1"} if t.kind == "optax" else {}
+        jobs.append(({"kind": "target", "target": dataclasses.asdict(t), **common}, env))
     backends = args.backend or ([] if targets else list(available()))
     for b in backends:
         if b not in BACKENDS:
