@@ -1,0 +1,147 @@
+"""The conformance adapter: drives :mod:`cautious.backends.torch` through :mod:`cautious.conformance`.
+
+>>> from cautious.conformance import run_conformance          # doctest: +SKIP
+>>> run_conformance(TorchAdapter("foreach"))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cautious import spec
+from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
+from cautious.conformance.case import Case
+from cautious.spec.dtypes import numpy_dtype
+
+__all__ = ["TorchAdapter"]
+
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_IMPLS = ("single", "foreach", "fused")
+
+
+def _fused_reason(device: str) -> str | None:
+    try:
+        from cautious.backends.torch import _fused
+    except ImportError as e:
+        return f"cautious.backends.torch._fused cannot be imported: {e}"
+    if not _fused.is_available(torch.device(device)):
+        return f"the fused implementation is not available on {device}"
+    return None
+
+
+class TorchAdapter:
+    """One stateless step of a cautious.torch optimizer from a given spec state.
+
+    Args:
+      impl: ``"single"`` (per-tensor ops), ``"foreach"`` (``torch._foreach_*``) or
+        ``"fused"`` (:mod:`cautious.backends.torch._fused`).
+      device: a torch device string.
+    """
+
+    def __init__(self, impl: str = "foreach", device: str = "cpu") -> None:
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        self.impl = impl
+        self.device = device
+        self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
+
+    def supports(self, case: Case) -> str | None:
+        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+            return f"unknown rule {case.rule!r}"
+        if case.dtype not in _TORCH_DTYPES:
+            return f"unknown dtype {case.dtype!r}"
+        if case.state_storage != case.dtype:
+            return "torch.optim keeps optimizer state in the parameter dtype"
+        if self.impl == "fused":
+            return _fused_reason(self.device)
+        if case.dtype in ("bfloat16", "float16"):
+            return (
+                "single/foreach compute in the parameter dtype, like torch.optim "
+                "(not float32 then round once)"
+            )
+        return None
+
+    # -- building -----------------------------------------------------------------------------------------
+
+    def _optimizer(self, case: Case, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        hp: dict[str, Any] = dict(case.hparams)
+        kw: dict[str, Any] = {}
+        if self.impl == "fused":
+            kw["fused"] = True
+        else:
+            kw["foreach"] = self.impl == "foreach"
+        if case.rule == "adamw":
+            hp.pop("decoupled_weight_decay", None)
+            return AdamW(params, **hp, **kw)
+        if case.rule == "adam":
+            return Adam(params, **hp, **kw)
+        if case.rule == "lion":
+            return Lion(params, **hp, **kw)
+        return SGD(params, **hp, **kw)
+
+    def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(np.array(x, copy=True), device=self.device).to(dtype)
+
+    @staticmethod
+    def _numpy(t: torch.Tensor | None, name: str) -> np.ndarray | None:
+        if t is None:
+            return None
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        return t.numpy().astype(numpy_dtype(name), copy=True)
+
+    # -- one step -----------------------------------------------------------------------------------------
+
+    def step(
+        self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
+    ) -> tuple[list[np.ndarray], spec.State]:
+        dtype = _TORCH_DTYPES[case.dtype]
+        ps = [self._tensor(p, dtype).requires_grad_(True) for p in params]
+        opt = self._optimizer(case, ps)
+        rule = case.rule
+        momentum = float(case.hparams.get("momentum", 0.0))
+        for p, g, leaf in zip(ps, grads, state.leaves, strict=False):
+            p.grad = self._tensor(g, dtype)
+            st = opt.state[p]
+            step_t = torch.tensor(float(state.step), dtype=torch.float32)
+            if rule in ("adam", "adamw"):
+                st["step"] = step_t
+                st["exp_avg"] = self._tensor(leaf.m, dtype)
+                st["exp_avg_sq"] = self._tensor(leaf.v, dtype)
+                if case.hparams.get("amsgrad"):
+                    st["max_exp_avg_sq"] = self._tensor(leaf.v_max, dtype)
+            elif rule == "lion":
+                st["step"] = step_t
+                st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif momentum != 0 and state.step > 0:
+                # torch.optim.SGD has no step counter: a missing buffer means "first step".
+                st["momentum_buffer"] = self._tensor(leaf.m, dtype)
+        opt.step()
+        sd = case.state_storage
+        leaves: list[Any] = []
+        for p in ps:
+            st = opt.state[p]
+            if rule in ("adam", "adamw"):
+                leaves.append(
+                    spec.AdamState(
+                        self._numpy(st["exp_avg"], sd),
+                        self._numpy(st["exp_avg_sq"], sd),
+                        self._numpy(st.get("max_exp_avg_sq"), sd) if case.hparams.get("amsgrad") else None,
+                    )
+                )
+            elif rule == "lion":
+                leaves.append(spec.LionState(self._numpy(st["exp_avg"], sd)))
+            else:
+                leaves.append(spec.SGDState(self._numpy(st.get("momentum_buffer"), sd) if momentum else None))
+        out = [self._numpy(p, case.dtype) for p in ps]
+        return out, spec.State(state.step + 1, tuple(leaves))

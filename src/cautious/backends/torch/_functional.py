@@ -1,0 +1,872 @@
+r"""Functional cautious optimizers for PyTorch, in the manner of ``torch.optim``.
+
+Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) and two
+implementations with identical signatures: ``_single_tensor_*`` (a loop of
+per-tensor ops) and ``_multi_tensor_*`` (``torch._foreach_*`` ops). ``fused=True``
+calls the kernels of :mod:`cautious.backends.torch._fused` (imported lazily).
+All of them update ``params`` and the state tensors in place.
+
+The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
+
+.. math::
+
+    u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u, \qquad
+    p' = p - \eta\lambda\,d\odot p - \eta\,u^c
+
+Caution is written once, in :func:`_caution`: it takes a list of tensors that
+are positive multiples of the directions, and returns them masked, plus the
+per-tensor scales. Counts are int64 tensors and scales are computed on the
+device: there is no host-device synchronisation and no loop over elements.
+
+Without caution, the Adam and SGD paths run exactly torch.optim's operations, so
+``caution=False`` reproduces ``torch.optim.Adam``/``AdamW``/``SGD`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cautious._caution import Caution
+
+__all__ = ["adam", "lion", "sgd", "default_foreach"]
+
+_NATIVE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _foreach_devices() -> tuple[str, ...]:
+    # torch.optim's list (cuda, xpu, mtia, privateuse1) plus cpu: on CPU the foreach
+    # ops are a C++ loop over the same kernels, which saves Python overhead.
+    return ("cuda", "xpu", "mtia", "cpu", torch._C._get_privateuse1_backend_name())
+
+
+def default_foreach(tensors: list[Tensor]) -> bool:
+    """torch.optim's ``_default_to_fused_or_foreach`` rule, with CPU added to the foreach devices."""
+    if torch.jit.is_scripting():
+        return False
+    devices = _foreach_devices()
+    return all(t is None or (type(t) in _NATIVE_TYPES and t.device.type in devices) for t in tensors)
+
+
+def _scalar(x: Any) -> Any:
+    """A Python number for a 1-element tensor hyperparameter (eager), the tensor itself when compiling."""
+    if isinstance(x, Tensor):
+        if torch.compiler.is_compiling():
+            return x.squeeze()
+        return x.item()
+    return x
+
+
+def _step_value(step_t: Tensor) -> int:
+    # ``step`` lives on the CPU (as in torch.optim without capturable/fused): .item() does not sync a GPU.
+    return int(step_t.item()) if isinstance(step_t, Tensor) else int(step_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cautious mask, written once.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: torch.device) -> Tensor:
+    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`)."""
+    k = torch.stack(counts).to(torch.float64)
+    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    if caution.normalize == "mean_clamp":
+        return (k / n).clamp_min_(caution.floor).reciprocal_()
+    if caution.normalize == "count_plus_one":
+        return n / (k + 1.0)
+    if caution.normalize == "exact":
+        return n / k.clamp_min_(1.0)
+    return torch.ones_like(k)
+
+
+def _caution(
+    xs: list[Tensor], signs: list[Tensor], grads: list[Tensor], caution: Caution, *, foreach: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    r"""Mask a list of directions: ``x^c = where(mask(u, g), x, 0)``, and compute the scales.
+
+    This is the one implementation of caution, used by every rule and every path.
+
+    Args:
+      xs: positive multiples of the directions ``u`` (``u`` itself, or Adam's
+        numerator ``m'``). They are not modified; new tensors are returned.
+      signs: tensors with the sign of ``u`` entrywise (``u``, or ``m'`` for Adam),
+        NaN wherever ``u`` is NaN, and finite wherever ``g == 0`` unless ``u`` is
+        NaN. A NaN in ``g`` makes ``u`` NaN in every base rule, so ``g``'s NaN
+        are covered by ``signs``. Pass ``signs is xs`` when the direction itself
+        qualifies: the masked tensor is then rebuilt without a select.
+      grads: the gradients the rule consumed (after maximize and coupled decay).
+      caution: the normalization.
+      foreach: use ``torch._foreach_*`` ops for the elementwise passes.
+
+    Returns:
+      ``(masked xs, scales)``: ``scales`` is a 1-d float64 tensor on the device,
+      one entry per tensor, or ``None`` for ``normalize="none"``. The caller
+      multiplies each masked direction by its scale (:func:`_apply_scales_`) or
+      folds the scale into a divisor (Adam).
+
+    The mask is decided from signs, never from a product that can underflow:
+    ``t = max(sign(g) * s, 0)`` is exact (a product with -1, 0 or 1), equals ``|s|``
+    where ``s`` and ``g`` agree, ``0`` where they disagree or either is +0/-0, and
+    NaN where ``s`` is NaN (kept, as the spec says). The kept count is
+    ``count_nonzero(t != 0)``, an int64 tensor: nothing leaves the device. Where
+    ``xs is signs``, ``copysign(t, g)`` is ``where(mask, s, 0)`` exactly.
+    """
+    if foreach:
+        ts = torch._foreach_sign(grads)
+        torch._foreach_mul_(ts, signs)
+        torch._foreach_clamp_min_(ts, 0.0)
+    else:
+        ts = [torch.sign(g).mul_(s).clamp_min_(0.0) for g, s in zip(grads, signs, strict=False)]
+    # count_nonzero on bool is vectorised (on float it is not); NaN -> True, +0/-0 -> False
+    counts = [torch.count_nonzero(t.bool()) for t in ts] if caution.normalize != "none" else []
+    if xs is signs:
+        masked = [t.copysign_(g) for t, g in zip(ts, grads, strict=False)]
+    else:
+        masked = [
+            torch.where(t.ne(0), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            for x, t in zip(xs, ts, strict=False)
+        ]
+    if caution.normalize == "none" or not xs:
+        return masked, None
+    return masked, _scales(counts, [x.numel() for x in xs], caution, xs[0].device)
+
+
+def _apply_scales_(xs: list[Tensor], scales: Tensor | None, *, foreach: bool) -> None:
+    """``x <- scale * x`` in place, with each scale rounded once to the tensor's dtype."""
+    if scales is None or not xs:
+        return
+    per_tensor = list(scales.to(xs[0].dtype).unbind())
+    if foreach:
+        torch._foreach_mul_(xs, per_tensor)
+    else:
+        for x, s in zip(xs, per_tensor, strict=False):
+            x.mul_(s)
+
+
+def _decay_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    *,
+    lr: Any,
+    weight_decay: float,
+    cautious: bool,
+    foreach: bool,
+) -> None:
+    r"""Decoupled weight decay ``p <- p (1 - lr wd)``; with ``cautious``, only where NOT ``u^c p < 0``.
+
+    ``directions`` carry the sign of the cautious direction ``u^c`` (used only when
+    ``cautious``; :func:`cautious.spec.mask.decay_mask`, decided from signs; NaN decays).
+    """
+    factor = 1 - lr * weight_decay
+    if not cautious:
+        if foreach:
+            torch._foreach_mul_(params, factor)
+        else:
+            for p in params:
+                p.mul_(factor)
+        return
+    for p, d in zip(params, directions, strict=False):
+        skip = torch.sign(d).mul_(p).lt_(0).bool()  # strictly opposite signs: no decay
+        p.copy_(torch.where(skip, p, p * factor))
+
+
+def _nan_sign(x: Tensor) -> Tensor:
+    """``sign(x)`` with NaN kept (``torch.sign(NaN)`` is 0; the spec's Lion direction is NaN there)."""
+    return torch.where(torch.isnan(x), x, torch.sign(x))
+
+
+def _check_no_fused_foreach(foreach: bool | None, fused: bool | None) -> None:
+    if foreach and fused:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
+    _check_no_fused_foreach(foreach, fused)
+    if fused:
+        return "fused"
+    if foreach is None and fused is None:
+        foreach = default_foreach(params) and not (isinstance(lr, Tensor) and torch.compiler.is_compiling())
+    return "foreach" if foreach else "single"
+
+
+def _group_by_device_dtype(*lists: list[Any]) -> list[tuple[list[Any], ...]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(lists[0]):
+        groups[(p.device, p.dtype)].append(i)
+    return [
+        tuple([lst[i] for i in idx] if lst is not None else None for lst in lists) for idx in groups.values()
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adam / AdamW
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _adam_bias(step: int, *, lr: Any, beta1: float, beta2: float, eps_placement: str) -> tuple[Any, float]:
+    """``(step_size, bc2_sqrt)`` in float64 from Python floats (never from float32 betas)."""
+    bc1 = 1.0 - float(beta1) ** step
+    bc2 = 1.0 - float(beta2) ** step
+    bc2_sqrt = bc2**0.5
+    if eps_placement == "corrected":
+        return lr / bc1, bc2_sqrt
+    return lr * bc2_sqrt / bc1, bc2_sqrt
+
+
+def _adam_plain_denoms_(
+    denoms: list[Tensor], biases: list[tuple[Any, float]], *, eps: float, eps_placement: str, foreach: bool
+) -> None:
+    """``sqrt(v) / bc2_sqrt + eps`` ("corrected") or ``sqrt(v) + eps``, in place, with torch.optim's ops."""
+    if eps_placement == "corrected":
+        if foreach:
+            torch._foreach_div_(denoms, [b for _, b in biases])
+            torch._foreach_add_(denoms, eps)
+        else:
+            for d, (_, b) in zip(denoms, biases, strict=False):
+                d.div_(b).add_(eps)
+    elif foreach:
+        torch._foreach_add_(denoms, eps)
+    else:
+        for d in denoms:
+            d.add_(eps)
+
+
+def _single_tensor_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    eps_placement: str,
+    cautious_weight_decay: bool,
+) -> None:
+    for i, param in enumerate(params):
+        _adam_tensors(
+            [param],
+            [grads[i]],
+            [exp_avgs[i]],
+            [exp_avg_sqs[i]],
+            [max_exp_avg_sqs[i]] if amsgrad else [],
+            [state_steps[i]],
+            foreach=False,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def _multi_tensor_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    eps_placement: str,
+    cautious_weight_decay: bool,
+) -> None:
+    if not params:
+        return
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps]
+    for p, g, m, v, vmax, st in _group_by_device_dtype(*lists):
+        _adam_tensors(
+            p,
+            g,
+            m,
+            v,
+            vmax or [],
+            st,
+            foreach=True,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def _adam_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    eps_placement: str,
+    cautious_weight_decay: bool,
+) -> None:
+    """One Adam step on tensors of one device and dtype; ``foreach`` picks the op flavour only."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if state_steps[0].is_cpu and not torch.compiler.is_compiling():
+            torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(state_steps, 1)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            if maximize:
+                torch._foreach_add_(grads, params, alpha=weight_decay)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denoms = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
+    else:
+        grads = [-g if maximize else g for g in grads]
+        for st in state_steps:
+            st += 1
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
+        for m, v, g in zip(exp_avgs, exp_avg_sqs, grads, strict=False):
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            for vmax, v in zip(max_exp_avg_sqs, exp_avg_sqs, strict=False):
+                torch.maximum(vmax, v, out=vmax)
+        denoms = [v.sqrt() for v in (max_exp_avg_sqs if amsgrad else exp_avg_sqs)]
+
+    biases = [
+        _adam_bias(_step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
+        for st in state_steps
+    ]
+    neg_step_sizes = [-s for s, _ in biases]
+
+    numerators, scales = exp_avgs, None
+    if caution is not None:
+        # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).
+        numerators, scales = _caution(exp_avgs, exp_avgs, grads, caution, foreach=foreach)
+    if scales is None:
+        # torch.optim's own operations: bitwise parity with torch.optim.Adam/AdamW when caution is off.
+        _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
+    elif denoms[0].dtype == torch.float16:
+        # float16's range is too short for eps / scale: scale the numerator instead.
+        _apply_scales_(numerators, scales, foreach=foreach)
+        _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
+    else:
+        # Fold the scale into the denominator: denom / scale = sqrt(v) * (a / scale) + eps / scale,
+        # a = 1 / bc2_sqrt ("corrected") or 1 ("uncorrected"): one pass, as many as without caution.
+        a = torch.tensor(
+            [1.0 / b if eps_placement == "corrected" else 1.0 for _, b in biases],
+            dtype=torch.float64,
+            device=scales.device,
+        )
+        muls = (a / scales).to(denoms[0].dtype).unbind()
+        adds = (eps / scales).to(denoms[0].dtype).unbind()
+        for d, mul, add in zip(denoms, muls, adds, strict=False):
+            torch.addcmul(add, d, mul, out=d)
+
+    if weight_decay != 0 and decoupled_weight_decay:
+        _decay_(
+            params,
+            numerators,
+            lr=lr,
+            weight_decay=weight_decay,
+            cautious=cautious_weight_decay,
+            foreach=foreach,
+        )
+
+    if foreach and not isinstance(lr, Tensor):
+        torch._foreach_addcdiv_(params, numerators, denoms, neg_step_sizes)
+    else:
+        for p, n, d, s in zip(params, numerators, denoms, neg_step_sizes, strict=False):
+            p.addcdiv_(n, d, value=s)
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    eps_placement: str = "corrected",
+    cautious_weight_decay: bool = False,
+) -> None:
+    """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`."""
+    impl = _resolve(params, foreach, fused, lr)
+    kw = dict(
+        amsgrad=amsgrad,
+        beta1=float(beta1),
+        beta2=float(beta2),
+        lr=_scalar(lr),
+        weight_decay=float(weight_decay),
+        eps=float(eps),
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        caution=caution,
+        eps_placement=eps_placement,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    if impl == "fused":
+        _fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+    elif impl == "foreach":
+        _multi_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+    else:
+        _single_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+
+
+def _fused_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    eps_placement: str,
+    cautious_weight_decay: bool,
+) -> None:
+    from cautious.backends.torch import _fused
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (p, st) in enumerate(zip(params, state_steps, strict=False)):
+        st += 1
+        groups[(p.device, p.dtype, _step_value(st))].append(i)
+    for (_, _, step), idx in groups.items():
+        _fused.fused_adam_(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+            [max_exp_avg_sqs[i] for i in idx] if amsgrad else None,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _lion_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    """One Lion step: ``c = lerp(m, g, 1-b1)``, ``u = sign(c)`` (NaN kept), ``m <- lerp(m, g, 1-b2)``."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if state_steps:
+            torch._foreach_add_(state_steps, 1)
+        cs = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
+    else:
+        grads = [-g if maximize else g for g in grads]
+        for st in state_steps:
+            st += 1
+        cs = [m.lerp(g, 1 - beta1) for m, g in zip(exp_avgs, grads, strict=False)]
+        for m, g in zip(exp_avgs, grads, strict=False):
+            m.lerp_(g, 1 - beta2)
+    us = [_nan_sign(c) for c in cs]
+    if caution is not None:
+        us, scales = _caution(us, us, grads, caution, foreach=foreach)
+        _apply_scales_(us, scales, foreach=foreach)
+    if weight_decay != 0:
+        _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
+    _descend_(params, us, lr, foreach=foreach)
+
+
+def _descend_(params: list[Tensor], us: list[Tensor], lr: Any, *, foreach: bool) -> None:
+    """``p <- p - lr * u``."""
+    if foreach and not isinstance(lr, Tensor):
+        torch._foreach_add_(params, us, alpha=-lr)
+    else:
+        for p, u in zip(params, us, strict=False):
+            p.add_(u, alpha=-lr)
+
+
+def _single_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    for i in range(len(params)):
+        _lion_tensors(
+            [params[i]],
+            [grads[i]],
+            [exp_avgs[i]],
+            [state_steps[i]] if state_steps else [],
+            foreach=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def _multi_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    if not params:
+        return
+    for p, g, m, st in _group_by_device_dtype(params, grads, exp_avgs, state_steps or None):
+        _lion_tensors(
+            p,
+            g,
+            m,
+            st or [],
+            foreach=True,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def _fused_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    from cautious.backends.torch import _fused
+
+    for st in state_steps:
+        st += 1
+    for p, g, m in _group_by_device_dtype(params, grads, exp_avgs):
+        _fused.fused_lion_(
+            p,
+            g,
+            m,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+) -> None:
+    """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
+    impl = _resolve(params, foreach, fused, lr)
+    kw = dict(
+        beta1=float(beta1),
+        beta2=float(beta2),
+        lr=_scalar(lr),
+        weight_decay=float(weight_decay),
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    func = {"fused": _fused_lion, "foreach": _multi_tensor_lion, "single": _single_tensor_lion}[impl]
+    func(params, grads, exp_avgs, state_steps, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SGD
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sgd_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    foreach: bool,
+    lr: Any,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    """One SGD step; new momentum buffers are written into ``momentum_buffer_list``."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            if maximize:
+                torch._foreach_add_(grads, params, alpha=weight_decay)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    else:
+        grads = [-g if maximize else g for g in grads]
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
+    if momentum != 0:
+        bufs: list[Tensor] = []
+        if foreach and all(b is not None for b in momentum_buffer_list):
+            bufs = list(momentum_buffer_list)  # type: ignore[arg-type]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+        else:
+            for i, g in enumerate(grads):
+                buf = momentum_buffer_list[i]
+                if buf is None:
+                    buf = momentum_buffer_list[i] = g.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+                bufs.append(buf)
+        if nesterov:
+            us = (
+                torch._foreach_add(grads, bufs, alpha=momentum)
+                if foreach
+                else [g.add(b, alpha=momentum) for g, b in zip(grads, bufs, strict=False)]
+            )
+        else:
+            us = bufs
+    else:
+        us = grads
+    if caution is not None:
+        # SGD's u can be +-inf where g == 0 (after an inf gradient): clamp to keep the sign test exact.
+        signs = [u.clamp(-1, 1) for u in us]
+        us, scales = _caution(us, signs, grads, caution, foreach=foreach)
+        _apply_scales_(us, scales, foreach=foreach)
+    if weight_decay != 0 and decoupled_weight_decay:
+        _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
+    _descend_(params, us, lr, foreach=foreach)
+
+
+def _single_tensor_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    **kw: Any,
+) -> None:
+    for i in range(len(params)):
+        bufs = [momentum_buffer_list[i]]
+        _sgd_tensors([params[i]], [grads[i]], bufs, foreach=False, **kw)
+        momentum_buffer_list[i] = bufs[0]
+
+
+def _multi_tensor_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    **kw: Any,
+) -> None:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    for idx in groups.values():
+        bufs = [momentum_buffer_list[i] for i in idx]
+        _sgd_tensors([params[i] for i in idx], [grads[i] for i in idx], bufs, foreach=True, **kw)
+        for j, i in enumerate(idx):
+            momentum_buffer_list[i] = bufs[j]
+
+
+def _fused_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    lr: Any,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+) -> None:
+    from cautious.backends.torch import _fused
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        first = momentum != 0 and momentum_buffer_list[i] is None
+        if first:
+            momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        groups[(p.device, p.dtype, first)].append(i)
+    for (_, _, first), idx in groups.items():
+        _fused.fused_sgd_(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [momentum_buffer_list[i] for i in idx] if momentum != 0 else None,
+            first_step=first,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            decoupled=decoupled_weight_decay,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    lr: Any,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+) -> None:
+    """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`."""
+    impl = _resolve(params, foreach, fused, lr)
+    kw = dict(
+        lr=_scalar(lr),
+        momentum=float(momentum),
+        dampening=float(dampening),
+        nesterov=nesterov,
+        weight_decay=float(weight_decay) if not isinstance(weight_decay, Tensor) else weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    if momentum == 0:  # torch.optim passes an empty list then
+        momentum_buffer_list = [None] * len(params)
+    func = {"fused": _fused_sgd, "foreach": _multi_tensor_sgd, "single": _single_tensor_sgd}[impl]
+    func(params, grads, momentum_buffer_list, **kw)

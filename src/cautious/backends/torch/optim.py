@@ -1,0 +1,593 @@
+r"""Cautious ``torch.optim.Optimizer`` classes: ``AdamW``, ``Adam``, ``Lion``, ``SGD``.
+
+Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD`` (same
+signatures, defaults and state names), plus the cautious options as keyword-only
+arguments. The algorithm is :mod:`cautious.spec` (Liang et al. 2024,
+arXiv:2411.16085):
+
+.. math::
+
+    u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u, \qquad
+    p' = p - \eta\lambda\,p - \eta\,u^c
+
+``caution=False`` reproduces the torch optimizer. The functional code lives in
+:mod:`cautious.backends.torch._functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cautious._caution import Caution, as_caution
+from cautious.backends.torch import _functional as F
+from cautious.spec.errors import validate
+
+__all__ = ["AdamW", "Adam", "Lion", "SGD"]
+
+BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+
+try:  # torch.optim's decorator: no_grad during the step, with the graph breaks dynamo expects
+    from torch.optim.optimizer import _use_grad_for_differentiable as _use_grad
+except ImportError:  # pragma: no cover - older/newer torch
+
+    def _use_grad(func: Callable) -> Callable:
+        return torch.no_grad()(func)
+
+
+try:  # let torch.load(weights_only=True) read checkpoints whose param groups hold a Caution
+    torch.serialization.add_safe_globals([Caution])
+except AttributeError:  # pragma: no cover - torch < 2.4
+    pass
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _betas(betas: Any) -> tuple[Any, Any]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
+    return b1, b2
+
+
+class _CautiousOptimizer(torch.optim.Optimizer):
+    """Shared machinery: group validation, caution normalisation, checkpoint rules, fused checks."""
+
+    #: Group keys that come from the constructor/current groups, never from a loaded state dict.
+    _CAUTION_KEYS: tuple[str, ...] = ("caution", "cautious_weight_decay")
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if defaults.get("capturable"):
+            raise ValueError(f"capturable=True is not supported by cautious.torch.{type(self).__name__}")
+        if defaults.get("differentiable"):
+            raise ValueError(f"differentiable=True is not supported by cautious.torch.{type(self).__name__}")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(defaults)
+        defaults["caution"] = self._validate(defaults)
+        if defaults.get("fused"):
+            try:
+                from cautious.backends.torch import _fused  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError(
+                    f"fused=True needs cautious.backends.torch._fused, which cannot be imported: {e}"
+                ) from e
+        super().__init__(params, defaults)
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+        """Check a group's hyperparameters (spec.errors messages); return its normalised caution."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_cwd(group: dict[str, Any], decoupled: bool) -> None:
+        if group["cautious_weight_decay"] and not decoupled:
+            raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its own hyperparameters (caution options included) are validated like the defaults."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            group["caution"] = self._validate(group)
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                name = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
+                if torch.is_complex(p):
+                    raise ValueError(
+                        f"cautious.torch.{type(self).__name__} does not support complex parameters: "
+                        f"parameter {name} has dtype {p.dtype} (use torch.view_as_real)"
+                    )
+                if not torch.is_floating_point(p):
+                    raise ValueError(
+                        f"cautious.torch.{type(self).__name__} needs floating-point parameters: "
+                        f"parameter {name} has dtype {p.dtype}"
+                    )
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state and hyperparameters, except the caution options, which stay as they are.
+
+        A checkpoint of ``torch.optim`` (or one saved with other caution options)
+        never turns caution off or changes it: ``caution`` and
+        ``cautious_weight_decay`` (and ``eps_placement`` for Adam) keep the values of
+        the current param groups. Hyperparameters missing from the loaded groups
+        keep their current values too.
+        """
+        current = [dict(g) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, cur in zip(self.param_groups, current, strict=False):
+            for k in self._CAUTION_KEYS:
+                if k in cur:
+                    group[k] = cur[k]
+            for k, v in cur.items():
+                if k != "params":
+                    group.setdefault(k, v)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                if k != "params":
+                    group.setdefault(k, v)
+
+    # -- step helpers -------------------------------------------------------------------------------------
+
+    def _check_grads(self) -> None:
+        """Reject sparse gradients before anything is mutated."""
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"cautious.torch.{type(self).__name__} does not support sparse gradients "
+                        f"(param_groups[{gi}]['params'][{i}])"
+                    )
+
+    def _check_fused(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not group.get("fused"):
+            return
+        from cautious.backends.torch import _fused
+
+        for p in params:
+            if not _fused.is_available(p.device):
+                raise RuntimeError(f"fused=True is not available on device {p.device}")
+
+    @staticmethod
+    def _caution_of(group: dict[str, Any]) -> Caution | None:
+        return as_caution(group["caution"])
+
+
+class Adam(_CautiousOptimizer):
+    r"""Cautious Adam, a drop-in for ``torch.optim.Adam`` (L2 decay unless ``decoupled_weight_decay``).
+
+    .. math::
+
+        m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        u = \frac{m'/(1-\beta_1^t)}{\sqrt{v'/(1-\beta_2^t)} + \epsilon},\quad
+        p' = p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.adam` for the full algorithm.
+
+    Args:
+      params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
+        differentiable, fused, decoupled_weight_decay: as ``torch.optim.Adam``
+        (``capturable`` and ``differentiable`` must stay False).
+      caution: ``True`` (``Caution()``), ``False`` (plain Adam) or a :class:`cautious.Caution`.
+      eps_placement: ``"corrected"`` (torch/optax) or ``"uncorrected"`` (Keras/TF/HF).
+      cautious_weight_decay: decay only where the cautious update and the parameter
+        do not have strictly opposite signs (needs ``decoupled_weight_decay``).
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``
+    (amsgrad), as torch.optim.Adam: checkpoints load both ways.
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer: loading a
+       plain ``torch.optim`` checkpoint never turns caution off.
+    """
+
+    _CAUTION_KEYS = ("caution", "eps_placement", "cautious_weight_decay")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        caution: bool | Caution = True,
+        eps_placement: str = "corrected",
+        cautious_weight_decay: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+        b1, b2 = _betas(group["betas"])
+        validate(
+            dict(
+                lr=group["lr"],
+                beta1=b1,
+                beta2=b2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                eps_placement=group["eps_placement"],
+            ),
+            BETA_NAMES,
+        )
+        validate(
+            dict(
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        )
+        c = as_caution(group["caution"])
+        self._check_cwd(group, group["decoupled_weight_decay"])
+        return c if c is not None else False
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+            self._check_fused(group, params)
+            beta1, beta2 = group["betas"]
+            F.adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                caution=self._caution_of(group),
+                eps_placement=group["eps_placement"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        return loss
+
+
+class AdamW(Adam):
+    r"""Cautious AdamW, a drop-in for ``torch.optim.AdamW`` (decoupled weight decay, default 1e-2).
+
+    .. math::
+
+        u = \frac{m'/(1-\beta_1^t)}{\sqrt{v'/(1-\beta_2^t)} + \epsilon},\qquad
+        p' = p - \eta\lambda p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.adamw`. Same arguments as ``torch.optim.AdamW`` plus
+    ``caution``, ``eps_placement`` and ``cautious_weight_decay`` (see :class:`Adam`).
+    State: ``step``, ``exp_avg``, ``exp_avg_sq`` (, ``max_exp_avg_sq``), as torch.
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer: loading a
+       ``torch.optim.AdamW`` checkpoint never turns caution off.
+
+    Example::
+
+        opt = cautious.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        caution: bool | Caution = True,
+        eps_placement: str = "corrected",
+        cautious_weight_decay: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class Lion(_CautiousOptimizer):
+    r"""Cautious Lion (Chen et al. 2023), decoupled weight decay.
+
+    .. math::
+
+        u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g),\quad
+        m' = \beta_2 m + (1-\beta_2) g,\quad
+        p' = p - \eta\lambda p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.lion`. ``sign(NaN)`` is NaN (as the spec; unlike
+    ``torch.sign``). State per parameter: ``step`` and ``exp_avg``.
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=False,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+        b1, b2 = _betas(group["betas"])
+        validate(dict(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"]), BETA_NAMES)
+        validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
+        c = as_caution(group["caution"])
+        return c if c is not None else False
+
+    def _init_group(self, group, params, grads, exp_avgs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.setdefault("step", torch.tensor(0.0, dtype=_scalar_dtype()))
+            exp_avgs.append(state["exp_avg"])
+            state_steps.append(state["step"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs, state_steps = [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, state_steps)
+            self._check_fused(group, params)
+            beta1, beta2 = group["betas"]
+            F.lion(
+                params,
+                grads,
+                exp_avgs,
+                state_steps,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                caution=self._caution_of(group),
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        return loss
+
+
+class SGD(_CautiousOptimizer):
+    r"""Cautious SGD with momentum, a drop-in for ``torch.optim.SGD``.
+
+    .. math::
+
+        m' = g \text{ (first step) else } \mu m + (1-\tau) g,\quad
+        u = g + \mu m' \text{ (nesterov) else } m',\quad
+        p' = p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.sgd`. Same arguments as ``torch.optim.SGD``, plus
+    ``decoupled_weight_decay`` (``p <- p (1 - lr wd)`` instead of ``g += wd p``),
+    ``caution`` and ``cautious_weight_decay``. State: ``momentum_buffer`` (as torch).
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer: loading a
+       ``torch.optim.SGD`` checkpoint never turns caution off.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+        validate(
+            dict(
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+            )
+        )
+        validate(
+            dict(
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        )
+        c = as_caution(group["caution"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+        self._check_cwd(group, group["decoupled_weight_decay"])
+        return c if c is not None else False
+
+    def _init_group(self, group, params, grads, momentum_buffer_list):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            if group["momentum"] != 0:
+                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, momentum_buffer_list = [], [], []
+            self._init_group(group, params, grads, momentum_buffer_list)
+            self._check_fused(group, params)
+            F.sgd(
+                params,
+                grads,
+                momentum_buffer_list,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                caution=self._caution_of(group),
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+            if group["momentum"] != 0:
+                for p, buf in zip(params, momentum_buffer_list, strict=False):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss

@@ -1,0 +1,36 @@
+"""cautious.torch against the reference (cautious.spec), through the shipped conformance runner."""
+
+import pytest
+
+pytest.importorskip("torch")
+
+from cautious.backends.torch._conformance import TorchAdapter  # noqa: E402
+from cautious.conformance import Case, run_conformance  # noqa: E402
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach"])
+def test_conformance(impl):
+    result = run_conformance(TorchAdapter(impl), max_examples=250)
+    # every rule and both dtypes were actually exercised
+    seen = {rule for rule, _ in result.examples}
+    assert seen == {"adam", "adamw", "lion", "sgd"}
+
+
+def test_conformance_fused():
+    try:
+        from cautious.backends.torch import _fused  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"cautious.backends.torch._fused cannot be imported: {e}")
+    adapter = TorchAdapter("fused")
+    if adapter.supports(Case("adamw", {"caution": True})) is not None:
+        pytest.skip(adapter.supports(Case("adamw", {"caution": True})))
+    run_conformance(adapter, max_examples=100)
+
+
+def test_adapter_declines_low_precision_single_and_mixed_state():
+    a = TorchAdapter("single")
+    assert a.supports(Case("adamw", {}, "bfloat16", "float32")) is not None
+    assert a.supports(Case("adamw", {}, "bfloat16")) is not None
+    assert a.supports(Case("adamw", {}, "float32")) is None
+    with pytest.raises(ValueError, match="impl"):
+        TorchAdapter("cuda-graph")
