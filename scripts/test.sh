@@ -13,6 +13,7 @@ run() {  # run GROUP [ENV=VALUE ...]
 }
 run spec
 run conformance
+run auto
 run verify  # cautious verify, the pytest plugin, and the mutation tests (torch)
 for path in tests/backend_*/; do
   [ -d "$path" ] || continue

@@ -106,8 +106,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         state_err.update(m=err_m, v=err_v)
         if hp.get("amsgrad", False):
             vmax = np.maximum(vmax0, v)
-            state["v_max"], state_err["v_max"] = vmax, err_v
-            vh, err_vh = vmax, err_v
+            # a stored subnormal v_max may be read as zero (flush-to-zero)
+            err_vmax = err_v + np.where(np.abs(vmax0) < tn, np.abs(vmax0), 0.0)
+            state["v_max"], state_err["v_max"] = vmax, err_vmax
+            vh, err_vh = vmax, err_vmax
         else:
             state["v_max"], state_err["v_max"] = None, None
             vh, err_vh = v, err_v

@@ -86,7 +86,8 @@ def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarr
     u = tt.u.reshape(-1)
     n = u.size
     mask_ref = spec.cautious_mask(tt.u, tt.g).reshape(-1) if caution is not None else np.ones(n, bool)
-    und = tt.undecided.reshape(-1) if caution is not None else np.zeros(n, bool)
+    sign_und = tt.undecided.reshape(-1)  # the sign of u (or g) is within rounding of zero
+    und = sign_und if caution is not None else np.zeros(n, bool)  # the mask decision may go either way
     lion_und = tt.lion_sign_undecided.reshape(-1)
     p = tt.p.reshape(-1)
     kept_l, u_l, d_l, valid_l = [], [], [], []
@@ -99,7 +100,7 @@ def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarr
             valid = valid & (not d)
         elif cwd:
             natural = spec.decay_mask(uc_val, p)
-            valid = valid & ((natural == d) | und | lion_und)
+            valid = valid & ((natural == d) | sign_und | lion_und)
         else:
             valid = valid & d
         kept_l.append(np.full(n, kept))
@@ -211,9 +212,7 @@ def check_step(
     for i, (p, g, s, gp) in enumerate(zip(params, grads, state.leaves, got_params)):
         gp = np.asarray(gp)
         if gp.shape != np.shape(p):
-            mismatches.append(
-                Mismatch(f"params[{i}].shape", (), np.nan, np.nan, 0.0, f"{gp.shape} != {np.shape(p)}")
-            )
+            mismatches.append(Mismatch(f"params[{i}].shape", (), np.nan, np.nan, 0.0, f"{gp.shape} != {np.shape(p)}"))
             continue
         if case.dtype == "bfloat16" and gp.size:
             if not np.array_equal(round_to(gp, "bfloat16"), gp.astype(np.float32), equal_nan=True):
@@ -235,9 +234,7 @@ def check_step(
                 continue
             got = np.asarray(got, dtype=np.float64)
             if got.shape != exp.shape:
-                mismatches.append(
-                    Mismatch(f"state.leaves[{i}].{field}.shape", (), np.nan, np.nan, 0.0, f"{got.shape}")
-                )
+                mismatches.append(Mismatch(f"state.leaves[{i}].{field}.shape", (), np.nan, np.nan, 0.0, f"{got.shape}"))
                 continue
             sd = case.state_storage
             tol = tt.state_err[field] * (1 + unit_roundoff(sd)) + _storage_tol(exp, sd)
@@ -274,9 +271,7 @@ def _arr(x: np.ndarray | None, dtype: str) -> str:
     return f"np.array({np.asarray(x, dtype=np.float64).tolist()!r}, dtype=np.{numpy_dtype(dtype)})"
 
 
-def repro_snippet(
-    case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
-) -> str:
+def repro_snippet(case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State) -> str:
     """A runnable Python snippet that recomputes the reference step for these inputs."""
     hp = dict(case.hparams)
     caution = hp.get("caution", True)

@@ -70,9 +70,7 @@ def check_trajectory(
     params = [np.asarray(p) for p in params]
     for step_i, grads in enumerate(grad_seq):
         repro = repro_snippet(case, params, grads, state)
-        got_params, got_state = adapter.step(
-            case, [p.copy() for p in params], [g.copy() for g in grads], state
-        )
+        got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
         report = check_step(case, params, grads, state, got_params, got_state)
         notes.update(report.notes)
         if not report.ok:
@@ -112,12 +110,13 @@ def run_conformance(
     Every supported rule, option and dtype in ``rules`` x ``dtypes`` is drawn;
     cases the adapter declines (``supports`` returns a reason) are skipped, but a
     requested rule with no supported case at all is an error. The number of
-    examples comes from the active Hypothesis profile (``ci`` in CI) unless
-    ``max_examples`` is given. An adapter may pin hyperparameters it does not
+    examples (split evenly over the rules, at least 10 each) comes from the active
+    Hypothesis profile (``ci`` in CI) unless ``max_examples`` is given. An adapter may pin hyperparameters it does not
     vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
     this run (``pin={"caution": Caution("exact")}``). ``shrink=False`` reports the
-    first failing example as found (faster; for mutation testing). On failure, Hypothesis shrinks the example and a
-    :class:`ConformanceError` with a runnable repro is raised.
+    first failing example as found (faster; for mutation testing). On failure,
+    Hypothesis shrinks the example and a :class:`ConformanceError` with a runnable
+    repro is raised.
     """
     rules = tuple(rules or spec.RULES)
     fixed = getattr(adapter, "fixed_hparams", None)
@@ -129,36 +128,43 @@ def run_conformance(
     examples: collections.Counter = collections.Counter()
     all_notes: set[str] = set()
     worst = [0.0]
+    budget = max_examples if max_examples is not None else settings.default.max_examples
+    # One Hypothesis run per rule, so that every rule is exercised whatever the generator favours.
+    per_rule = max(10, -(-budget // len(rules)))
 
-    @settings(
-        **({"max_examples": max_examples} if max_examples is not None else {}),
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        **({"derandomize": False} if seed is not None else {}),
-        **({} if shrink else {"phases": [Phase.explicit, Phase.reuse, Phase.generate]}),
-    )
-    @given(data=st.data())
-    def run(data: st.DataObject) -> None:
-        case = data.draw(cases(rules, dtypes, fixed), label="case")
-        reason = adapter.supports(case)
-        assume(reason is None)
-        params, grad_seq, state = data.draw(
-            step_inputs(case, max_steps=max_steps, allow_nan=allow_nan, fresh_only=fresh_only), label="inputs"
+    def one_rule(rule: str) -> None:
+        @settings(
+            max_examples=per_rule,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            **({"derandomize": False} if seed is not None else {}),
+            **({} if shrink else {"phases": [Phase.explicit, Phase.reuse, Phase.generate]}),
         )
-        note(f"case: {case.describe()}")
-        w, n = check_trajectory(adapter, case, params, grad_seq, state)
-        examples[(case.rule, case.dtype)] += 1
-        all_notes.update(n)
-        worst[0] = max(worst[0], w)
+        @given(data=st.data())
+        def run(data: st.DataObject) -> None:
+            case = data.draw(cases((rule,), dtypes, fixed), label="case")
+            reason = adapter.supports(case)
+            assume(reason is None)
+            params, grad_seq, state = data.draw(
+                step_inputs(case, max_steps=max_steps, allow_nan=allow_nan, fresh_only=fresh_only), label="inputs"
+            )
+            note(f"case: {case.describe()}")
+            w, n = check_trajectory(adapter, case, params, grad_seq, state)
+            examples[(case.rule, case.dtype)] += 1
+            all_notes.update(n)
+            worst[0] = max(worst[0], w)
 
-    if seed is not None:
-        from hypothesis import seed as hseed
+        if seed is not None:
+            from hypothesis import seed as hseed
 
-        run = hseed(seed)(run)
-    try:
-        run()
-    except Unsatisfiable:
-        pass  # every drawn case was declined: reported below
+            run = hseed(seed)(run)
+        try:
+            run()
+        except Unsatisfiable:
+            pass  # every drawn case was declined: reported below
+
+    for rule in rules:
+        one_rule(rule)
     missing = [r for r in rules if not any(k[0] == r for k in examples)]
     if missing and os.environ.get("CAUTIOUS_ALLOW_EMPTY") != "1":
         raise ConformanceError(

@@ -67,9 +67,7 @@ def _elements(dtype: str, allow_nan: bool) -> st.SearchStrategy[float]:
 
 
 def _array(shape: tuple[int, ...], dtype: str, allow_nan: bool = False) -> st.SearchStrategy[np.ndarray]:
-    return hnp.arrays(np.float64, shape, elements=_elements(dtype, allow_nan)).map(
-        lambda a: round_to(a, dtype)
-    )
+    return hnp.arrays(np.float64, shape, elements=_elements(dtype, allow_nan)).map(lambda a: round_to(a, dtype))
 
 
 def tensor_lists(shape_list: Sequence[tuple[int, ...]], dtype: str, allow_nan: bool = False):

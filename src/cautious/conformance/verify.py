@@ -79,9 +79,7 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
                         adapter, rules=(rule,), dtypes=(dtype,), max_examples=max_examples, seed=seed, pin=pin
                     )
                     n = sum(res.examples.values())
-                    cell = Cell(
-                        name, rule, option, dtype, "pass", n, res.worst, detail="; ".join(sorted(res.notes))
-                    )
+                    cell = Cell(name, rule, option, dtype, "pass", n, res.worst, detail="; ".join(sorted(res.notes)))
                 except ConformanceError as e:
                     skipped = "no example ran" in str(e)
                     cell = Cell(name, rule, option, dtype, "skip" if skipped else "fail", detail=str(e))
@@ -118,18 +116,14 @@ def worker(job: dict[str, Any]) -> list[Cell]:
                 cells.append(Cell(name, "-", "-", "-", "fail", detail=f"cannot build adapter: {e!r}"))
                 print(f"[{name}] cannot build adapter: {e!r}", flush=True)
                 continue
-            cells += _run_cells(
-                name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"]
-            )
+            cells += _run_cells(name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"])
     else:
         target = Target(**job["target"])
         adapter = load_adapter(target)
         for note in target.notes():
             print(f"[{target.name}] note: {note}", flush=True)
         dts = tuple(d for d in dtypes if d in target.dtypes) or target.dtypes
-        cells += _run_cells(
-            target.name, adapter, [target.rule], ["declared"], dts, job["max_examples"], job["seed"]
-        )
+        cells += _run_cells(target.name, adapter, [target.rule], ["declared"], dts, job["max_examples"], job["seed"])
     return cells
 
 
@@ -139,14 +133,10 @@ def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> list[Cell]:
         with open(inp, "w") as f:
             json.dump(job, f)
         env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "cautious.conformance.verify", "--worker", inp, out], env=env
-        )
+        proc = subprocess.run([sys.executable, "-m", "cautious.conformance.verify", "--worker", inp, out], env=env)
         if proc.returncode != 0 or not os.path.exists(out):
             label = job.get("backend") or job["target"]["name"] or job["target"]["path"]
-            return [
-                Cell(str(label), "-", "-", "-", "fail", detail=f"worker exited with status {proc.returncode}")
-            ]
+            return [Cell(str(label), "-", "-", "-", "fail", detail=f"worker exited with status {proc.returncode}")]
         with open(out) as f:
             return [Cell(**c) for c in json.load(f)]
 
@@ -154,8 +144,7 @@ def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> list[Cell]:
 def _table(cells: list[Cell]) -> str:
     head = ("implementation", "rule", "option", "dtype", "result", "examples", "worst/bound")
     rows = [head] + [
-        (c.implementation, c.rule, c.option, c.dtype, c.result, str(c.examples), f"{c.worst:.2f}")
-        for c in cells
+        (c.implementation, c.rule, c.option, c.dtype, c.result, str(c.examples), f"{c.worst:.2f}") for c in cells
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
@@ -163,15 +152,11 @@ def _table(cells: list[Cell]) -> str:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="cautious verify", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--backend", action="append", default=[], help="one of ours: numpy, torch, jax, tensorflow"
-    )
+    p.add_argument("--backend", action="append", default=[], help="one of ours: numpy, torch, jax, tensorflow")
     p.add_argument("--target", help="a third-party implementation: 'package.module:Name'")
     p.add_argument("--kind", choices=("torch", "optax", "keras", "numpy"), help="what --target is")
     p.add_argument("--rule", choices=spec.RULES, help="the spec rule --target implements")
-    p.add_argument(
-        "--hparam", action="append", default=[], metavar="SPEC=NAME", help="name mapping, repeatable"
-    )
+    p.add_argument("--hparam", action="append", default=[], metavar="SPEC=NAME", help="name mapping, repeatable")
     p.add_argument("--fixed", action="append", default=[], metavar="NAME=JSON", help="constructor argument")
     p.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="implemented option")
     p.add_argument("--state", action="append", default=[], metavar="FIELD=NAME", help="state mapping")
@@ -232,9 +217,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[
         env: dict[str, str] = {}
         for _, _, _, e in LANES[b]:
             env.update(e)
-        jobs.append(
-            ({"kind": "backend", "backend": b, "rules": args.rules, "options": args.options, **common}, env)
-        )
+        jobs.append(({"kind": "backend", "backend": b, "rules": args.rules, "options": args.options, **common}, env))
     return jobs
 
 

@@ -155,9 +155,7 @@ class Target:
     def notes(self) -> list[str]:
         out = []
         if self.options.get("decay_masked"):
-            out.append(
-                "the target masks decoupled weight decay (not the spec's choice): checked with weight_decay=0"
-            )
+            out.append("the target masks decoupled weight decay (not the spec's choice): checked with weight_decay=0")
         if not self.state_names():
             out.append("no state mapping: checked from fresh states, parameters only")
         return out

@@ -55,7 +55,9 @@ class Adapter(TargetAdapterBase):
                     value = getattr(leaf, field, None)
                     if value is not None and slot is not None:
                         slot.assign(np.asarray(value))
-        opt.apply_gradients(zip([keras.ops.convert_to_tensor(np.asarray(g), dtype=case.dtype) for g in grads], variables))
+        opt.apply_gradients(
+            zip([keras.ops.convert_to_tensor(np.asarray(g), dtype=case.dtype) for g in grads], variables)
+        )
         new_params = [_np(v) for v in variables]
         if not names:
             return new_params, None

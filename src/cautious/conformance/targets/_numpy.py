@@ -28,9 +28,7 @@ class Adapter(TargetAdapterBase):
                     st[name] = int(state.step)
                 else:
                     st[name] = [getattr(leaf, field, None) for leaf in state.leaves]
-        new_params, new_st = self.fn(
-            [p.copy() for p in params], [g.copy() for g in grads], st, **self.kwargs(case)
-        )
+        new_params, new_st = self.fn([p.copy() for p in params], [g.copy() for g in grads], st, **self.kwargs(case))
         new_params = [np.asarray(p) for p in new_params]
         if not names:
             return new_params, None
