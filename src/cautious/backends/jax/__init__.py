@@ -1,0 +1,72 @@
+r"""Cautious optimizers for JAX, as optax ``GradientTransformation``\ s (public API: :mod:`cautious.jax`).
+
+* :func:`cautious` wraps any direction transformation (``optax.scale_by_adam()``,
+  ``optax.scale_by_lion()``, ``optax.trace(...)``) with the cautious mask; its state is
+  :class:`CautiousState` ``(inner_state=...)``.
+* :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd` have optax's signatures and defaults
+  plus the spec's keyword-only options (``caution=True``, ``cautious_weight_decay=False``,
+  ``eps_placement="corrected"``, ...); ``caution=False`` reproduces optax.
+
+Everything composes with optax: schedules, :func:`optax.inject_hyperparams`,
+:func:`optax.chain` (e.g. with :func:`optax.clip_by_global_norm`), :class:`optax.MultiSteps`,
+:func:`optax.masked`, :func:`optax.multi_transform`, ``None`` leaves, ``mu_dtype``, ``jit``
+(one compilation), buffer donation and sharded arrays (the count is per tensor and global
+over its shards).
+
+Notes:
+  * The kept count is an integer: int32 (tensors up to ``2**31 - 1`` entries) unless
+    ``jax_enable_x64`` is on, then int64.
+  * For Adam with a concrete ``eps > 0`` (and Lion) the mask is decided from the new moment
+    (Adam: ``m'``; Lion: ``c``), whose signs equal the direction's because Adam's denominator is
+    positive. This matches the spec except when a *stored* second moment is already ``inf``
+    (after a gradient beyond ~1.8e19 in float32), where the spec's ``u`` is 0; it avoids a spurious
+    mask change when ``m'/d`` underflows in float32. Otherwise, and always for ``eps == 0`` or traced
+    ``eps``, the mask is decided from the direction itself.
+  * Validation covers Python/NumPy numbers and concrete arrays at construction; schedules and
+    traced hyperparameters are not validated.
+  * bfloat16/float16 tensors compute in float32 and round once into state and parameters
+    (optax itself computes some moment updates in the low precision).
+
+See :mod:`cautious.spec` for the algorithm.
+"""
+
+from cautious._caution import Caution
+from cautious.backends.jax._alias import adam, adamw, lion, sgd
+from cautious.backends.jax._core import (
+    CautiousState,
+    apply_caution,
+    caution_scale,
+    cautious,
+    cautious_mask,
+    kept_count,
+)
+from cautious.backends.jax._transforms import (
+    ScaleByAdamState,
+    ScaleByAmsgradState,
+    add_decayed_weights,
+    negate,
+    scale_by_adam,
+    scale_by_lion,
+    trace,
+)
+
+__all__ = [
+    "Caution",
+    "CautiousState",
+    "cautious",
+    "adamw",
+    "adam",
+    "lion",
+    "sgd",
+    "scale_by_adam",
+    "scale_by_lion",
+    "trace",
+    "negate",
+    "add_decayed_weights",
+    "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "cautious_mask",
+    "kept_count",
+    "caution_scale",
+    "apply_caution",
+]

@@ -1,0 +1,276 @@
+r"""Cautious optimizers with optax's signatures: :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd`.
+
+Each is an :func:`optax.chain`::
+
+    [negate (maximize)] -> [coupled L2 decay] -> cautious(direction) -> [decoupled decay] -> scale_by_learning_rate
+
+so the mask sees the gradient the rule consumed (after ``maximize`` and coupled decay), and
+decoupled weight decay is never masked (with ``cautious_weight_decay=True`` it applies only
+where the cautious direction and the parameter do not have strictly opposite signs).
+``caution=False`` leaves the mask out and reproduces optax's optimizer. See :mod:`cautious.spec`.
+
+Hyperparameters given as Python or NumPy numbers (or concrete arrays) are checked at
+construction by :func:`cautious.spec.errors.validate`; schedules and traced values (for
+instance under :func:`optax.inject_hyperparams` inside ``jit``) are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from cautious._caution import Caution, as_caution
+from cautious.backends.jax import _transforms as tf
+from cautious.backends.jax._core import cautious
+from cautious.spec.errors import validate
+
+__all__ = ["adamw", "adam", "lion", "sgd"]
+
+NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2"}
+
+
+def _check(values: dict[str, Any]) -> None:
+    """Validate what can be validated now: not schedules, not traced values."""
+    concrete = {k: v for k, v in values.items() if not callable(v) and not isinstance(v, jax.core.Tracer)}
+    validate(concrete, NAMES)
+
+
+def _direction(inner: optax.GradientTransformation, caution: Caution | None) -> Any:
+    return cautious(inner, caution) if caution is not None else inner
+
+
+def _chain(
+    direction: Any,
+    caution: Caution | None,
+    *,
+    learning_rate: Any,
+    weight_decay: Any,
+    mask: Any,
+    decoupled: bool,
+    maximize: bool,
+    cautious_weight_decay: bool,
+) -> optax.GradientTransformationExtraArgs:
+    if cautious_weight_decay and not decoupled:
+        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    parts: list[Any] = []
+    if maximize:
+        parts.append(tf.negate())
+    # Leave coupled decay out only for a Python 0 (as optax.adam has none): the chain's structure must
+    # not depend on array values, which optax.inject_hyperparams makes concrete in init, traced in update.
+    zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
+    if not decoupled and not zero:
+        parts.append(tf.add_decayed_weights(weight_decay, mask))
+    parts.append(_direction(direction, caution))
+    if decoupled:
+        parts.append(tf.add_decayed_weights(weight_decay, mask, cautious=cautious_weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def adamw(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: Any = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    eps_placement: str = "corrected",
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious AdamW: :func:`optax.adamw` with the cautious mask on Adam's direction.
+
+    .. math::
+
+        u = \text{mask}(u_{adam}, g)\cdot\text{scale}\cdot u_{adam},\qquad
+        p' = p - \eta\lambda\, d\odot p - \eta u
+
+    (``d = 1``, or the decay mask with ``cautious_weight_decay``). Arguments as
+    :func:`optax.adamw` (note its default ``weight_decay=1e-4``), plus keyword-only
+    ``caution`` (``True``, ``False`` or a :class:`cautious.Caution`), ``cautious_weight_decay``,
+    ``eps_placement`` (``"corrected"``: optax/torch; ``"uncorrected"``: Keras/TF),
+    ``amsgrad`` (torch's) and ``maximize``. See :func:`cautious.spec.adamw`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from cautious.jax import adamw
+      >>> opt = adamw(1e-3)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.array([1.0, -1.0, 0.0])}, state, params)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    return adam(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nesterov=nesterov,
+        caution=caution,
+        eps_placement=eps_placement,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        cautious_weight_decay=cautious_weight_decay,
+        mask=mask,
+    )
+
+
+def adam(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    caution: bool | Caution = True,
+    eps_placement: str = "corrected",
+    amsgrad: bool = False,
+    maximize: bool = False,
+    weight_decay: Any = 0.0,
+    decoupled_weight_decay: bool = False,
+    cautious_weight_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious Adam: :func:`optax.adam` with the cautious mask on Adam's direction.
+
+    Arguments as :func:`optax.adam`, plus keyword-only options of :func:`adamw` and
+    ``weight_decay`` (coupled L2, as torch.optim.Adam: ``g + wd*p`` enters the moments and
+    the mask) or, with ``decoupled_weight_decay=True``, AdamW's decoupled decay. ``mask``
+    selects the parameters that decay (as in :func:`optax.adamw`). See :func:`cautious.spec.adam`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            beta1=b1,
+            beta2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            eps_placement=eps_placement,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            nesterov=nesterov,
+            decoupled_weight_decay=decoupled_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    c = as_caution(caution)
+    direction = tf.scale_by_adam(
+        b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, amsgrad=amsgrad, eps_placement=eps_placement
+    )
+    return _chain(
+        direction,
+        c,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+
+
+def lion(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.99,
+    mu_dtype: Any = None,
+    weight_decay: Any = 1e-3,
+    mask: Any = None,
+    *,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious Lion: :func:`optax.lion` (default ``weight_decay=1e-3``) with the cautious mask.
+
+    .. math::  u = \text{mask}(\operatorname{sign}(c), g)\cdot\text{scale}\cdot\operatorname{sign}(c),
+        \quad c = \beta_1 m + (1-\beta_1) g
+
+    See :func:`cautious.spec.lion`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    c = as_caution(caution)
+    return _chain(
+        tf.scale_by_lion(b1, b2, mu_dtype),
+        c,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        decoupled=True,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+
+
+def sgd(
+    learning_rate: Any,
+    momentum: Any = None,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+    *,
+    caution: bool | Caution = True,
+    maximize: bool = False,
+    weight_decay: Any = 0.0,
+    decoupled_weight_decay: bool = False,
+    cautious_weight_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious SGD: :func:`optax.sgd` with the cautious mask on the momentum direction.
+
+    Momentum follows optax (``m' = g + \mu m``, torch's rule with ``dampening=0``; there is no
+    dampening). ``momentum=None`` means no buffer and ``u = g``. Keyword-only extras:
+    ``weight_decay`` (coupled L2 as torch.optim.SGD, or decoupled with
+    ``decoupled_weight_decay=True``), ``maximize``, ``caution``, ``cautious_weight_decay``.
+    ``nesterov=True`` requires ``momentum > 0``. See :func:`cautious.spec.sgd`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+    c = as_caution(caution)
+    if momentum is None:
+        direction: Any = optax.identity()
+    else:
+        direction = tf.trace(momentum, nesterov, accumulator_dtype)
+    return _chain(
+        direction,
+        c,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
+    )

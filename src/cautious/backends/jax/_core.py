@@ -1,0 +1,222 @@
+r"""The cautious mask in JAX: mask, integer count, scale, and the :func:`cautious` wrapper.
+
+See :mod:`cautious.spec.mask` for the algorithm. For one tensor with base
+direction ``u`` and consumed gradient ``g``:
+
+.. math::
+
+    \text{mask} = [u>0 \wedge g>0] \vee [u<0 \wedge g<0] \vee \text{isnan}(u) \vee \text{isnan}(g),
+    \qquad u^c = \text{where}(\text{mask}, \text{scale}(\text{count}, n)\cdot u, 0)
+
+Decisions come from signs, never from the product ``u * g``; ``count`` is an
+integer (int32, or int64 when ``jax_enable_x64`` is on: with int32 a tensor may
+hold at most ``2**31 - 1`` elements).
+
+Why the count is written the way it is: on CPU, XLA hands a reduction whose
+elementwise body uses only arithmetic (``mul``, ``max``, ``min``, ``sign``) to a
+fast fused reduction, but splits comparisons, selects and integer arithmetic
+out into materialised temporaries that run at a fraction of the speed. So large
+tensors count with an arithmetic indicator summed in floating point, which is
+exact (every partial sum is an integer below ``2**24`` in float32, ``2**53`` in
+float64), and fall back, under :func:`jax.lax.cond`, to the plain integer count
+of the boolean mask when the indicator sum is NaN (a NaN in ``u`` or ``g``, or an
+overflow). Small tensors always use the plain integer count.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cautious._caution import Caution, as_caution
+
+__all__ = ["CautiousState", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution"]
+
+# Tensors with fewer entries use the plain integer count (cheap at that size, and trivially consistent).
+FAST_COUNT_MIN_SIZE = 1 << 15
+
+# Largest exact float sum of 0/1 values by compute dtype (every partial sum of integers below it is exact).
+EXACT_SUM_LIMIT = {"float32": 2**24, "float64": 2**53}
+
+# update function of a direction transformation -> the same update that also returns a sign proxy
+# tree: arrays whose sign and NaN-ness equal the direction's (see :func:`register_sign_proxy`).
+_PROXY_UPDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class CautiousState(NamedTuple):
+    """State of :func:`cautious`: the inner transformation's state, unchanged."""
+
+    inner_state: Any
+
+
+def register_sign_proxy(update: Callable, update_with_proxy: Callable) -> None:
+    """Declare that ``update_with_proxy(g, state, params, **extra) -> (u, state, proxy)`` returns,
+    besides ``update``'s results, a tree whose entries have exactly the sign (and NaN-ness) of ``u``.
+
+    :func:`cautious` then decides the mask from the proxy (for Adam, the new first moment ``m``),
+    which lets XLA count and update in fewer passes over memory.
+    """
+    _PROXY_UPDATES[update] = update_with_proxy
+
+
+def count_dtype() -> Any:
+    """int64 when ``jax_enable_x64`` is on, else int32."""
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _compute_dtype(*dtypes: Any) -> Any:
+    """float64 if any input is float64, else float32 (bfloat16 and float16 compute in float32)."""
+    return jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
+
+
+def cautious_mask(u: jax.Array, g: jax.Array) -> jax.Array:
+    """Boolean mask: ``u`` and ``g`` strictly agree in sign, or either is NaN (see :mod:`cautious.spec.mask`)."""
+    return ((u > 0) & (g > 0)) | ((u < 0) & (g < 0)) | jnp.isnan(u) | jnp.isnan(g)
+
+
+def _exact_count(a: jax.Array, g: jax.Array) -> jax.Array:
+    return jnp.sum(cautious_mask(a, g), dtype=count_dtype())
+
+
+def _indicator_sum(a: jax.Array, g: jax.Array) -> jax.Array:
+    r"""Sum of an arithmetic 0/1 indicator of ``a*g > 0``, in a float that holds every partial sum exactly.
+
+    With ``C = 2**(emax-1)`` (``2**126`` in float32) every normal ``g`` has ``|g*C| >= 1``, so
+    ``y = a*(g*C)`` is 0 or at least the smallest normal in magnitude (no underflow, unlike
+    ``a*g``), or overflows to an infinity of the right sign; ``min(max(y, -0)*C', 1)`` is then
+    exactly 1 for ``y > 0`` and 0 otherwise. NaN (from a NaN input, or ``0*inf`` when ``|g| >= 4``
+    meets ``a == 0``) propagates to the sum, and the caller falls back to the exact count.
+    Subnormal inputs behave as the platform's comparisons do (CPU flushes them to zero).
+    """
+    cd = _compute_dtype(a.dtype, g.dtype)
+    big = 2.0**1022 if cd == jnp.float64 else 2.0**126
+    a = a.astype(cd)
+    g = g.astype(cd)
+    ind = jnp.minimum(jnp.maximum(a * (g * big), -0.0) * big, 1.0)
+    limit = EXACT_SUM_LIMIT[jnp.dtype(cd).name]
+    if ind.size <= limit:
+        return jnp.sum(ind)
+    # Partial sums over trailing axes, each below `limit`, then an integer sum.
+    axes, size = [], 1
+    for ax in range(ind.ndim - 1, -1, -1):
+        if size * ind.shape[ax] > limit:
+            break
+        size *= ind.shape[ax]
+        axes.append(ax)
+    if not axes:
+        return jnp.asarray(jnp.nan, cd)  # one axis longer than `limit`: use the exact count
+    partial = jnp.sum(ind, axis=tuple(axes))
+    bad = jnp.any(jnp.isnan(partial))
+    total = jnp.sum(jnp.where(bad, 0, partial).astype(count_dtype()))
+    return jnp.where(bad, jnp.nan, total.astype(cd))
+
+
+def kept_count(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Integer number of entries where ``a`` and ``g`` strictly agree in sign or either is NaN."""
+    if a.size < FAST_COUNT_MIN_SIZE:
+        return _exact_count(a, g)
+    total = _indicator_sum(a, g)
+    return jax.lax.cond(jnp.isnan(total), lambda: _exact_count(a, g), lambda: total.astype(count_dtype()))
+
+
+def caution_scale(count: jax.Array, n: int, caution: Caution, dtype: Any) -> jax.Array:
+    """The per-tensor scale for ``count`` kept entries of ``n`` (see :meth:`cautious.Caution.scale`)."""
+    nn = jnp.asarray(float(n), dtype)
+    if caution.normalize == "mean_clamp":
+        # 1 / max(k/n, floor): n/k when k/n >= floor, else 1/floor. thr = least integer k with k/n >= floor.
+        thr = max(1, math.ceil(caution.floor * n))
+        while thr > 1 and (thr - 1) / n >= caution.floor:
+            thr -= 1
+        while thr / n < caution.floor:
+            thr += 1
+        return jnp.where(count >= thr, nn / count.astype(dtype), jnp.asarray(1.0 / caution.floor, dtype))
+    if caution.normalize == "count_plus_one":
+        return nn / (count + 1).astype(dtype)
+    if caution.normalize == "exact":
+        return nn / jnp.maximum(count, 1).astype(dtype)
+    return jnp.asarray(1.0, dtype)
+
+
+def apply_caution(u: jax.Array, g: jax.Array, caution: Caution, proxy: jax.Array | None = None) -> jax.Array:
+    """``where(mask, scale * u, 0)`` for one tensor; the mask from ``proxy`` (same signs as ``u``) if given.
+
+    The result has ``u``'s dtype, or float32 when ``u`` is bfloat16/float16 (scaling in float32;
+    the parameter update rounds once).
+    """
+    if u.size == 0:
+        return u
+    a = u if proxy is None else proxy
+    mask = cautious_mask(a, g)
+    cd = jnp.promote_types(u.dtype, jnp.float32)
+    scale = caution_scale(kept_count(a, g), u.size, caution, cd)
+    return jnp.where(mask, u.astype(cd) * scale, jnp.zeros((), cd))
+
+
+def _leaves_like(treedef: Any, tree: Any) -> list:
+    return treedef.flatten_up_to(tree)
+
+
+def cautious(
+    inner: optax.GradientTransformation, caution: bool | Caution = True
+) -> optax.GradientTransformationExtraArgs:
+    r"""Wrap a direction transformation with the cautious mask.
+
+    ``inner`` maps the gradient to a descent direction ``u`` with optax's sign convention
+    before the learning rate (``optax.scale_by_adam()``, ``optax.scale_by_lion()``,
+    ``optax.trace(...)``): ``+u`` points along the gradient, and a later
+    ``scale_by_learning_rate`` multiplies by ``-lr``. The wrapper keeps the entries of
+    ``u`` that agree in sign with the incoming gradient ``g`` (NaN kept), rescales them per
+    tensor, and zeroes the rest:
+
+    .. math::  u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u
+
+    Put it right after the direction, before decoupled weight decay and the learning rate
+    (as :func:`cautious.jax.adamw` does), so decay is never masked. The inner state is kept
+    unchanged in :class:`CautiousState` ``(inner_state=...)``. See :mod:`cautious.spec` for the
+    algorithm.
+
+    Args:
+      inner: the direction transformation.
+      caution: ``True`` (``Caution()``), ``False`` (no mask) or a :class:`cautious.Caution`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from cautious.jax import cautious
+      >>> opt = optax.chain(cautious(optax.scale_by_adam()), optax.scale_by_learning_rate(0.1))
+      >>> params = jnp.array([1.0, 1.0])
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(jnp.array([1.0, -1.0]), state, params)
+      >>> [round(x, 3) for x in updates.tolist()]
+      [-0.1, 0.1]
+    """
+    c = as_caution(caution)
+    proxy_update = _PROXY_UPDATES.get(inner.update)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> CautiousState:
+        return CautiousState(inner_state=inner.init(params))
+
+    def update_fn(updates: Any, state: CautiousState, params: Any = None, **extra: Any):
+        if proxy_update is not None and c is not None:
+            u, inner_state, proxy = proxy_update(updates, state.inner_state, params, **extra)
+        else:
+            u, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            proxy = None
+        if c is None:
+            return u, CautiousState(inner_state=inner_state)
+        u_leaves, treedef = jax.tree.flatten(u)
+        g_leaves = _leaves_like(treedef, updates)
+        p_leaves = _leaves_like(treedef, proxy) if proxy is not None else [None] * len(u_leaves)
+        out = [apply_caution(a, b, c, p) for a, b, p in zip(u_leaves, g_leaves, p_leaves)]
+        return jax.tree.unflatten(treedef, out), CautiousState(inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

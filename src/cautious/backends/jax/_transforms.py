@@ -1,0 +1,298 @@
+r"""Direction transformations that follow :mod:`cautious.spec` exactly, as optax transformations.
+
+They keep optax's state types (:class:`optax.ScaleByAdamState`, :class:`optax.ScaleByLionState`,
+:class:`optax.TraceState`) and, for float32 and float64, optax's arithmetic, with three
+differences that make them match the spec:
+
+* Adam's bias corrections ``1 - b**t`` are computed as ``-expm1(t * log(b))`` (float64 when
+  ``jax_enable_x64`` is on), not as ``1 - b**t`` in float32, whose error reaches 1.7e-4 relative
+  at ``b2 = 0.9999``; ``eps_placement`` and ``amsgrad`` (torch's: max of the raw ``v``) are added;
+* low-precision tensors (bfloat16, float16) compute in float32 and round once into the state;
+* Adam and Lion register a *sign proxy* (the new moment before rounding) with :func:`cautious`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cautious.backends.jax._core import _compute_dtype, register_sign_proxy
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "scale_by_adam",
+    "scale_by_lion",
+    "trace",
+    "negate",
+    "add_decayed_weights",
+]
+
+ScaleByAdamState = optax.ScaleByAdamState
+
+
+class WeightDecaySchedule(NamedTuple):
+    """State of a scheduled cautious weight decay (as optax's, which optax does not export)."""
+
+    count: jax.Array
+
+
+class ScaleByAmsgradState(NamedTuple):
+    """Adam state with ``amsgrad=True``: ``nu_max`` is the running max of the raw ``nu`` (torch's rule).
+
+    (optax's own ``ScaleByAmsgradState`` keeps the max of the bias-corrected ``nu``.)
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def _is_concrete_number(x: Any) -> bool:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    try:
+        float(x)
+    except Exception:
+        return False
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _safe_increment(count: jax.Array) -> jax.Array:
+    return jnp.where(count < jnp.iinfo(count.dtype).max, count + 1, count)
+
+
+def _bias_correction(b: Any, t: jax.Array) -> jax.Array:
+    """``1 - b**t`` as ``-expm1(t log b)`` in float64 (x64) or float32."""
+    sd = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    tf = t.astype(sd)
+    if _is_concrete_number(b):
+        b = float(b)
+        if b == 0.0:
+            return jnp.ones((), sd)
+        return -jnp.expm1(tf * jnp.asarray(math.log(b), sd))
+    return -jnp.expm1(tf * jnp.log(jnp.asarray(b).astype(sd)))
+
+
+def _unzip(treedef: Any, rows: list[tuple], k: int) -> tuple:
+    return tuple(jax.tree.unflatten(treedef, [r[i] for r in rows]) for i in range(k))
+
+
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    return x.astype(dtype)
+
+
+def _canonical(dtype: Any) -> Any:
+    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    eps_placement: str = "corrected",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam's direction, as :func:`cautious.spec.adam_direction` (optax's signature plus options).
+
+    .. math::
+
+        m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        u = \frac{m'/(1-\beta_1^t)}{\sqrt{v'/(1-\beta_2^t)} + \epsilon}\ \text{(corrected)}
+        \ \text{or}\ \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\frac{m'}{\sqrt{v'}+\epsilon}\ \text{(uncorrected)}
+
+    ``amsgrad`` uses ``max(nu_max, v')`` in place of ``v'`` (state :class:`ScaleByAmsgradState`);
+    ``nesterov`` follows :func:`optax.scale_by_adam` (NAdam). ``eps_root`` is added under the root.
+    """
+    mu_dtype = _canonical(mu_dtype)
+
+    def init_fn(params: Any):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        nu = optax.tree.zeros_like(params)
+        count = jnp.zeros([], jnp.int32)
+        if amsgrad:
+            return ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=optax.tree.zeros_like(params))
+        return ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    def update_with_proxy(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        t = _safe_increment(state.count)
+        bc1 = _bias_correction(b1, t)
+        bc2 = _bias_correction(b2, t)
+        bc1_next = _bias_correction(b1, _safe_increment(t)) if nesterov else None
+        g_leaves, treedef = jax.tree.flatten(updates)
+        mus = treedef.flatten_up_to(state.mu)
+        nus = treedef.flatten_up_to(state.nu)
+        vms = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+        rows = []
+        for g, m, v, vm in zip(g_leaves, mus, nus, vms):
+            cd = _compute_dtype(g.dtype, m.dtype, v.dtype)
+            gc = g.astype(cd)
+            m_new = (1 - b1) * gc + b1 * m.astype(cd)
+            v_new = (1 - b2) * (gc * gc) + b2 * v.astype(cd)
+            m_new = m_new.astype(cd)
+            v_new = v_new.astype(cd)
+            if amsgrad:  # max by select, NaN propagating: a stored subnormal survives (no arithmetic on it)
+                vmc = vm.astype(cd)
+                vm_new = jnp.where(jnp.isnan(v_new) | (v_new > vmc), v_new, vmc)
+            else:
+                vm_new = None
+            v_used = vm_new if amsgrad else v_new
+            c1, c2 = bc1.astype(cd), bc2.astype(cd)
+            if eps_placement == "corrected":
+                if nesterov:
+                    m_hat = b1 * (m_new / bc1_next.astype(cd)) + (1 - b1) * (gc / c1)
+                else:
+                    m_hat = m_new / c1
+                u = m_hat / (jnp.sqrt(v_used / c2 + eps_root) + eps)
+            else:  # Keras/TF: eps added to sqrt(v), the corrections folded into one step factor
+                if nesterov:
+                    m_eff = b1 * (m_new * (c1 / bc1_next.astype(cd))) + (1 - b1) * gc
+                else:
+                    m_eff = m_new
+                u = (jnp.sqrt(c2) / c1) * (m_eff / (jnp.sqrt(v_used + eps_root) + eps))
+            u = u.astype(cd)
+            new_m = _cast(m_new, mu_dtype if mu_dtype is not None else m.dtype)
+            new_vm = _cast(vm_new, vm.dtype) if amsgrad else None
+            rows.append((u, new_m, _cast(v_new, v.dtype), new_vm, m_new))
+        u, mu, nu, vmax, proxy = _unzip(treedef, rows, 5)
+        if amsgrad:
+            new_state = ScaleByAmsgradState(count=t, mu=mu, nu=nu, nu_max=vmax)
+        else:
+            new_state = ScaleByAdamState(count=t, mu=mu, nu=nu)
+        return u, new_state, proxy
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        u, new_state, _ = update_with_proxy(updates, state, params, **extra)
+        return u, new_state
+
+    # sign(u) == sign(m') and isnan(u) == isnan(m') | isnan(g) whenever the denominator is a
+    # positive finite number: guaranteed by a concrete eps > 0 and eps_root >= 0 (up to a stored
+    # v that is already inf, see the module notes of cautious.backends.jax).
+    if (
+        not nesterov
+        and _is_concrete_number(eps)
+        and float(eps) > 0
+        and _is_concrete_number(eps_root)
+        and float(eps_root) >= 0
+    ):
+        register_sign_proxy(update_fn, update_with_proxy)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, mu_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+    r"""Lion's direction, as :func:`cautious.spec.lion_direction` and :func:`optax.scale_by_lion`.
+
+    .. math::  u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g),\qquad m' = \beta_2 m + (1-\beta_2) g
+    """
+    mu_dtype = _canonical(mu_dtype)
+
+    def init_fn(params: Any):
+        return optax.ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype))
+
+    def update_with_proxy(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m in zip(g_leaves, treedef.flatten_up_to(state.mu)):
+            cd = _compute_dtype(g.dtype, m.dtype)
+            gc, mc = g.astype(cd), m.astype(cd)
+            c = ((1 - b1) * gc + b1 * mc).astype(cd)
+            m_new = ((1 - b2) * gc + b2 * mc).astype(cd)
+            rows.append((jnp.sign(c), _cast(m_new, mu_dtype if mu_dtype is not None else m.dtype), c))
+        u, mu, proxy = _unzip(treedef, rows, 3)
+        return u, optax.ScaleByLionState(count=_safe_increment(state.count), mu=mu), proxy
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        u, new_state, _ = update_with_proxy(updates, state, params, **extra)
+        return u, new_state
+
+    register_sign_proxy(update_fn, update_with_proxy)  # sign(sign(c)) == sign(c), NaN alike
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def trace(decay: Any, nesterov: bool = False, accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+    r"""SGD momentum, as :func:`optax.trace` (and torch with ``dampening=0``): ``m' = g + \mu m``,
+    ``u = g + \mu m'`` (nesterov) else ``m'``; low precision computes in float32."""
+    accumulator_dtype = _canonical(accumulator_dtype)
+
+    def init_fn(params: Any):
+        return optax.TraceState(trace=optax.tree.zeros_like(params, dtype=accumulator_dtype))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m in zip(g_leaves, treedef.flatten_up_to(state.trace)):
+            cd = _compute_dtype(g.dtype, m.dtype)
+            gc = g.astype(cd)
+            m_new = (gc + decay * m.astype(cd)).astype(cd)
+            u = (gc + decay * m_new).astype(cd) if nesterov else m_new
+            dt = accumulator_dtype if accumulator_dtype is not None else m.dtype
+            rows.append((u, _cast(m_new, dt)))
+        u, tr = _unzip(treedef, rows, 2)
+        return u, optax.TraceState(trace=tr)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def negate() -> optax.GradientTransformationExtraArgs:
+    """``g -> -g`` (the spec's ``maximize``)."""
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        return jax.tree.map(jnp.negative, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def add_decayed_weights(
+    weight_decay: Any = 0.0, mask: Any = None, *, cautious: bool = False
+) -> optax.GradientTransformation:
+    r"""Weight decay ``u + \lambda p``, as :func:`optax.add_decayed_weights` (schedules, ``mask``).
+
+    With ``cautious=True`` the decay applies only where ``u`` and ``p`` do not have strictly
+    opposite signs (:func:`cautious.spec.decay_mask`, arXiv:2510.12402); placed after
+    :func:`cautious`, ``u`` is the cautious direction ``u_c``. bfloat16/float16 inputs compute in
+    float32 (optax would round ``g + wd*p`` to the low precision before the moments).
+    """
+
+    def init_fn(params: Any):
+        del params
+        if callable(weight_decay):
+            return WeightDecaySchedule(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: Any, params: Any):
+        if params is None:
+            raise ValueError("add_decayed_weights needs params: call update(g, state, params)")
+        if callable(weight_decay):
+            s = weight_decay(state.count)
+            new_state = WeightDecaySchedule(count=_safe_increment(state.count))
+        else:
+            s, new_state = weight_decay, state
+            if _is_concrete_number(s) and float(s) == 0.0 and not cautious:
+                return updates, new_state
+
+        def leaf(u: jax.Array, p: jax.Array) -> jax.Array:
+            cd = jnp.promote_types(jnp.promote_types(u.dtype, p.dtype), jnp.float32)
+            pc = p.astype(cd)
+            if cautious:
+                opposite = ((u > 0) & (p < 0)) | ((u < 0) & (p > 0))
+                pc = jnp.where(opposite, jnp.zeros((), cd), pc)
+            return u.astype(cd) + s * pc
+
+        return jax.tree.map(leaf, updates, params), new_state
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    if mask is not None:
+        return optax.masked(tx, mask)
+    return tx
