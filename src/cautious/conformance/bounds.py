@@ -171,6 +171,8 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
 
     with np.errstate(invalid="ignore"):
         undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
+    # a direction below the smallest normal may itself be flushed to zero (then masked)
+    undecided |= (np.abs(u) < tn) & (u != 0)
     undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
 

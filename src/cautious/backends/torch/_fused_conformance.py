@@ -1,0 +1,155 @@
+"""Conformance adapter that drives :mod:`cautious.backends.torch._fused` directly (no Optimizer class).
+
+>>> from cautious.conformance import run_conformance      # doctest: +SKIP
+>>> run_conformance(FusedAdapter("cpu"))                   # doctest: +SKIP
+
+``backend``: ``None`` (what the device would use: Triton on CUDA or under
+``TRITON_INTERPRET=1``, else the native CPU loop), ``"triton"``, ``"cpu"`` (native loop, eager
+fallback) or ``"eager"`` (the eager torch fallback).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cautious import spec
+from cautious.backends.torch import _fused
+from cautious.conformance.case import Case
+from cautious.spec.dtypes import numpy_dtype
+
+__all__ = ["FusedAdapter"]
+
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _hparams(case: Case) -> dict[str, Any]:
+    """The case's hyperparameters with the spec factory's defaults filled in."""
+    sig = inspect.signature(getattr(spec, case.rule))
+    bound = sig.bind_partial(**case.hparams)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+class FusedAdapter:
+    """One in-place fused step from a given spec state, results read back to NumPy."""
+
+    def __init__(self, backend: str | None = None, device: str = "cpu", stochastic_rounding: bool = False) -> None:
+        if backend not in (None, "triton", "cpu", "eager"):
+            raise ValueError(f"backend must be None, 'triton', 'cpu' or 'eager', got {backend!r}")
+        self.backend = backend
+        self.device = device
+        self.stochastic_rounding = stochastic_rounding
+        self.name = f"torch-fused-{backend or 'auto'}" + ("" if device == "cpu" else f"-{device}")
+
+    def supports(self, case: Case) -> str | None:
+        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+            return f"unknown rule {case.rule!r}"
+        if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:
+            return f"unsupported dtype {case.dtype!r} / {case.state_storage!r}"
+        if not _fused.is_available(torch.device(self.device)):
+            return f"the fused implementation is not available on {self.device}"
+        if self.stochastic_rounding:
+            return "stochastic rounding is not round-to-nearest (checked statistically elsewhere)"
+        return None
+
+    def _tensor(self, x: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.tensor(np.array(x, copy=True), device=self.device).to(dtype)
+
+    @staticmethod
+    def _numpy(t: torch.Tensor | None, name: str) -> np.ndarray | None:
+        if t is None:
+            return None
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        return t.numpy().astype(numpy_dtype(name), copy=True)
+
+    def step(
+        self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
+    ) -> tuple[list[np.ndarray], spec.State]:
+        hp = _hparams(case)
+        pd, sd = _TORCH_DTYPES[case.dtype], _TORCH_DTYPES[case.state_storage]
+        ps = [self._tensor(p, pd) for p in params]
+        gs = [self._tensor(g, pd) for g in grads]
+        caution = spec.as_caution(hp.get("caution", True))
+        common = dict(
+            lr=hp["lr"],
+            weight_decay=hp["weight_decay"],
+            maximize=hp["maximize"],
+            caution=caution,
+            cautious_weight_decay=hp["cautious_weight_decay"],
+            _backend=self.backend,
+        )
+        rule = case.rule
+        leaves: list[Any] = []
+        if rule in ("adam", "adamw"):
+            b1, b2 = hp["betas"]
+            ms = [self._tensor(s.m, sd) for s in state.leaves]
+            vs = [self._tensor(s.v, sd) for s in state.leaves]
+            amsgrad = bool(hp["amsgrad"])
+            vmax = [self._tensor(s.v_max, sd) for s in state.leaves] if amsgrad else None
+            decoupled = True if rule == "adamw" else bool(hp["decoupled_weight_decay"])
+            _fused.fused_adam_(
+                ps,
+                gs,
+                ms,
+                vs,
+                vmax,
+                step=state.step + 1,
+                beta1=b1,
+                beta2=b2,
+                eps=hp["eps"],
+                decoupled=decoupled,
+                amsgrad=amsgrad,
+                eps_placement=hp["eps_placement"],
+                **common,
+            )
+            for i in range(len(ps)):
+                leaves.append(
+                    spec.AdamState(
+                        self._numpy(ms[i], case.state_storage),
+                        self._numpy(vs[i], case.state_storage),
+                        self._numpy(vmax[i], case.state_storage) if amsgrad else None,
+                    )
+                )
+        elif rule == "lion":
+            b1, b2 = hp["betas"]
+            ms = [self._tensor(s.m, sd) for s in state.leaves]
+            _fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
+            leaves = [spec.LionState(self._numpy(m, case.state_storage)) for m in ms]
+        else:
+            momentum = float(hp["momentum"])
+            bufs = None
+            if momentum != 0:
+                bufs = [
+                    self._tensor(s.m, sd) if s.m is not None else torch.zeros_like(p, dtype=sd)
+                    for s, p in zip(state.leaves, ps, strict=False)
+                ]
+            _fused.fused_sgd_(
+                ps,
+                gs,
+                bufs,
+                first_step=state.step == 0,
+                momentum=momentum,
+                dampening=hp["dampening"],
+                nesterov=hp["nesterov"],
+                decoupled=bool(hp["decoupled_weight_decay"]),
+                **common,
+            )
+            leaves = [
+                spec.SGDState(self._numpy(b, case.state_storage) if bufs is not None else None)
+                for b in (bufs or [None] * len(ps))
+            ]
+        return [self._numpy(p, case.dtype) for p in ps], spec.State(state.step + 1, tuple(leaves))

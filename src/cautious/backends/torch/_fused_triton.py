@@ -1,0 +1,460 @@
+r"""Triton kernels for the fused cautious update: a count pass, then an update pass.
+
+Each public launcher (:func:`adam`, :func:`lion`, :func:`sgd`) updates many tensors with
+two kernel launches, whatever the number of tensors:
+
+1. **count pass** (skipped without caution, or with ``normalize="none"``): reads ``g`` and
+   the first moment (plus ``p`` under coupled decay), recomputes the sign of the direction
+   and adds the number of kept entries of every chunk to an ``int64`` per-tensor count with
+   an integer atomic (deterministic). For Adam, ``sign(u) = sign(m_new)`` because the
+   denominator ``sqrt(v_hat) + eps`` is positive, so ``v`` is not read (when ``eps == 0``
+   the denominator can be 0 and the pass also reads ``v`` to find ``0/0 = NaN``).
+2. **update pass**: computes the per-tensor scale on the device from the count (float64,
+   :meth:`cautious.Caution.scale`), reads ``p, g`` and the state once, writes them once.
+
+Tensors are addressed through pointer tables: ``meta[t] = (p, g, s1, s2, s3, numel)`` as
+int64 addresses, cast in the kernel with ``tl.pointer_type``; the grid is a chunk table of
+``(tensor index, chunk start)`` rows (int64 offsets, so tensors over 2**31 elements work;
+zero-size tensors contribute no rows). Hyperparameters travel as a float64 device tensor,
+so float64 storage computes with float64 hyperparameters (Triton passes Python floats as
+float32). Storage codes: 0 float32, 1 float64, 2 bfloat16 (loaded and stored as uint16 bit
+patterns, rounded to nearest even with integer operations, since the interpreter truncates
+float casts to bfloat16), 3 float16. Compute is float64 if any storage is float64, else
+float32. See :mod:`cautious.spec` for the algorithm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["run", "chunk_table", "CODES"]
+
+CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+NORMS = {"mean_clamp": 0, "count_plus_one": 1, "exact": 2, "none": 3}
+RULE_ADAM, RULE_LION, RULE_SGD = 0, 1, 2
+META_COLS = 8  # p, g, s1, s2, s3, numel, pad, pad
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _ld(addr, offs, mask, CODE: tl.constexpr, CT: tl.constexpr):
+    """Load ``addr[offs]`` of storage ``CODE`` and widen (exactly) to the compute dtype."""
+    if CODE == 0:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    elif CODE == 1:
+        x = tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0.0)
+    elif CODE == 2:
+        raw = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0)
+    return x.to(CT)
+
+
+@triton.jit
+def _st(addr, offs, x, mask, CODE: tl.constexpr, SR: tl.constexpr, seed, rnd):
+    """Round ``x`` once to storage ``CODE`` (nearest even, or stochastic for bfloat16) and store."""
+    if CODE == 0:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x.to(tl.float32), mask=mask)
+    elif CODE == 1:
+        tl.store(addr.to(tl.pointer_type(tl.float64)) + offs, x.to(tl.float64), mask=mask)
+    elif CODE == 2:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        if SR:
+            r = tl.randint(seed, rnd).to(tl.uint32) & 0xFFFF
+            rounded = bits + r
+            # never round a finite value up to inf by chance more than RNE would: clamp to max
+            rounded = tl.where((rounded & 0x7F800000) == 0x7F800000, bits + 0x7FFF + ((bits >> 16) & 1), rounded)
+        else:
+            rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x32 != x32, bits | 0x400000, rounded)  # keep NaN a (quiet) NaN
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, (rounded >> 16).to(tl.uint16), mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+
+
+@triton.jit
+def _keep(u, g):
+    """The cautious mask, from signs; NaN in ``u`` or ``g`` is kept (NaN != NaN)."""
+    return ((u > 0) & (g > 0)) | ((u < 0) & (g < 0)) | (u != u) | (g != g)
+
+
+@triton.jit
+def _hp(hp, i: tl.constexpr, CT: tl.constexpr):
+    return tl.load(hp + i).to(CT)
+
+
+@triton.jit
+def _grad(
+    meta_row,
+    offs,
+    mask,
+    hp,
+    PC: tl.constexpr,
+    GC: tl.constexpr,
+    CT: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    COUPLED: tl.constexpr,
+):
+    """The gradient the rule consumes: ``-g`` under maximize, plus ``wd * p`` under coupled decay."""
+    g = _ld(tl.load(meta_row + 1), offs, mask, GC, CT)
+    if MAXIMIZE:
+        g = -g
+    if COUPLED:
+        p = _ld(tl.load(meta_row + 0), offs, mask, PC, CT)
+        g = g + _hp(hp, 0, CT) * p
+    return g
+
+
+@triton.jit
+def _adam_u(m_new, v_used, hp, CT: tl.constexpr, CORRECTED: tl.constexpr):
+    # hp: 5 eps, 6 1/bc1, 7 1/sqrt(bc2), 8 sqrt(bc2)/bc1
+    if CORRECTED:
+        u = (m_new * _hp(hp, 6, CT)) / (tl.sqrt(v_used) * _hp(hp, 7, CT) + _hp(hp, 5, CT))
+    else:
+        u = _hp(hp, 8, CT) * (m_new / (tl.sqrt(v_used) + _hp(hp, 5, CT)))
+    return u
+
+
+@triton.jit
+def _sgd_u(g, buf, hp, CT: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+    # hp: 1 momentum, 2 1-dampening
+    if HAS_MOMENTUM:
+        if FIRST:
+            b = g
+        else:
+            b = _hp(hp, 1, CT) * buf + _hp(hp, 2, CT) * g
+        if NESTEROV:
+            u = g + _hp(hp, 1, CT) * b
+        else:
+            u = b
+    else:
+        b = g
+        u = g
+    return u, b
+
+
+@triton.jit
+def _scale(counts, t, n, hp, NORM: tl.constexpr):
+    """The per-tensor scale of :meth:`cautious.Caution.scale`, in float64 from the integer count."""
+    k = tl.load(counts + t).to(tl.float64)
+    nf = n.to(tl.float64)
+    if NORM == 0:
+        s = 1.0 / tl.maximum(k / nf, tl.load(hp + 15))
+    elif NORM == 1:
+        s = nf / (k + 1.0)
+    elif NORM == 2:
+        s = nf / tl.maximum(k, 1.0)
+    else:
+        s = k * 0.0 + 1.0
+    return s
+
+
+@triton.jit
+def _lr(hp, lr_ptr, LR_TENSOR: tl.constexpr):
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = tl.load(hp + 14)
+    return lr
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _count_kernel(
+    meta,
+    chunks,
+    counts,
+    hp,
+    RULE: tl.constexpr,
+    PC: tl.constexpr,
+    GC: tl.constexpr,
+    SC: tl.constexpr,
+    CT: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    COUPLED: tl.constexpr,
+    EXACT_U: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    CORRECTED: tl.constexpr,
+    FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    row = meta + t * 8
+    n = tl.load(row + 5)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n
+        g = _grad(row, offs, mask, hp, PC, GC, CT, MAXIMIZE, COUPLED)
+        if RULE == 0:  # adam: sign(u) == sign(m_new) unless eps == 0
+            m = _ld(tl.load(row + 2), offs, mask, SC, CT)
+            d = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            if EXACT_U:
+                v = _ld(tl.load(row + 3), offs, mask, SC, CT)
+                v_new = _hp(hp, 3, CT) * v + _hp(hp, 4, CT) * (g * g)
+                if AMSGRAD:
+                    v_new = tl.maximum(
+                        _ld(tl.load(row + 4), offs, mask, SC, CT), v_new, propagate_nan=tl.PropagateNan.ALL
+                    )
+                d = _adam_u(d, v_new, hp, CT, CORRECTED)
+        elif RULE == 1:  # lion: sign(u) == sign(b1 * m + (1 - b1) * g)
+            m = _ld(tl.load(row + 2), offs, mask, SC, CT)
+            d = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+        else:  # sgd
+            if HAS_MOMENTUM and not FIRST:
+                buf = _ld(tl.load(row + 2), offs, mask, SC, CT)
+            else:
+                buf = g
+            d, _b = _sgd_u(g, buf, hp, CT, FIRST, NESTEROV, HAS_MOMENTUM)
+        acc += (_keep(d, g) & mask).to(tl.int32)
+    tl.atomic_add(counts + t, tl.sum(acc, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _update_kernel(
+    meta,
+    chunks,
+    counts,
+    hp,
+    lr_ptr,
+    seed,
+    RULE: tl.constexpr,
+    PC: tl.constexpr,
+    GC: tl.constexpr,
+    SC: tl.constexpr,
+    CT: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    COUPLED: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    CWD: tl.constexpr,
+    CAUTION: tl.constexpr,
+    EXACT_U: tl.constexpr,
+    NORM: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    SR: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    CORRECTED: tl.constexpr,
+    FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    row = meta + t * 8
+    n = tl.load(row + 5)
+    p_addr = tl.load(row + 0)
+    s1 = tl.load(row + 2)
+    s2 = tl.load(row + 3)
+    s3 = tl.load(row + 4)
+    lr = _lr(hp, lr_ptr, LR_TENSOR)
+    if CAUTION:
+        step = (lr * _scale(counts, t, n, hp, NORM)).to(CT)  # lr * scale, one rounding
+    else:
+        step = lr.to(CT)
+    lr_wd = (lr * tl.load(hp + 13)).to(CT)  # hp 13: decoupled weight decay
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n
+        rnd = offs + t * (1 << 40)  # stochastic rounding stream: unique per element
+        p = _ld(p_addr, offs, mask, PC, CT)
+        g = _grad(row, offs, mask, hp, PC, GC, CT, MAXIMIZE, COUPLED)
+        if RULE == 0:
+            m = _ld(s1, offs, mask, SC, CT)
+            v = _ld(s2, offs, mask, SC, CT)
+            m_new = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            v_new = _hp(hp, 3, CT) * v + _hp(hp, 4, CT) * (g * g)
+            if AMSGRAD:
+                v_used = tl.maximum(_ld(s3, offs, mask, SC, CT), v_new, propagate_nan=tl.PropagateNan.ALL)
+                _st(s3, offs, v_used, mask, SC, SR, seed + 3, rnd)
+            else:
+                v_used = v_new
+            u = _adam_u(m_new, v_used, hp, CT, CORRECTED)
+            _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+            _st(s2, offs, v_new, mask, SC, SR, seed + 2, rnd)
+        elif RULE == 1:
+            m = _ld(s1, offs, mask, SC, CT)
+            c = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, tl.where(c != c, c, 0.0))).to(CT)
+            m_new = _hp(hp, 3, CT) * m + _hp(hp, 4, CT) * g
+            _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+        else:
+            if HAS_MOMENTUM and not FIRST:
+                buf = _ld(s1, offs, mask, SC, CT)
+            else:
+                buf = g
+            u, b = _sgd_u(g, buf, hp, CT, FIRST, NESTEROV, HAS_MOMENTUM)
+            if HAS_MOMENTUM:
+                _st(s1, offs, b, mask, SC, SR, seed + 1, rnd)
+        if CAUTION:
+            if RULE == 0 and not EXACT_U:
+                keep = _keep(m_new, g)  # the count pass's test: sign(u) == sign(m_new)
+            else:
+                keep = _keep(u, g)
+            u = tl.where(keep, u, 0.0)
+        # p' = p - lr*wd*d - lr*scale*u  (d = p, or p where u_c and p do not strictly disagree)
+        if DECOUPLED:
+            if CWD:
+                dec = ((u > 0) & (p < 0)) | ((u < 0) & (p > 0))
+                p_new = p - lr_wd * tl.where(dec, 0.0, p).to(CT) - step * u
+            else:
+                p_new = p - lr_wd * p - step * u
+        else:
+            p_new = p - step * u
+        _st(p_addr, offs, p_new, mask, PC, SR, seed, rnd)
+
+
+# --------------------------------------------------------------------------- host side
+
+#: (BLOCK, ITERS) per kind of device: one program handles BLOCK * ITERS elements of one tensor.
+CONFIG = {"cuda": (1024, 8), "interpreter": (1024, 2)}
+_NUM_WARPS = 4
+_CACHE: dict = {}
+_CACHE_MAX = 16
+
+
+def _cached(key, build):
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        hit = _CACHE[key] = build()
+    return hit
+
+
+def chunk_table(numels, chunk: int) -> np.ndarray:
+    """``(C, 2)`` int64 rows ``(tensor index, chunk start)`` covering every entry; none for empty tensors."""
+    n = np.asarray(numels, dtype=np.int64).reshape(-1)
+    per = (n + chunk - 1) // chunk
+    idx = np.repeat(np.arange(n.size, dtype=np.int64), per)
+    first = np.cumsum(per) - per
+    starts = (np.arange(idx.size, dtype=np.int64) - np.repeat(first, per)) * np.int64(chunk)
+    return np.ascontiguousarray(np.stack([idx, starts], axis=1))
+
+
+def _tables(device, lists, numels, chunk):
+    """Device pointer table ``meta`` (T x 8 int64) and chunk table (C x 2 int64: tensor, start)."""
+    addrs = tuple(tuple(0 if x is None else x.data_ptr() for x in col) for col in lists)
+    key = ("tables", str(device), chunk, addrs, numels)
+
+    def build():
+        t = len(numels)
+        meta = np.zeros((t, 8), dtype=np.int64)
+        for j, col in enumerate(addrs):
+            meta[:, j] = col
+        meta[:, 5] = numels
+        chunks = chunk_table(numels, chunk)
+        return (
+            torch.from_numpy(meta).to(device),
+            torch.from_numpy(chunks).to(device),
+            int(chunks.shape[0]),
+        )
+
+    return _cached(key, build)
+
+
+def _hp_tensor(device, values):
+    key = ("hp", str(device), tuple(values))
+    return _cached(key, lambda: torch.tensor(values, dtype=torch.float64).to(device))
+
+
+def run(
+    rule: int,
+    params,
+    grads,
+    s1,
+    s2,
+    s3,
+    *,
+    hp: list,
+    lr_tensor,
+    caution,
+    maximize: bool,
+    coupled: bool,
+    decoupled: bool,
+    cwd: bool,
+    exact_u: bool = False,
+    amsgrad: bool = False,
+    corrected: bool = True,
+    first: bool = False,
+    nesterov: bool = False,
+    has_momentum: bool = True,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """Launch the count pass (when needed) and the update pass over one dtype group.
+
+    ``params``, ``grads``, ``s1``/``s2``/``s3`` (state; lists of None when absent) are
+    parallel lists of contiguous tensors on one device with one storage dtype each.
+    ``hp`` is the 16-float table described in the kernels. ``caution`` is a Caution or None.
+    """
+    numels = tuple(int(p.numel()) for p in params)
+    if sum(numels) == 0:
+        return
+    device = params[0].device
+    block, iters = CONFIG["cuda" if device.type == "cuda" else "interpreter"]
+    pc = CODES[params[0].dtype]
+    gc = CODES[grads[0].dtype]
+    state0 = next((x for x in (*s1, *s2, *s3) if x is not None), None)
+    sc = CODES[state0.dtype] if state0 is not None else pc
+    ct = tl.float64 if 1 in (pc, gc, sc) else tl.float32
+    if caution is not None:
+        hp = list(hp)
+        hp[15] = caution.floor
+    hp_t = _hp_tensor(device, [float(x) for x in hp])
+    meta, chunks, nchunks = _tables(device, (params, grads, s1, s2, s3), numels, block * iters)
+    norm = NORMS[caution.normalize] if caution is not None else 3
+    counts = torch.zeros(len(numels), dtype=torch.int64, device=device)
+    flags = dict(
+        RULE=rule,
+        PC=pc,
+        GC=gc,
+        SC=sc,
+        CT=ct,
+        MAXIMIZE=maximize,
+        COUPLED=coupled,
+        AMSGRAD=amsgrad,
+        CORRECTED=corrected,
+        FIRST=first,
+        NESTEROV=nesterov,
+        HAS_MOMENTUM=has_momentum,
+        EXACT_U=exact_u,
+        BLOCK=block,
+        ITERS=iters,
+    )
+    grid = (nchunks,)
+    if caution is not None and norm != 3:
+        _count_kernel[grid](meta, chunks, counts, hp_t, num_warps=_NUM_WARPS, **flags)
+    lr_arg = lr_tensor if lr_tensor is not None else hp_t
+    _update_kernel[grid](
+        meta,
+        chunks,
+        counts,
+        hp_t,
+        lr_arg,
+        int(seed) & 0x7FFFFFFF,
+        DECOUPLED=decoupled,
+        CWD=cwd,
+        CAUTION=caution is not None,
+        NORM=norm,
+        LR_TENSOR=lr_tensor is not None,
+        SR=stochastic_rounding,
+        num_warps=_NUM_WARPS,
+        **flags,
+    )

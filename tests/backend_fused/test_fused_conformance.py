@@ -1,0 +1,26 @@
+"""The conformance runner over the fused functions, driven directly (FusedAdapter)."""
+
+from __future__ import annotations
+
+import pytest
+from fused_testlib import BACKENDS
+
+conformance = pytest.importorskip("cautious.conformance")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_conformance(backend):
+    from cautious.backends.torch._fused_conformance import FusedAdapter
+
+    result = conformance.run_conformance(
+        FusedAdapter(backend), dtypes=("float32", "float64", "bfloat16", "float16"), max_examples=40
+    )
+    assert sum(result.examples.values()) > 0
+
+
+def test_adapter_declines_stochastic_rounding():
+    from cautious.backends.torch._fused_conformance import FusedAdapter
+    from cautious.conformance import Case
+
+    assert FusedAdapter("cpu", stochastic_rounding=True).supports(Case("adamw", {})) is not None
+    assert FusedAdapter("cpu").supports(Case("adamw", {})) is None
