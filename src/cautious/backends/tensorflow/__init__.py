@@ -1,0 +1,28 @@
+"""Cautious optimizers for TensorFlow: Keras 3 optimizer classes (public as :mod:`cautious.tensorflow`).
+
+``AdamW``, ``Adam``, ``Lion`` and ``SGD`` are ``keras.optimizers.Optimizer`` subclasses with
+Keras's names and defaults plus ``caution``, ``cautious_weight_decay`` and (Adam)
+``eps_placement``. They work with ``model.compile(optimizer=...)`` and with
+``optimizer.apply_gradients`` in a custom ``tf.GradientTape`` loop, eager, in
+``tf.function`` and under XLA. ``caution=False`` reproduces the matching Keras optimizer.
+See :mod:`cautious.backends.tensorflow.optimizers` for the math and numerics.
+
+Importing this module sets ``KERAS_BACKEND=tensorflow`` unless it is already set.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from cautious._caution import Caution  # noqa: E402
+from cautious.backends.tensorflow.optimizers import (  # noqa: E402
+    SGD,
+    Adam,
+    AdamW,
+    CautiousOptimizer,
+    Lion,
+)
+
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]

@@ -1,0 +1,510 @@
+r"""Cautious AdamW, Adam, Lion and SGD as Keras 3 optimizers (TensorFlow backend).
+
+Every class is the same generic step around a base direction (see :mod:`cautious.spec.optim`):
+
+.. math::
+
+    u, s' &= \text{rule}(g, s, t) \qquad
+    u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u \quad\text{(when caution is on)} \\
+    p' &= p - \eta\,\lambda\, d \odot p - \eta\, u^c
+    \qquad (d = [\text{not } u^c, p \text{ of strictly opposite signs}]
+    \text{ if cautious\_weight\_decay else } 1)
+
+with Keras's names and defaults. Weight decay is decoupled, as in every Keras
+optimizer; it is never masked by caution, honours ``exclude_from_weight_decay`` and is
+applied inside :meth:`update_step` (fused with the update) rather than in Keras's
+separate ``_apply_weight_decay`` pass. Caution never changes the optimizer state.
+
+Numerics:
+  * Parameters stored in float64 compute in float64; float32, bfloat16 and float16
+    compute in float32 and round once to the storage dtype.
+  * Adam's bias corrections ``1 - beta**t`` and every scalar factor (learning rate times
+    bias corrections times the caution scale, learning rate times weight decay) are
+    computed in float64 from the Python-float hyperparameters and cast once. Keras
+    computes the powers from float32 betas even for float64 variables, so for float64
+    ``caution=False`` matches ``keras.optimizers.Adam`` only within that float32 error
+    (about ``1e-7`` relative); it matches :mod:`cautious.spec` to float64 rounding.
+  * Adam decides the mask from ``m'`` and ``g`` (``sign(u) = sign(m')`` since the
+    denominator is positive), with ``u``'s NaNs carried over; so a ``u`` that underflows
+    to a flushed subnormal keeps its sign. One corner differs from deciding on ``u``:
+    an infinite ``v'`` (overflowed ``g**2``) with finite ``m'``, where ``u = 0``.
+  * The count is an exact integer (int32, int64 above ``2**31 - 1`` entries); the
+    caution scale is computed from it in float64 and folded into the learning rate.
+  * Hyperparameters (betas, epsilon, momentum, weight decay) must be real numbers, not
+    callables or tensors; the learning rate may be a float, a
+    ``LearningRateSchedule`` or a callable, as in Keras. The learning-rate variable has
+    Keras's ``floatx`` dtype: call ``keras.config.set_floatx("float64")`` before building
+    an optimizer for float64 training to keep the learning rate exact.
+
+SGD's momentum buffer holds the spec's (and torch's) ``m`` (``m' = momentum * m + g``,
+``p' = p - lr * u``), not Keras's ``-lr``-scaled buffer. The two are the same algorithm for
+a constant learning rate; with a schedule the learning rate multiplies the whole direction
+at each step (torch, spec) instead of each gradient as it enters the buffer (Keras).
+
+References: Liang et al. 2024, *Cautious Optimizers*, arXiv:2411.16085; Chen et al.
+2025, *Cautious Weight Decay*, arXiv:2510.12402.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cautious._caution import Caution, as_caution  # noqa: E402
+from cautious.backends.tensorflow import _ops  # noqa: E402
+from cautious.spec.errors import validate  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "cautious.tensorflow needs Keras 3 with the TensorFlow backend, but Keras was already "
+        f"imported with KERAS_BACKEND={keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow "
+        "before importing keras"
+    )
+
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "CautiousOptimizer"]
+
+NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
+
+_BASE_KWARGS_DOC = """Every other keyword of ``keras.optimizers.Optimizer`` is accepted: ``clipnorm``,
+        ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
+        ``ema_overwrite_frequency``, ``loss_scale_factor``, ``gradient_accumulation_steps``,
+        ``name``."""
+
+
+def _caution_to_config(caution: Caution | None) -> dict[str, Any] | bool:
+    if caution is None:
+        return False
+    return {"normalize": caution.normalize, "floor": caution.floor}
+
+
+def _caution_from_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Caution(**value)
+    return value
+
+
+class CautiousOptimizer(keras.optimizers.Optimizer):
+    """Shared machinery: validation, the cautious step, decay, config. Subclasses give the rule.
+
+    A subclass implements :meth:`_direction`, returning the base direction (up to a
+    positive scalar factor), the factor, and the state it will assign.
+    """
+
+    def __init__(
+        self,
+        *,
+        learning_rate: Any,
+        weight_decay: float | None,
+        caution: bool | Caution,
+        cautious_weight_decay: bool,
+        maximize: bool,
+        spec_values: dict[str, Any],
+        **kwargs: Any,
+    ) -> None:
+        lr_check = None if callable(learning_rate) else learning_rate
+        # Validate everything before any state exists (the spec's one error table).
+        validate(
+            {
+                "lr": lr_check,
+                **spec_values,
+                "weight_decay": weight_decay,
+                "cautious_weight_decay": cautious_weight_decay,
+                "maximize": maximize,
+            },
+            NAMES,
+        )
+        caution_obj = as_caution(caution)
+        if not callable(learning_rate):
+            learning_rate = float(learning_rate.item() if hasattr(learning_rate, "item") else learning_rate)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=None if weight_decay is None else float(weight_decay),
+            **kwargs,
+        )
+        self.caution = caution_obj
+        self.cautious_weight_decay = bool(cautious_weight_decay)
+        self.maximize = bool(maximize)
+
+    # -- Keras hooks ------------------------------------------------------------------------
+    def _apply_weight_decay(self, variables: Any) -> None:
+        # Decoupled decay is applied inside update_step, fused with the update, so that
+        # cautious_weight_decay can see the cautious direction. Nothing to do here.
+        return None
+
+    def _direction(
+        self, g: tf.Tensor, variable: Any, cdt: tf.DType
+    ) -> tuple[tf.Tensor, tf.Tensor | None, list[tuple[Any, tf.Tensor]], tf.Tensor | None]:
+        """Return ``(u', alpha, assigns, sign)``.
+
+        The base direction is ``u = alpha * u'`` (``alpha > 0``: a float64 scalar, or None
+        for 1); ``assigns`` lists the new state values; ``sign`` is a tensor with the
+        sign and NaN pattern of ``u`` that the mask is decided from (None: ``u'`` itself).
+        """
+        raise NotImplementedError
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One cautious step for one variable; see the module docstring for the math."""
+        n = variable.shape.num_elements()
+        if n == 0:
+            return
+        cdt = _ops.compute_dtype(variable.dtype)
+        g = tf.cast(tf.convert_to_tensor(gradient), cdt)
+        if self.maximize:
+            g = -g
+        p = tf.cast(tf.convert_to_tensor(variable), cdt)
+        u, alpha, assigns, sign = self._direction(g, variable, cdt)
+        if sign is None:
+            sign = u
+
+        coef = tf.cast(learning_rate, tf.float64)
+        if alpha is not None:
+            coef = coef * alpha
+        mask = None
+        if self.caution is not None:
+            mask = _ops.cautious_mask(sign, g)
+            if self.caution.normalize != "none":
+                count = _ops.kept_count(mask, n)
+                coef = coef * _ops.cautious_scale(count, n, self.caution)
+        step = tf.cast(coef, cdt) * u
+        if mask is not None:
+            step = tf.where(mask, step, tf.zeros((), cdt))
+        p_new = p - step
+        if self.weight_decay and self._use_weight_decay(variable):
+            decay = tf.cast(tf.cast(learning_rate, tf.float64) * self.weight_decay, cdt)
+            d = p
+            if self.cautious_weight_decay:
+                d = tf.where(_ops.decay_keep(sign, p, mask), p, tf.zeros((), cdt))
+            p_new = p_new - decay * d
+        for state_var, value in assigns:
+            self.assign(state_var, value)
+        self.assign(variable, p_new)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "caution": _caution_to_config(self.caution),
+                "cautious_weight_decay": self.cautious_weight_decay,
+                "maximize": self.maximize,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CautiousOptimizer:
+        config = dict(config)
+        if "caution" in config:
+            config["caution"] = _caution_from_config(config["caution"])
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _c(x: float, dtype: tf.DType) -> tf.Tensor:
+    return tf.constant(x, dtype)
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class Adam(CautiousOptimizer):
+    r"""Cautious Adam (Keras names and defaults; decoupled weight decay, as every Keras optimizer).
+
+    .. math::
+
+        m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        u = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m'}{\sqrt{\hat v} + \epsilon}
+        \ \text{(eps\_placement="uncorrected", Keras)}
+
+    or ``u = (m'/(1-beta_1^t)) / (sqrt(v_hat/(1-beta_2^t)) + epsilon)`` with
+    ``eps_placement="corrected"`` (torch, optax); ``v_hat = max(v_max, v')`` with amsgrad.
+    See :func:`cautious.spec.adam` for the algorithm.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        beta_1, beta_2: decay rates of the moments, in [0, 1).
+        epsilon: added to the denominator; >= 0. Defaults to 1e-7 (Keras).
+        amsgrad: use the running maximum of ``v``.
+        weight_decay: decoupled weight decay (``p -= lr * weight_decay * p``), or None.
+        caution: ``True`` (``cautious.Caution()``), ``False`` (plain Adam, equal to
+            ``keras.optimizers.Adam`` within rounding) or a :class:`cautious.Caution`.
+        eps_placement: ``"uncorrected"`` (default, Keras) or ``"corrected"``.
+        cautious_weight_decay: decay only where the cautious direction and the
+            parameter do not have strictly opposite signs (arXiv:2510.12402).
+        maximize: ascend the objective (the gradient is negated before the rule and the mask).
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        eps_placement: str = "uncorrected",
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={
+                "beta1": beta_1,
+                "beta2": beta_2,
+                "eps": epsilon,
+                "amsgrad": amsgrad,
+                "eps_placement": eps_placement,
+            },
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.amsgrad = bool(amsgrad)
+        self.eps_placement = eps_placement
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        if self.amsgrad:
+            self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+
+    def _direction(self, g, variable, cdt):
+        i = self._get_variable_index(variable)
+        m_var, v_var = self._momentums[i], self._velocities[i]
+        b1, b2 = self.beta_1, self.beta_2
+        m = _c(b1, cdt) * tf.cast(m_var, cdt) + _c(1.0 - b1, cdt) * g
+        v = _c(b2, cdt) * tf.cast(v_var, cdt) + _c(1.0 - b2, cdt) * (g * g)
+        assigns = [(m_var, m), (v_var, v)]
+        v_used = v
+        if self.amsgrad:
+            vh_var = self._velocity_hats[i]
+            vh = tf.cast(vh_var, cdt)
+            # max(vh, v) as a select (NaN propagates): a select copies bits, so a subnormal
+            # v_max survives on CPUs that flush subnormal operands of arithmetic (tf.maximum).
+            v_used = tf.where(tf.logical_or(vh >= v, tf.math.is_nan(vh)), vh, v)
+            assigns.append((vh_var, v_used))
+        # Bias corrections in float64 from the Python-float betas (never float32 powers).
+        t = tf.cast(self.iterations + 1, tf.float64)
+        bc1 = 1.0 - tf.pow(tf.constant(b1, tf.float64), t)
+        bc2 = 1.0 - tf.pow(tf.constant(b2, tf.float64), t)
+        eps = _c(self.epsilon, cdt)
+        if self.eps_placement == "uncorrected":
+            u = m / (tf.sqrt(v_used) + eps)
+            alpha = tf.sqrt(bc2) / bc1
+        else:
+            u = m / (tf.sqrt(v_used) * tf.cast(tf.math.rsqrt(bc2), cdt) + eps)
+            alpha = 1.0 / bc1
+        # The denominator is > 0, so sign(u) = sign(m') (the spec's note): deciding the mask
+        # from m' keeps it exact where u itself would underflow to a flushed subnormal, and
+        # lets the count pass read g and m only. u is NaN where m' or v' is; for beta_1 > 0
+        # a NaN in v' comes with a NaN in m' (both take it from the same gradient and keep
+        # it), so m' carries u's NaNs in every state this optimizer produces. With
+        # beta_1 = 0, m' = g forgets a NaN that v' keeps: carry v''s NaNs over explicitly.
+        sign = m if b1 > 0 else tf.where(tf.math.is_nan(v_used), v_used, m)
+        return u, alpha, assigns, sign
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "eps_placement": self.eps_placement,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class AdamW(Adam):
+    r"""Cautious AdamW: :class:`Adam` with Keras AdamW's defaults (``weight_decay=0.004``).
+
+    ``caution=False`` equals ``keras.optimizers.AdamW`` within rounding. See
+    :func:`cautious.spec.adamw` for the algorithm and :class:`Adam` for the arguments.
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        weight_decay: float = 0.004,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        *,
+        caution: bool | Caution = True,
+        eps_placement: str = "uncorrected",
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if weight_decay is None:
+            raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            weight_decay=weight_decay,
+            caution=caution,
+            eps_placement=eps_placement,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            **kwargs,
+        )
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class Lion(CautiousOptimizer):
+    r"""Cautious Lion (Chen et al. 2023), Keras names and defaults.
+
+    .. math::
+
+        u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g), \qquad m' = \beta_2 m + (1-\beta_2) g
+
+    See :func:`cautious.spec.lion`. ``caution=False`` equals ``keras.optimizers.Lion``
+    within rounding (this class also accepts ``beta_1 = 0``, which Keras rejects).
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        beta_1, beta_2: interpolation and momentum rates, in [0, 1).
+        weight_decay: decoupled weight decay, or None.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={"beta1": beta_1, "beta2": beta_2},
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums = self.add_optimizer_variables(var_list, "momentum")
+
+    def _direction(self, g, variable, cdt):
+        m_var = self._momentums[self._get_variable_index(variable)]
+        m = tf.cast(m_var, cdt)
+        b1, b2 = self.beta_1, self.beta_2
+        u = tf.sign(_c(b1, cdt) * m + _c(1.0 - b1, cdt) * g)
+        m_new = _c(b2, cdt) * m + _c(1.0 - b2, cdt) * g
+        return u, None, [(m_var, m_new)], None
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class SGD(CautiousOptimizer):
+    r"""Cautious SGD with (Nesterov) momentum, Keras names and defaults.
+
+    .. math::
+
+        m' = \mu m + g, \qquad u = g + \mu m' \text{ (nesterov) else } m'
+        \qquad (u = g \text{ when } \mu = 0)
+
+    The buffer holds the spec's ``m`` (torch's), not Keras's ``-lr``-scaled buffer; the
+    mask follows ``u``. See :func:`cautious.spec.sgd` (``dampening=0``, decoupled decay).
+    ``caution=False`` equals ``keras.optimizers.SGD`` within rounding for a constant
+    learning rate.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.01.
+        momentum: in [0, 1].
+        nesterov: Nesterov momentum; requires ``momentum > 0``.
+        weight_decay: decoupled weight decay, or None.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        validate({"momentum": momentum, "nesterov": nesterov})
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={},
+            **kwargs,
+        )
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self.momentums = []
+        if self.momentum != 0:
+            self.momentums = self.add_optimizer_variables(var_list, "momentum")
+
+    def _direction(self, g, variable, cdt):
+        if self.momentum == 0:
+            return g, None, [], None
+        m_var = self.momentums[self._get_variable_index(variable)]
+        mu = _c(self.momentum, cdt)
+        m = mu * tf.cast(m_var, cdt) + g
+        u = g + mu * m if self.nesterov else m
+        return u, None, [(m_var, m)], None
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({"momentum": self.momentum, "nesterov": self.nesterov})
+        return config
+
+
+for _cls in (Adam, Lion, SGD):
+    if _cls.__doc__:
+        _cls.__doc__ = _cls.__doc__.replace("{base}", _BASE_KWARGS_DOC)
