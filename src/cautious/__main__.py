@@ -1,4 +1,4 @@
-"""Command line: ``cautious demo`` (and ``python -m cautious``)."""
+"""Command line: ``cautious demo``, ``cautious verify``, ``cautious compare`` (and ``python -m cautious``)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     from cautious.conformance.verify import build_parser
 
     build_parser(verify)
+    compare = sub.add_parser("compare", help="train the same MLP in every installed framework and compare")
+    from cautious.compare import build_parser as compare_parser
+
+    compare_parser(compare)
     args, _ = parser.parse_known_args(argv)
     if args.command == "verify":
         from cautious.conformance.verify import main as verify_main
 
         return verify_main(sys.argv[2:] if argv is None else argv[1:])
+    if args.command == "compare":
+        from cautious.compare import main as compare_main
+
+        return compare_main(sys.argv[2:] if argv is None else argv[1:])
     if args.command == "demo":
         from cautious._demo import main as demo_main
 

@@ -130,6 +130,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             den_lo = den - err_den
             u = num / den
             err_u = e * np.abs(u) + (err_num + np.abs(u) * err_den) / den_lo
+            # 1 - b**t is computed in float64 by everyone (the reference too): cancellation leaves a
+            # relative error of about eps64 * b**t / (1 - b**t) in each bias correction.
+            rel_bc = K * unit_roundoff("float64") * (b1**t / bc1 + 0.5 * b2**t / bc2)
+            err_u = err_u + np.abs(u) * rel_bc
             err_u = np.where(den_lo > 0, err_u, np.inf)
         sign_err = err_m  # sign(u) == sign(m)
         sign_val = m

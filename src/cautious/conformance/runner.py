@@ -110,7 +110,7 @@ def run_conformance(
     Every supported rule, option and dtype in ``rules`` x ``dtypes`` is drawn;
     cases the adapter declines (``supports`` returns a reason) are skipped, but a
     requested rule with no supported case at all is an error. The number of
-    examples (split evenly over the rules, at least 10 each) comes from the active
+    examples (split evenly over the rules) comes from the active
     Hypothesis profile (``ci`` in CI) unless ``max_examples`` is given. An adapter may pin hyperparameters it does not
     vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
     this run (``pin={"caution": Caution("exact")}``). ``shrink=False`` reports the
@@ -130,7 +130,7 @@ def run_conformance(
     worst = [0.0]
     budget = max_examples if max_examples is not None else settings.default.max_examples
     # One Hypothesis run per rule, so that every rule is exercised whatever the generator favours.
-    per_rule = max(10, -(-budget // len(rules)))
+    per_rule = max(1, -(-budget // len(rules)))
 
     def one_rule(rule: str) -> None:
         @settings(
