@@ -40,9 +40,7 @@ def main() -> int:
     settings.load_profile("ci")
     rows = []
     for bug in my_port.BUGS:
-        adapter = load_adapter(
-            Target(kind="torch", path=f"my_port:CautiousAdamW_{bug}", rule="adamw", hparams=HP)
-        )
+        adapter = load_adapter(Target(kind="torch", path=f"my_port:CautiousAdamW_{bug}", rule="adamw", hparams=HP))
         t0 = time.perf_counter()
         try:
             run_conformance(adapter, rules=("adamw",), shrink=False)

@@ -80,9 +80,7 @@ class _Cautious(torch.optim.Optimizer):
         mask = None
         if group["caution"]:
             mask = self._mask(u if u_sign is None else u_sign, g)
-            u = torch.where(
-                mask, u * self._scale(mask, group["floor"], total).to(u.dtype), torch.zeros_like(u)
-            )
+            u = torch.where(mask, u * self._scale(mask, group["floor"], total).to(u.dtype), torch.zeros_like(u))
         if wd != 0:
             if self.bug == "masked_decay" and mask is not None:
                 p.sub_(lr * wd * p * mask)
@@ -175,9 +173,7 @@ class CautiousLion(_Cautious):
                     st["exp_avg"] = torch.zeros_like(p)
                 m = st["exp_avg"]
                 u = torch.sign(m * b1 + p.grad * (1 - b1))
-                u = torch.where(
-                    torch.isnan(p.grad) | torch.isnan(m), p.grad + m, u
-                )  # sign(NaN) is 0 in torch
+                u = torch.where(torch.isnan(p.grad) | torch.isnan(m), p.grad + m, u)  # sign(NaN) is 0 in torch
                 pairs.append((p, u, p.grad, m))
             total = self._total([(u, g) for _, u, g, _ in pairs])
             for p, u, g, m in pairs:

@@ -7,9 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cautious", description="Cautious optimizers: spec, backends, conformance."
-    )
+    parser = argparse.ArgumentParser(prog="cautious", description="Cautious optimizers: spec, backends, conformance.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="step every base rule with and without caution on a toy problem")
     demo.add_argument("--steps", type=int, default=200)

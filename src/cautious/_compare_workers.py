@@ -152,9 +152,7 @@ def _train_torch(job: dict[str, Any], data: dict[str, np.ndarray], name: str, op
             caution=caution,
         )
     else:
-        opt = ct.Lion(
-            params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"], caution=caution
-        )
+        opt = ct.Lion(params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"], caution=caution)
     batches = data.get("batches")
 
     def loss_fn(Xb: Any, yb: Any) -> Any:
@@ -273,9 +271,7 @@ def _train_tensorflow(job: dict[str, Any], data: dict[str, np.ndarray], name: st
             caution=caution,
         )
     else:
-        opt = ctf.Lion(
-            learning_rate=hp["lr"], beta_1=b1, beta_2=b2, weight_decay=hp["weight_decay"], caution=caution
-        )
+        opt = ctf.Lion(learning_rate=hp["lr"], beta_1=b1, beta_2=b2, weight_decay=hp["weight_decay"], caution=caution)
     variables = model.trainable_variables
     opt.build(variables)
 

@@ -52,9 +52,7 @@ def run(steps: int = 200, seed: int = 0) -> list[tuple[str, float, float, float]
 
 
 def main(steps: int = 200) -> int:
-    print(
-        f"cautious {cautious.__version__}: reference optimizers on a 32-feature logistic regression, {steps} steps"
-    )
+    print(f"cautious {cautious.__version__}: reference optimizers on a 32-feature logistic regression, {steps} steps")
     print(f"{'rule':<8}{'initial':>10}{'plain':>10}{'cautious':>10}")
     for rule, first, plain, caut in run(steps):
         print(f"{rule:<8}{first:>10.4f}{plain:>10.4f}{caut:>10.4f}")

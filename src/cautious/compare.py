@@ -197,8 +197,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- model: MLP {meta['features']} -> {meta['width']} -> {meta['width']} -> 1 (tanh), MSE loss; "
         f"{meta['samples']} samples, seed {meta['seed']}, "
         + ("full batch" if not meta["batch_size"] else f"batches of {meta['batch_size']} (fixed order)"),
-        f"- dtype {meta['dtype']}, {meta['steps']} steps; "
-        f"target loss = {meta['target_fraction']} x initial loss",
+        f"- dtype {meta['dtype']}, {meta['steps']} steps; target loss = {meta['target_fraction']} x initial loss",
         f"- AdamW: {_hp(meta['optimizers']['adamw']['hparams'])}; "
         f"Lion: {_hp(meta['optimizers']['lion']['hparams'])}; caution: Caution(mean_clamp, floor=1e-3)",
         f"- bound: K*R*u*max(t,1) with K={K}, R={meta['longest_sum']} (longest sum in a step), "
@@ -271,9 +270,7 @@ def plot(path: str, results: dict[str, dict[str, Any]], meta: dict[str, Any]) ->
                         lw=1.4,
                         label=fw,
                     )
-            ax.axhline(
-                meta["target_fraction"] * meta["initial_loss"], color="0.5", lw=0.8, ls=":", label="target"
-            )
+            ax.axhline(meta["target_fraction"] * meta["initial_loss"], color="0.5", lw=0.8, ls=":", label="target")
             ax.set_yscale("log")
             ax.set_title(LABELS[name])
             ax.set_xlabel("step")
@@ -350,9 +347,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--features", type=int, default=8)
     p.add_argument("--width", type=int, default=64, help="width of both hidden layers")
-    p.add_argument(
-        "--batch-size", type=int, default=0, help="mini-batch size in a fixed order (0: full batch)"
-    )
+    p.add_argument("--batch-size", type=int, default=0, help="mini-batch size in a fixed order (0: full batch)")
     p.add_argument("--adamw-lr", type=float, default=3e-3)
     p.add_argument("--lion-lr", type=float, default=3e-4)
     p.add_argument("--target", type=float, default=0.05, help="target loss as a fraction of the initial loss")
@@ -410,9 +405,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             with np.load(job["params_out"]) as f:
                 params[fw] = {k: f[k] for k in f.files}
 
-    initial = (
-        float(results["numpy"]["optimizers"]["adamw"]["losses"][0]) if "numpy" in results else float("nan")
-    )
+    initial = float(results["numpy"]["optimizers"]["adamw"]["losses"][0]) if "numpy" in results else float("nan")
     meta: dict[str, Any] = {
         "command": command,
         "versions": {fw: r["version"] for fw, r in results.items()},

@@ -252,9 +252,7 @@ def test_non_contiguous_params():
 
 def test_complex_params_are_rejected_with_the_parameter_named():
     with pytest.raises(ValueError, match=r"complex.*param_groups\[0\]\['params'\]\[1\]"):
-        ct.AdamW(
-            [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]
-        )
+        ct.AdamW([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
     with pytest.raises(ValueError, match="'w'"):
         ct.Lion([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.complex128)))])
 

@@ -58,12 +58,8 @@ def _assert_same(a, b, exact=True):
 
 RULES = {
     "adamw": lambda c, **kw: lambda ps, fe: ct.AdamW(ps, lr=0.05, caution=c, foreach=fe, **kw),
-    "adam": lambda c, **kw: (
-        lambda ps, fe: ct.Adam(ps, lr=0.05, weight_decay=0.1, caution=c, foreach=fe, **kw)
-    ),
-    "lion": lambda c, **kw: (
-        lambda ps, fe: ct.Lion(ps, lr=0.05, weight_decay=0.1, caution=c, foreach=fe, **kw)
-    ),
+    "adam": lambda c, **kw: lambda ps, fe: ct.Adam(ps, lr=0.05, weight_decay=0.1, caution=c, foreach=fe, **kw),
+    "lion": lambda c, **kw: lambda ps, fe: ct.Lion(ps, lr=0.05, weight_decay=0.1, caution=c, foreach=fe, **kw),
     "sgd": lambda c, **kw: lambda ps, fe: ct.SGD(ps, lr=0.05, momentum=0.9, caution=c, foreach=fe, **kw),
 }
 EXTRA = {

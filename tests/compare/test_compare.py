@@ -115,9 +115,7 @@ def test_batch_order_is_fixed_by_the_seed_and_covers_each_epoch():
     a = make_data(3, samples=40, steps=7, batch_size=16)["batches"]
     b = make_data(3, samples=40, steps=7, batch_size=16)["batches"]
     assert a.shape == (7, 16) and np.array_equal(a, b)
-    epoch = np.concatenate(
-        a[:2]
-    )  # 2 batches per epoch of 40 (the last 8 rows of each permutation are dropped)
+    epoch = np.concatenate(a[:2])  # 2 batches per epoch of 40 (the last 8 rows of each permutation are dropped)
     assert len(set(epoch.tolist())) == 32
     with pytest.raises(ValueError, match="batch_size"):
         make_data(0, samples=10, batch_size=11)

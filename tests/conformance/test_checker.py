@@ -66,9 +66,7 @@ def test_undecided_entry_either_way_but_scale_must_follow():
     state = spec.State(3, (spec.AdamState(m, np.ones(4, np.float32)),))
     params = [np.ones(4, np.float32)]
     ref, st = _ref(case, params, [g], state)
-    terms_u = spec.adam_direction(g.astype(np.float64), state.leaves[0], 4, beta1=0.5, beta2=0.999, eps=1e-8)[
-        0
-    ]
+    terms_u = spec.adam_direction(g.astype(np.float64), state.leaves[0], 4, beta1=0.5, beta2=0.999, eps=1e-8)[0]
     # reference: entry 0 has u == 0 (masked), entries 1 and 3 kept: k = 2, scale 2.
     assert terms_u[0] == 0
     # an implementation that kept entry 0 (with its tiny u) must use k = 3, scale 4/3:
@@ -94,14 +92,10 @@ def test_nan_must_propagate():
 
 
 def test_repro_snippet_runs_and_recomputes_the_reference():
-    case = Case(
-        "lion", {"lr": 0.1, "betas": (0.5, 0.25), "caution": cautious.Caution("exact")}, "bfloat16", "float32"
-    )
+    case = Case("lion", {"lr": 0.1, "betas": (0.5, 0.25), "caution": cautious.Caution("exact")}, "bfloat16", "float32")
     params = [np.array([[1.0, -2.0]], np.float32), np.zeros(0, np.float32)]
     grads = [np.array([[0.5, 0.5]], np.float32), np.zeros(0, np.float32)]
-    state = spec.State(
-        2, (spec.LionState(np.array([[1.0, 1.0]], np.float32)), spec.LionState(np.zeros(0, np.float32)))
-    )
+    state = spec.State(2, (spec.LionState(np.array([[1.0, 1.0]], np.float32)), spec.LionState(np.zeros(0, np.float32))))
     ns: dict = {}
     exec(repro_snippet(case, params, grads, state), ns)
     expected, _ = spec_optimizer(case).step(params, grads, state)
@@ -114,9 +108,7 @@ class _Broken(NumpyAdapter):
     def step(self, case, params, grads, state):
         new, st = super().step(case, params, grads, state)
         if case.caution is not None and case.caution.normalize == "exact":
-            c = dataclasses.replace(
-                case, hparams={**case.hparams, "caution": cautious.Caution("count_plus_one")}
-            )
+            c = dataclasses.replace(case, hparams={**case.hparams, "caution": cautious.Caution("count_plus_one")})
             new, st = super().step(c, params, grads, state)
         return new, st
 

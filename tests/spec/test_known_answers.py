@@ -36,9 +36,7 @@ ADAM_EXPECTED = {
 
 @pytest.mark.parametrize("normalize", list(ADAM_EXPECTED))
 def test_adamw(normalize):
-    opt = spec.adamw(
-        lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.0, caution=cautious.Caution(normalize)
-    )
+    opt = spec.adamw(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.0, caution=cautious.Caution(normalize))
     (p,), st = opt.step(P, G, ADAM_STATE)
     _close(p, ADAM_EXPECTED[normalize])
     _close(st.leaves[0].m, [1.5, 3.0, -1.5, -3.0])
@@ -50,9 +48,7 @@ def test_adamw_caution_off_and_floor():
     opt = spec.adamw(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.0, caution=False)
     _close(opt.step(P, G, ADAM_STATE)[0][0], [0.9, 0.8, 1.1, 1.2])  # p - 0.1 u
     # floor 0.75 > k/n = 0.5: scale = 1/0.75
-    opt = spec.adamw(
-        lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.0, caution=cautious.Caution(floor=0.75)
-    )
+    opt = spec.adamw(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.0, caution=cautious.Caution(floor=0.75))
     _close(opt.step(P, G, ADAM_STATE)[0][0], [1 - 0.1 / 0.75, 1.0, 1.0, 1 + 0.2 / 0.75])
 
 
@@ -72,9 +68,7 @@ def test_adam_eps_placement():
         ("corrected", np.array([2, 4, -2, -4]) / 3),
         ("uncorrected", math.sqrt(0.4375) / 0.75 * np.array([1.5, 3, -1.5, -3]) / (math.sqrt(1.75) + 1)),
     ):
-        opt = spec.adam(
-            lr=0.1, betas=(0.5, 0.75), eps=1.0, eps_placement=placement, caution=cautious.Caution("none")
-        )
+        opt = spec.adam(lr=0.1, betas=(0.5, 0.75), eps=1.0, eps_placement=placement, caution=cautious.Caution("none"))
         _close(opt.step(P, G, ADAM_STATE)[0][0], 1 - 0.1 * u * np.array([1, 0, 0, 1]))
 
 
@@ -129,9 +123,7 @@ def test_sgd(normalize):
 def test_sgd_nesterov_dampening_first_step():
     # nesterov: u = g + 0.5 buf = [2, 0.25, 0.5, -2.75]; mask [T, F, T, T], k = 3, scale 4/3
     opt = spec.sgd(lr=0.1, momentum=0.5, nesterov=True)
-    _close(
-        opt.step(P, G, spec.State(1, (spec.SGDState(M),)))[0][0], [1 - 0.8 / 3, 1.0, 1 - 0.2 / 3, 1 + 1.1 / 3]
-    )
+    _close(opt.step(P, G, spec.State(1, (spec.SGDState(M),)))[0][0], [1 - 0.8 / 3, 1.0, 1 - 0.2 / 3, 1 + 1.1 / 3])
     # dampening 0.5: buf = 0.5 m + 0.5 g = [1.5, 3, -1.5, -3]; mask [T, F, F, T], scale 2
     opt = spec.sgd(lr=0.1, momentum=0.5, dampening=0.5)
     _close(opt.step(P, G, spec.State(1, (spec.SGDState(M),)))[0][0], [0.7, 1.0, 1.0, 1.6])

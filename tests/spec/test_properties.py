@@ -42,9 +42,7 @@ def _base_direction(case, g, s, t):
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return spec.lion_direction(g, s, t, beta1=b1, beta2=b2)
-    return spec.sgd_direction(
-        g, s, t, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp["nesterov"]
-    )
+    return spec.sgd_direction(g, s, t, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp["nesterov"])
 
 
 @given(st.data())

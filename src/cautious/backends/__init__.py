@@ -73,7 +73,6 @@ def load(name: str) -> ModuleType:
     missing = [m for m in needs if _version(m) is None]
     if missing:
         raise MissingBackendError(
-            f"backend {name!r} needs {', '.join(missing)}, which is not installed: "
-            f"pip install 'cautious[{extra}]'"
+            f"backend {name!r} needs {', '.join(missing)}, which is not installed: pip install 'cautious[{extra}]'"
         )
     return importlib.import_module(module)

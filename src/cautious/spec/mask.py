@@ -57,9 +57,7 @@ def cautious_scale(count: int, n: int, caution: Caution) -> float:
     return caution.scale(int(count), int(n))
 
 
-def apply_caution(
-    u: np.ndarray, g: np.ndarray, caution: Caution
-) -> tuple[np.ndarray, np.ndarray, int, float]:
+def apply_caution(u: np.ndarray, g: np.ndarray, caution: Caution) -> tuple[np.ndarray, np.ndarray, int, float]:
     """Mask and rescale one tensor's direction.
 
     Returns:

@@ -92,9 +92,7 @@ def make_optimizer(
     def init(params: Sequence[np.ndarray]) -> State:
         return State(0, tuple(rule.init(np.asarray(p)) for p in params))
 
-    def step(
-        params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State
-    ) -> tuple[list[np.ndarray], State]:
+    def step(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple[list[np.ndarray], State]:
         if not (len(params) == len(grads) == len(state.leaves)):
             raise ValueError(
                 f"params, grads and state must have the same length, got "
@@ -171,9 +169,7 @@ def adam(
         decoupled_weight_decay=decoupled_weight_decay,
         cautious_weight_decay=cautious_weight_decay,
     )
-    rule = adam_rule(
-        beta1=float(b1), beta2=float(b2), eps=float(eps), amsgrad=amsgrad, eps_placement=eps_placement
-    )
+    rule = adam_rule(beta1=float(b1), beta2=float(b2), eps=float(eps), amsgrad=amsgrad, eps_placement=eps_placement)
     hp.update(
         amsgrad=amsgrad,
         maximize=maximize,

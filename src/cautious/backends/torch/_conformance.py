@@ -64,10 +64,7 @@ class TorchAdapter:
         if self.impl == "fused":
             return _fused_reason(self.device)
         if case.dtype in ("bfloat16", "float16"):
-            return (
-                "single/foreach compute in the parameter dtype, like torch.optim "
-                "(not float32 then round once)"
-            )
+            return "single/foreach compute in the parameter dtype, like torch.optim (not float32 then round once)"
         return None
 
     # -- building -----------------------------------------------------------------------------------------

@@ -197,9 +197,7 @@ def _group_by_device_dtype(*lists: list[Any]) -> list[tuple[list[Any], ...]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(lists[0]):
         groups[(p.device, p.dtype)].append(i)
-    return [
-        tuple([lst[i] for i in idx] if lst is not None else None for lst in lists) for idx in groups.values()
-    ]
+    return [tuple([lst[i] for i in idx] if lst is not None else None for lst in lists) for idx in groups.values()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,8 +377,7 @@ def _adam_tensors(
         denoms = [v.sqrt() for v in (max_exp_avg_sqs if amsgrad else exp_avg_sqs)]
 
     biases = [
-        _adam_bias(_step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
-        for st in state_steps
+        _adam_bias(_step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement) for st in state_steps
     ]
     neg_step_sizes = [-s for s, _ in biases]
 
