@@ -81,3 +81,37 @@ def test_pytest_plugin_fixture_in_a_port_conftest(tmp_path):
     out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--cautious-max-examples", "10",
                 "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
+
+
+def test_verify_a_numpy_step_function(tmp_path):
+    out = _run([*CLI, "verify", "--target", "numpy_port:cautious_lion_step", "--kind", "numpy", "--rule", "lion",
+                "--path", str(EXAMPLES), "--hparam", "lr=lr", "--hparam", "betas=beta1,beta2",
+                "--hparam", "weight_decay=weight_decay", "--state", "m=exp_avg", "--state", "step=steps",
+                "--max-examples", "20"], cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "numpy_port:cautious_lion_step  lion  declared  float64  pass" in out.stdout
+
+
+def test_verify_native_optax_and_keras_as_caution_off(tmp_path):
+    from cautious.backends import available
+
+    have = available()
+    if "jax" in have:
+        out = _run([*CLI, "verify", "--target", "optax:adamw", "--kind", "optax", "--rule", "adamw",
+                    "--hparam", "lr=learning_rate", "--hparam", "betas=b1,b2", "--hparam", "eps=eps",
+                    "--hparam", "weight_decay=weight_decay", "--option", "caution=false", "--max-examples", "8"],
+                   cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if "tensorflow" in have:
+        out = _run([*CLI, "verify", "--target", "keras.optimizers:AdamW", "--kind", "keras", "--rule", "adamw",
+                    "--hparam", "lr=learning_rate", "--hparam", "betas=beta_1,beta_2", "--hparam", "eps=epsilon",
+                    "--hparam", "weight_decay=weight_decay", "--option", "caution=false",
+                    "--option", 'eps_placement="uncorrected"', "--max-examples", "8", "--dtypes", "float32"],
+                   cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        # and the same optimizer is NOT the spec's corrected eps placement: the suite must say so
+        bad = _run([*CLI, "verify", "--target", "keras.optimizers:AdamW", "--kind", "keras", "--rule", "adamw",
+                    "--hparam", "lr=learning_rate", "--hparam", "betas=beta_1,beta_2", "--hparam", "eps=epsilon",
+                    "--hparam", "weight_decay=weight_decay", "--option", "caution=false", "--max-examples", "30",
+                    "--dtypes", "float32"], cwd=tmp_path)  # fmt: skip
+        assert bad.returncode == 1 and "FAIL keras.optimizers:AdamW" in bad.stdout

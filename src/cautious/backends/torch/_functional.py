@@ -184,11 +184,25 @@ def _check_no_fused_foreach(foreach: bool | None, fused: bool | None) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
+def _default_fused(params: list[Tensor]) -> bool:
+    """The default on CUDA when Triton is available: the fused kernels (issue: fused by default on GPU).
+
+    On CPU the default stays foreach, as in torch.optim; ``fused=True`` selects the native CPU path.
+    """
+    if not params or torch.compiler.is_compiling() or not all(p.device.type == "cuda" for p in params):
+        return False
+    from cautious.backends.torch import _fused
+
+    return _fused.is_available(params[0].device)
+
+
 def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
     _check_no_fused_foreach(foreach, fused)
     if fused:
         return "fused"
     if foreach is None and fused is None:
+        if _default_fused(params):
+            return "fused"
         foreach = default_foreach(params) and not (isinstance(lr, Tensor) and torch.compiler.is_compiling())
     return "foreach" if foreach else "single"
 
