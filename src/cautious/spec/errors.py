@@ -28,7 +28,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Check", "ERROR_TABLE", "FLAGS", "validate", "message", "invalid_examples"]
+__all__ = ["Check", "ERROR_TABLE", "FLAGS", "validate", "message", "invalid_examples", "split_betas"]
 
 
 def _real(x: Any) -> float | None:
@@ -153,6 +153,15 @@ def validate(values: Mapping[str, Any], names: Mapping[str, str] | None = None) 
             raise TypeError(f"{name} must be a real number, got {value!r}")
         if not check.ok(x):
             raise ValueError(message(key, value if isinstance(value, (int, float)) else x, name))
+
+
+def split_betas(betas: Any) -> tuple[Any, Any]:
+    """``(beta1, beta2)`` from torch-style ``betas``; ``TypeError`` unless it is a pair."""
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
+    return b1, b2
 
 
 def invalid_examples() -> list[tuple[str, Any, type, str]]:

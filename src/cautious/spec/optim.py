@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cautious._caution import Caution, as_caution
-from cautious.spec.errors import validate
+from cautious.spec.errors import split_betas, validate
 from cautious.spec.mask import decay_mask
 from cautious.spec.rules import Rule, adam_rule, cautious, lion_rule, sgd_rule
 
@@ -129,13 +129,6 @@ def make_optimizer(
     return Optimizer(init, step, rule.name, dict(hparams))
 
 
-def _betas(betas: Any) -> tuple[Any, Any]:
-    try:
-        b1, b2 = betas
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
-    return b1, b2
-
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
@@ -159,7 +152,7 @@ def adam(
     cautious_weight_decay: bool = False,
 ) -> Optimizer:
     """Cautious Adam (coupled L2 decay, as torch.optim.Adam). ``caution=False`` is plain Adam."""
-    b1, b2 = _betas(betas)
+    b1, b2 = split_betas(betas)
     hp = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, eps_placement=eps_placement)
     validate(hp, BETA_NAMES)
     c = _common(
@@ -226,7 +219,7 @@ def lion(
     cautious_weight_decay: bool = False,
 ) -> Optimizer:
     """Cautious Lion (decoupled decay). ``caution=False`` is plain Lion."""
-    b1, b2 = _betas(betas)
+    b1, b2 = split_betas(betas)
     hp = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=weight_decay)
     validate(hp, BETA_NAMES)
     c = _common(caution, maximize=maximize, cautious_weight_decay=cautious_weight_decay)

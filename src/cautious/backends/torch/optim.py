@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cautious._caution import Caution, as_caution
 from cautious.backends.torch import _functional as F
-from cautious.spec.errors import validate
+from cautious.spec.errors import split_betas, validate
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
 
@@ -47,13 +47,6 @@ except AttributeError:  # pragma: no cover - torch < 2.4
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
-
-def _betas(betas: Any) -> tuple[Any, Any]:
-    try:
-        b1, b2 = betas
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
-    return b1, b2
 
 
 class _CautiousOptimizer(torch.optim.Optimizer):
@@ -237,7 +230,7 @@ class Adam(_CautiousOptimizer):
         super().__init__(params, defaults)
 
     def _validate(self, group: dict[str, Any]) -> Caution | bool:
-        b1, b2 = _betas(group["betas"])
+        b1, b2 = split_betas(group["betas"])
         validate(
             dict(
                 lr=group["lr"],
@@ -425,7 +418,7 @@ class Lion(_CautiousOptimizer):
         super().__init__(params, defaults)
 
     def _validate(self, group: dict[str, Any]) -> Caution | bool:
-        b1, b2 = _betas(group["betas"])
+        b1, b2 = split_betas(group["betas"])
         validate(dict(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"]), BETA_NAMES)
         validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
         c = as_caution(group["caution"])
