@@ -8,7 +8,7 @@ smallest normal of the compute dtype (flush-to-zero slack):
 .. math::
 
     \text{err}(a x + b y) &= e\,(|a x| + |b y|) + |a|\,\text{err}(x) + |b|\,\text{err}(y) + tn \\
-    \text{err}(\sqrt{x}) &= \min\!\big(\text{err}(x) / (2\sqrt{x}),\ \sqrt{\text{err}(x)}\big) + e\sqrt{x} \\
+    \text{err}(\sqrt{x}) &= \text{err}(x) / \big(\sqrt{x} + \sqrt{\max(x - \text{err}(x), 0)}\big) + e\sqrt{x} \\
     \text{err}(x / y) &= e\,|x/y| + \text{err}(x)/y_{lo} + |x/y|\,\text{err}(y)/y_{lo},
     \quad y_{lo} = y - \text{err}(y) > 0
 
@@ -124,7 +124,9 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             num, err_num = c * m, c * err_m
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.sqrt(q)
-            err_r = np.minimum(np.where(r > 0, err_q / (2 * r), np.inf), np.sqrt(err_q)) + e * r
+            # |sqrt(q') - sqrt(q)| <= d / (sqrt(q) + sqrt(max(q - d, 0))) for |q' - q| <= d (exact, any d)
+            lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
+            err_r = np.where(lo > 0, err_q / lo, np.sqrt(err_q)) + e * r
             den = r + eps
             err_den = err_r + e * den
             den_lo = den - err_den
@@ -175,8 +177,9 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
 
     with np.errstate(invalid="ignore"):
         undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
-    # a direction below the smallest normal may itself be flushed to zero (then masked)
-    undecided |= (np.abs(u) < tn) & (u != 0)
+    # a direction below the smallest normal may itself be flushed to zero (then masked); where
+    # the direction's bound is infinite (a denominator within rounding of 0), it may even be NaN.
+    undecided |= ((np.abs(u) < tn) & (u != 0)) | np.isinf(err_u)
     undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
 

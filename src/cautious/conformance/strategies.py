@@ -77,7 +77,7 @@ def tensor_lists(shape_list: Sequence[tuple[int, ...]], dtype: str, allow_nan: b
 _LRS = [f32(x) for x in (1e-4, 1e-3, 1e-2, 0.1, 1.0)]
 _B1 = [f32(x) for x in (0.0, 0.5, 0.9, 0.95)]
 _B2 = [f32(x) for x in (0.0, 0.9, 0.99, 0.999, 0.9999)]
-_EPS = [f32(x) for x in (1e-8, 1e-6, 1e-3)]
+_EPS = [0.0] + [f32(x) for x in (1e-8, 1e-6, 1e-3)]
 _WD = [f32(x) for x in (0.0, 1e-4, 1e-2, 0.1)]
 
 

@@ -129,7 +129,6 @@ def make_optimizer(
     return Optimizer(init, step, rule.name, dict(hparams))
 
 
-
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
 

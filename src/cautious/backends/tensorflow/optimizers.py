@@ -311,8 +311,9 @@ class Adam(CautiousOptimizer):
         # lets the count pass read g and m only. u is NaN where m' or v' is; for beta_1 > 0
         # a NaN in v' comes with a NaN in m' (both take it from the same gradient and keep
         # it), so m' carries u's NaNs in every state this optimizer produces. With
-        # beta_1 = 0, m' = g forgets a NaN that v' keeps: carry v''s NaNs over explicitly.
-        sign = m if b1 > 0 else tf.where(tf.math.is_nan(v_used), v_used, m)
+        # beta_1 = 0, m' = g forgets a NaN that v' keeps; with epsilon = 0, u = 0/0 is NaN where
+        # m' = v' = 0. In both cases carry u's NaNs over explicitly.
+        sign = m if (b1 > 0 and self.epsilon > 0) else tf.where(tf.math.is_nan(u), u, m)
         return u, alpha, assigns, sign
 
     def get_config(self) -> dict[str, Any]:

@@ -395,6 +395,22 @@ def _adam_tensors(
     ]
     neg_step_sizes = [-s for s, _ in biases]
 
+    if caution is not None and eps == 0:
+        # With eps == 0 the denominator can be 0: u = 0/0 is NaN (kept, as the spec says) and a
+        # masked x/0 must not move p. Decide and apply from u itself (a rare, slower path).
+        _adam_plain_denoms_(denoms, biases, eps=0.0, eps_placement=eps_placement, foreach=foreach)
+        us = [m / d for m, d in zip(exp_avgs, denoms, strict=False)]
+        # u may be infinite here: sign(g) * inf is NaN where g == 0, so decide from clamp(u, -1, 1)
+        # (same signs, NaN kept) and select from u.
+        signs = [u.clamp(-1.0, 1.0) for u in us]
+        us, scales = _caution(us, signs, grads, caution, foreach=foreach)
+        _apply_scales_(us, scales, foreach=foreach)
+        if weight_decay != 0 and decoupled_weight_decay:
+            _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
+        for p, u, s in zip(params, us, neg_step_sizes, strict=False):
+            p.add_(u * s)
+        return
+
     numerators, scales = exp_avgs, None
     if caution is not None:
         # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).

@@ -48,7 +48,6 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-
 class _CautiousOptimizer(torch.optim.Optimizer):
     """Shared machinery: group validation, caution normalisation, checkpoint rules, fused checks."""
 
