@@ -4,9 +4,12 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cautious
 from cautious import spec
+from cautious.conformance.strategies import invalid_hparams
 from cautious.spec.errors import ERROR_TABLE, FLAGS, invalid_examples, message, validate
 
 FACTORY_KEYS = {
@@ -86,3 +89,11 @@ def test_structural_errors():
         spec.adamw(caution="yes")
     with pytest.raises(TypeError, match="^betas must be a pair of numbers, got 0.9$"):
         spec.adamw(betas=0.9)
+
+
+@given(st.sampled_from(spec.RULES).flatmap(lambda rule: st.tuples(st.just(rule), invalid_hparams(rule))))
+def test_drawn_invalid_hyperparameters_raise_the_table_message(drawn):
+    rule, (hp, exc, msg) = drawn
+    with pytest.raises(exc) as info:
+        getattr(spec, rule)(**hp)
+    assert str(info.value) == msg
