@@ -26,9 +26,8 @@ class Caution:
         current AdamW code do), ``"count_plus_one"`` (the paper's text and its
         Lion code), ``"exact"`` or ``"none"``.
       floor: the lower clamp on the kept fraction ``k/n`` used by
-        ``"mean_clamp"``; must lie in ``(0, 1]``. Ignored by the other
-        normalizations, which is allowed but never silent: it is part of the
-        object's ``repr``.
+        ``"mean_clamp"``; must lie in ``(0, 1]``. The other normalizations have
+        no floor: setting one with them is an error, not silently ignored.
 
     Passing ``caution=True`` to any optimizer means ``Caution()``;
     ``caution=False`` turns the mask off and reproduces the base optimizer.
@@ -42,6 +41,11 @@ class Caution:
 
         validate({"normalize": self.normalize, "floor": self.floor})
         object.__setattr__(self, "floor", float(self.floor))
+        if self.normalize != "mean_clamp" and self.floor != 1e-3:
+            raise ValueError(
+                f"floor is used only by normalize='mean_clamp', got floor={self.floor!r} "
+                f"with normalize={self.normalize!r}"
+            )
 
     def scale(self, count: int, n: int) -> float:
         """The exact rescale factor for ``count`` kept entries out of ``n`` (float64)."""

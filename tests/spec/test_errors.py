@@ -97,3 +97,11 @@ def test_drawn_invalid_hyperparameters_raise_the_table_message(drawn):
     with pytest.raises(exc) as info:
         getattr(spec, rule)(**hp)
     assert str(info.value) == msg
+
+
+def test_floor_only_with_mean_clamp():
+    with pytest.raises(
+        ValueError, match=r"^floor is used only by normalize='mean_clamp', got floor=0.5 with normalize='exact'$"
+    ):
+        cautious.Caution("exact", floor=0.5)
+    assert cautious.Caution("exact").floor == 1e-3

@@ -92,6 +92,7 @@ def test_apply_caution_scale_and_inner_product(data):
     g = np.array(data.draw(st.lists(elems, min_size=n, max_size=n)), dtype=np.float64)
     normalize = data.draw(st.sampled_from(["mean_clamp", "count_plus_one", "exact", "none"]))
     floor = data.draw(st.sampled_from([1e-3, 0.25, 1.0]))
+    floor = floor if normalize == "mean_clamp" else 1e-3
     c = cautious.Caution(normalize, floor)
     u_c, mask, count, scale = spec.apply_caution(u, g, c)
     k = int(np.sum((u * g) > 0))  # the product is exact enough in float64 for these magnitudes
