@@ -4,9 +4,11 @@ A small C++ source (below; no torch headers) is compiled on first use with the s
 compiler (``$CXX``, else ``g++``/``c++``/``clang++``; ``-O3 -march=native``), one shared object
 per (parameter, state) storage-dtype pair, cached under ``$CAUTIOUS_CACHE_DIR`` (default
 ``~/.cache/cautious``), and called through :mod:`ctypes` with a pointer table. Per call:
-tensors of at least 65536 entries are split across ``torch.get_num_threads()`` threads
-(count pass over the slices, one barrier, update pass); smaller tensors are counted and
-updated whole by one thread each, with no barrier. Counts are int64; every result is rounded
+with several threads (``torch.get_num_threads()``, at most one per 65536 entries), every
+tensor is cut into pieces of at most 65536 entries and each thread owns a contiguous run of
+pieces (an equal share of all entries): count pass over its pieces, ONE barrier for the whole
+call, update pass over the same pieces in reverse order; with one thread each tensor is
+counted then updated at once. Counts are int64; every result is rounded
 once to its storage dtype (bfloat16 by integer round-to-nearest-even, or stochastic rounding).
 
 Without a compiler (or for a dtype pair the native code does not cover, or
@@ -160,34 +162,39 @@ struct Kernel {
     const CT gsign = c.maximize ? CT(-1) : CT(1);
     const CT wdc = (CT)c.hp[0], h1 = (CT)c.hp[1], h2 = (CT)c.hp[2], h3 = (CT)c.hp[3], h4 = (CT)c.hp[4];
     const CT eps = (CT)c.hp[5], A = (CT)c.hp[6], B = (CT)c.hp[7], C = (CT)c.hp[8];
-    int64_t total = 0;
-    for (int64_t s0 = s; s0 < e; s0 += (int64_t)1 << 20) {
-      const int64_t e0 = e < s0 + ((int64_t)1 << 20) ? e : s0 + ((int64_t)1 << 20);
-      int32_t cnt = 0;
-      for (int64_t i = s0; i < e0; ++i) {
-        CT g = gsign * Io<PC>::template ld<CT>(t.g, i);
-        if constexpr (COUPLED) g = g + wdc * Io<PC>::template ld<CT>(t.p, i);
-        CT d;
-        if constexpr (RULE == 0) {
-          d = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
-          if constexpr (EXACT) {
-            CT v = h3 * Io<SC>::template ld<CT>(t.s2, i) + h4 * (g * g);
-            if constexpr (AMS) v = nanmax(Io<SC>::template ld<CT>(t.s3, i), v);
-            d = C * ((d * A) / (std::sqrt(v) * B + eps));
-          }
-        } else if constexpr (RULE == 1) {
-          d = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
-        } else {
-          CT b;
-          if constexpr (!HASM || FIRST) b = g;
-          else b = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
-          if constexpr (HASM && NEST) d = g + h1 * b;
-          else d = b;
+    auto one = [&](int64_t i) -> int32_t {
+      CT g = gsign * Io<PC>::template ld<CT>(t.g, i);
+      if constexpr (COUPLED) g = g + wdc * Io<PC>::template ld<CT>(t.p, i);
+      CT d;
+      if constexpr (RULE == 0) {
+        d = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
+        if constexpr (EXACT) {
+          CT v = h3 * Io<SC>::template ld<CT>(t.s2, i) + h4 * (g * g);
+          if constexpr (AMS) v = nanmax(Io<SC>::template ld<CT>(t.s3, i), v);
+          d = C * ((d * A) / (std::sqrt(v) * B + eps));
         }
-        cnt += (int32_t)keep(d, g);
+      } else if constexpr (RULE == 1) {
+        d = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
+      } else {
+        CT b;
+        if constexpr (!HASM || FIRST) b = g;
+        else b = h1 * Io<SC>::template ld<CT>(t.s1, i) + h2 * g;
+        if constexpr (HASM && NEST) d = g + h1 * b;
+        else d = b;
       }
+      return (int32_t)keep(d, g);
+    };
+    // two halves of the range in one loop: twice the read streams in flight (memory-level
+    // parallelism; the count pass is bound by read bandwidth). int32 partial sums over <= 2**20.
+    const int64_t h = (e - s) / 2;
+    int64_t total = 0;
+    for (int64_t s0 = s; s0 < s + h; s0 += (int64_t)1 << 19) {
+      const int64_t e0 = s + h < s0 + ((int64_t)1 << 19) ? s + h : s0 + ((int64_t)1 << 19);
+      int32_t cnt = 0;
+      for (int64_t i = s0; i < e0; ++i) cnt += one(i) + one(i + h);
       total += cnt;
     }
+    for (int64_t i = s + 2 * h; i < e; ++i) total += one(i);
     return total;
   }
 
@@ -267,41 +274,59 @@ template <class K, typename CT>
 void drive(std::vector<Task>& tasks, const Ctx& c, int nthreads, int64_t big) {
   const bool need_count = c.caution && c.norm != 3;
   const double floor_ = c.hp[15], lr_wd = c.lr * c.hp[13];
-  std::vector<int> bigs, smalls;
-  int64_t small_total = 0;
-  for (int i = 0; i < (int)tasks.size(); ++i) {
-    if (tasks[i].n >= big && nthreads > 1) bigs.push_back(i);
-    else { smalls.push_back(i); small_total += tasks[i].n; }
-  }
+  const int T = (int)tasks.size();
   std::vector<std::atomic<int64_t>> counts(tasks.size());
   for (auto& x : counts) x.store(0);
-  Barrier bar(nthreads);
   auto step_of = [&](int i) {
-    double s = need_count ? scale_of(counts[i].load(), tasks[i].n, c.norm, floor_) : 1.0;
+    double s = need_count ? scale_of(counts[i].load(std::memory_order_relaxed), tasks[i].n, c.norm, floor_) : 1.0;
     return (CT)(c.lr * s);
   };
-  auto work = [&](int tid) {
-    for (int i : bigs) {  // every thread takes one slice of a big tensor
-      const Task& t = tasks[i];
-      int64_t per = (t.n + nthreads - 1) / nthreads;
-      per = (per + 63) & ~(int64_t)63;
-      int64_t s = (int64_t)tid * per, e = s + per < t.n ? s + per : t.n;
-      if (s > t.n) s = t.n;
-      if (need_count) {
-        if (s < e) counts[i].fetch_add(K::count(t, s, e, c));
-        bar.wait();
-      }
-      if (s < e) K::update(t, s, e, step_of(i), (CT)lr_wd, c);
+  if (nthreads <= 1) {  // one thread: each tensor counted then updated at once (its g, m still cached)
+    for (int i = 0; i < T; ++i) {
+      if (need_count) counts[i].store(K::count(tasks[i], 0, tasks[i].n, c));
+      K::update(tasks[i], 0, tasks[i].n, step_of(i), (CT)lr_wd, c);
     }
-    // small tensors: contiguous runs of similar total size per thread, counted and updated alone
+    return;
+  }
+  // Several threads: every tensor is cut into pieces of at most `big` entries (starts aligned to
+  // 64 entries); thread tid owns a contiguous run of pieces holding ~1/nthreads of all entries.
+  // Count pass over all its pieces, ONE barrier (every count is then complete), update pass over
+  // the same pieces in reverse order (the last pieces counted are still in this core's cache).
+  struct Piece {
+    int task;
+    int64_t s, e;
+  };
+  const int64_t step_n = big > 64 ? (big + 63) & ~(int64_t)63 : 64;
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (int i = 0; i < T; ++i) {
+    for (int64_t s = 0; s < tasks[i].n; s += step_n)
+      pieces.push_back(Piece{i, s, s + step_n < tasks[i].n ? s + step_n : tasks[i].n});
+    total += tasks[i].n;
+  }
+  std::vector<size_t> lo((size_t)nthreads + 1, pieces.size());
+  lo[0] = 0;
+  {
     int64_t acc = 0;
-    for (int i : smalls) {
-      int owner = small_total > 0 ? (int)((acc * nthreads) / (small_total + 1)) : 0;
-      acc += tasks[i].n;
-      if (owner != tid) continue;
-      const Task& t = tasks[i];
-      if (need_count) counts[i].store(K::count(t, 0, t.n, c));
-      K::update(t, 0, t.n, step_of(i), (CT)lr_wd, c);
+    int next = 1;
+    for (size_t k = 0; k < pieces.size() && next < nthreads; ++k) {
+      while (next < nthreads && acc >= (total * next) / nthreads) lo[(size_t)next++] = k;
+      acc += pieces[k].e - pieces[k].s;
+    }
+  }
+  Barrier bar(nthreads);
+  auto work = [&](int tid) {
+    const size_t a = lo[(size_t)tid], b = lo[(size_t)tid + 1];
+    if (need_count) {
+      for (size_t k = a; k < b; ++k) {
+        const Piece& q = pieces[k];
+        counts[q.task].fetch_add(K::count(tasks[q.task], q.s, q.e, c), std::memory_order_relaxed);
+      }
+      bar.wait();  // acq_rel: every thread's counts are visible after it
+    }
+    for (size_t k = b; k > a; --k) {
+      const Piece& q = pieces[k - 1];
+      K::update(tasks[q.task], q.s, q.e, step_of(q.task), (CT)lr_wd, c);
     }
   };
   std::vector<std::thread> threads;
