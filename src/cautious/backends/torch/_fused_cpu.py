@@ -11,6 +11,13 @@ call, update pass over the same pieces in reverse order; with one thread each te
 counted then updated at once. Counts are int64; every result is rounded
 once to its storage dtype (bfloat16 by integer round-to-nearest-even, or stochastic rounding).
 
+The threads are an OpenMP team (``-fopenmp``) when torch's own ``libgomp.so.1`` is the one GNU
+OpenMP runtime mapped in the process and loading the kernel maps no other: the loader binds
+the kernel to torch's runtime, so it reuses torch's worker pool instead of competing with its
+spinning workers. Otherwise (no such runtime, ``-fopenmp`` fails, or
+``CAUTIOUS_FUSED_CPU=threads``) the same split runs on std::threads started per call. The
+choice is made at build time (the flags are part of the cache key); results are identical.
+
 Without a compiler (or for a dtype pair the native code does not cover, or
 ``CAUTIOUS_FUSED_CPU=eager``), :func:`run` uses an eager torch implementation of the same
 math, per tensor; it is exact but not fused.
@@ -60,6 +67,7 @@ SOURCE = r"""
 // Fused cautious Adam / Lion / SGD for the CPU: a count pass then an update pass per tensor.
 // Built once on first use by cautious.backends.torch._fused_cpu (g++ -O3 -march=native), loaded
 // with ctypes: no torch headers. See cautious/spec for the algorithm; see _fused.py for the design.
+// Built with -fopenmp (bound to torch's libgomp) when possible, else with std::thread (see drive).
 //
 // Storage codes: 0 float32, 1 float64, 2 bfloat16 (uint16 bit patterns, round to nearest even
 // with integer operations), 3 float16 (_Float16, round to nearest even). Compute: float64 if any
@@ -70,6 +78,9 @@ SOURCE = r"""
 #include <cstring>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -314,25 +325,46 @@ void drive(std::vector<Task>& tasks, const Ctx& c, int nthreads, int64_t big) {
       acc += pieces[k].e - pieces[k].s;
     }
   }
-  Barrier bar(nthreads);
-  auto work = [&](int tid) {
-    const size_t a = lo[(size_t)tid], b = lo[(size_t)tid + 1];
-    if (need_count) {
-      for (size_t k = a; k < b; ++k) {
-        const Piece& q = pieces[k];
-        counts[q.task].fetch_add(K::count(tasks[q.task], q.s, q.e, c), std::memory_order_relaxed);
-      }
-      bar.wait();  // acq_rel: every thread's counts are visible after it
+  auto count_share = [&](int w) {
+    for (size_t k = lo[(size_t)w]; k < lo[(size_t)w + 1]; ++k) {
+      const Piece& q = pieces[k];
+      counts[q.task].fetch_add(K::count(tasks[q.task], q.s, q.e, c), std::memory_order_relaxed);
     }
-    for (size_t k = b; k > a; --k) {
+  };
+  auto update_share = [&](int w) {
+    for (size_t k = lo[(size_t)w + 1]; k > lo[(size_t)w]; --k) {
       const Piece& q = pieces[k - 1];
       K::update(tasks[q.task], q.s, q.e, step_of(q.task), (CT)lr_wd, c);
     }
+  };
+#ifdef _OPENMP
+  // One team from the OpenMP runtime torch already loaded (the same libgomp, so the same idle
+  // worker pool: no second set of threads spinning against torch's). Share w = tid is this
+  // thread's; if the runtime grants fewer threads, each takes shares tid, tid + nt, ... (the
+  // results do not depend on who runs a share: counts are integer sums, updates are per entry).
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (need_count) {
+      for (int w = tid; w < nthreads; w += nt) count_share(w);
+#pragma omp barrier
+    }
+    for (int w = tid; w < nthreads; w += nt) update_share(w);
+  }
+#else
+  Barrier bar(nthreads);
+  auto work = [&](int tid) {
+    if (need_count) {
+      count_share(tid);
+      bar.wait();  // acq_rel: every thread's counts are visible after it
+    }
+    update_share(tid);
   };
   std::vector<std::thread> threads;
   for (int tid = 1; tid < nthreads; ++tid) threads.emplace_back(work, tid);
   work(0);
   for (auto& th : threads) th.join();
+#endif
 }
 
 template <typename CT, int PC, int SC, int RULE, bool AMS, bool EXACT, bool COUPLED, bool HASM, bool FIRST,
@@ -475,17 +507,46 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
+def _gomp_mapped() -> set[str]:
+    """Paths of the GNU OpenMP runtimes mapped into this process (empty where /proc is missing)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
+    except OSError:
+        return set()
+    return {x for x in paths if os.path.basename(x).startswith("libgomp")}
+
+
 def _build(pc: int, sc: int):
-    """Compile (once, cached on disk) and load the shared object for one dtype pair; None on failure."""
+    """Compile (once, cached on disk) and load the shared object for one dtype pair; None on failure.
+
+    The OpenMP build is used only when exactly one ``libgomp.so.1`` (torch's) is already mapped and
+    loading ours maps no other: the loader then binds ours to torch's runtime and its thread pool.
+    Otherwise (or if ``-fopenmp`` fails, or ``CAUTIOUS_FUSED_CPU=threads``) the std::thread build.
+    """
     cxx = _compiler()
     if cxx is None:
         return None
-    defs = [f"-DCAUTIOUS_PC={pc}", f"-DCAUTIOUS_SC={sc}", f"-DCAUTIOUS_CT={NATIVE_PAIRS[(pc, sc)]}"]
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256("\0".join([SOURCE, cxx, version, _cpu_id(), *_FLAGS, *defs]).encode()).hexdigest()[:20]
+    gomp = _gomp_mapped()
+    if (
+        os.environ.get("CAUTIOUS_FUSED_CPU", "") != "threads"
+        and len(gomp) == 1
+        and os.path.basename(next(iter(gomp))) == "libgomp.so.1"
+    ):
+        fn = _compile_and_load(cxx, version, pc, sc, ["-fopenmp"], quiet=True)
+        if fn is not None and _gomp_mapped() == gomp:
+            return fn
+    return _compile_and_load(cxx, version, pc, sc, [], quiet=False)
+
+
+def _compile_and_load(cxx: str, version: str, pc: int, sc: int, extra: list[str], *, quiet: bool):
+    defs = [f"-DCAUTIOUS_PC={pc}", f"-DCAUTIOUS_SC={sc}", f"-DCAUTIOUS_CT={NATIVE_PAIRS[(pc, sc)]}"]
+    flags = [*_FLAGS, *extra]
+    key = hashlib.sha256("\0".join([SOURCE, cxx, version, _cpu_id(), *flags, *defs]).encode()).hexdigest()[:20]
     directory = _cache_dir()
     so = os.path.join(directory, f"cautious_fused_{pc}{sc}_{key}.so")
     if not os.path.exists(so):
@@ -494,17 +555,21 @@ def _build(pc: int, sc: int):
             f.write(SOURCE)
         os.replace(src + f".{os.getpid()}", src)
         tmp = so + f".{os.getpid()}.tmp"
-        proc = subprocess.run([cxx, *_FLAGS, *defs, src, "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, *defs, src, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            warnings.warn(
-                f"cautious: building the native fused CPU kernel failed; using the eager "
-                f"fallback.\n{proc.stderr[-2000:]}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            if not quiet:
+                warnings.warn(
+                    f"cautious: building the native fused CPU kernel failed; using the eager "
+                    f"fallback.\n{proc.stderr[-2000:]}",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
             return None
         os.replace(tmp, so)  # atomic: concurrent builders agree
-    lib = ctypes.CDLL(so)
+    try:
+        lib = ctypes.CDLL(so)
+    except OSError:
+        return None
     fn = lib.cautious_fused_run
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p]
