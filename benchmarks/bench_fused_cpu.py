@@ -20,6 +20,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # the CPU fast path, not the Triton interpreter
 
 import torch  # noqa: E402
+from _shapes import transformer_block  # noqa: E402
 
 from cautious import Caution  # noqa: E402
 from cautious.backends.torch import _fused, _fused_cpu  # noqa: E402
@@ -28,20 +29,7 @@ from cautious.backends.torch import _fused, _fused_cpu  # noqa: E402
 def shapes(d: int, layers: int, vocab: int, positions: int) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = [(vocab, d), (positions, d)]
     for _ in range(layers):
-        out += [
-            (3 * d, d),
-            (3 * d,),
-            (d, d),
-            (d,),
-            (d,),
-            (d,),
-            (4 * d, d),
-            (4 * d,),
-            (d, 4 * d),
-            (d,),
-            (d,),
-            (d,),
-        ]
+        out += transformer_block(d)
     return out + [(d,), (d,)]
 
 

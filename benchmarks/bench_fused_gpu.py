@@ -44,6 +44,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from _shapes import transformer_block
 
     from cautious import Caution
     from cautious.backends.torch import _fused
@@ -95,20 +96,7 @@ def main() -> None:
             layers = 1
         out: list[tuple[int, ...]] = [(vocab, d)]
         for _ in range(layers):
-            out += [
-                (3 * d, d),
-                (3 * d,),
-                (d, d),
-                (d,),
-                (d,),
-                (d,),
-                (4 * d, d),
-                (4 * d,),
-                (d, 4 * d),
-                (d,),
-                (d,),
-                (d,),
-            ]
+            out += transformer_block(d)
         return out + [(d,), (0,)]  # an empty tensor last, on purpose
 
     def copy_bandwidth(n: int) -> float:

@@ -28,7 +28,19 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Check", "ERROR_TABLE", "FLAGS", "validate", "message", "invalid_examples", "split_betas"]
+__all__ = [
+    "Check",
+    "ERROR_TABLE",
+    "FLAGS",
+    "validate",
+    "message",
+    "invalid_examples",
+    "split_betas",
+    "check_nesterov",
+    "check_cautious_weight_decay",
+    "NESTEROV_MESSAGE",
+    "CAUTIOUS_WEIGHT_DECAY_MESSAGE",
+]
 
 
 def _real(x: Any) -> float | None:
@@ -153,6 +165,23 @@ def validate(values: Mapping[str, Any], names: Mapping[str, str] | None = None) 
             raise TypeError(f"{name} must be a real number, got {value!r}")
         if not check.ok(x):
             raise ValueError(message(key, value if isinstance(value, (int, float)) else x, name))
+
+
+#: The structural errors: combinations of valid values that do not make an optimizer.
+NESTEROV_MESSAGE = "nesterov=True requires momentum > 0 and dampening == 0"
+CAUTIOUS_WEIGHT_DECAY_MESSAGE = "cautious_weight_decay=True requires decoupled weight decay"
+
+
+def check_nesterov(nesterov: bool, momentum: float, dampening: float = 0.0) -> None:
+    """``ValueError`` unless Nesterov momentum has ``momentum > 0`` and no dampening."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(NESTEROV_MESSAGE)
+
+
+def check_cautious_weight_decay(cautious_weight_decay: bool, decoupled: bool) -> None:
+    """``ValueError`` if cautious weight decay is asked for with coupled (L2) decay."""
+    if cautious_weight_decay and not decoupled:
+        raise ValueError(CAUTIOUS_WEIGHT_DECAY_MESSAGE)
 
 
 def split_betas(betas: Any) -> tuple[Any, Any]:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cautious._caution import Caution, as_caution
-from cautious.spec.errors import split_betas, validate
+from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
 from cautious.spec.mask import decay_mask
 from cautious.spec.rules import Rule, adam_rule, cautious, lion_rule, sgd_rule
 
@@ -83,8 +83,7 @@ def make_optimizer(
     hparams: Mapping[str, Any],
 ) -> Optimizer:
     """Build the generic step around ``rule``; see the module docstring for the math."""
-    if cautious_weight_decay and not decoupled:
-        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
     inner = cautious(rule, caution) if caution is not None else rule
     lr = float(lr)
     wd = float(weight_decay)
@@ -257,8 +256,7 @@ def sgd(
         decoupled_weight_decay=decoupled_weight_decay,
         cautious_weight_decay=cautious_weight_decay,
     )
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+    check_nesterov(nesterov, momentum, dampening)
     hp.update(
         nesterov=nesterov,
         maximize=maximize,

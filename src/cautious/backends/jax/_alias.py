@@ -24,7 +24,7 @@ import optax
 from cautious._caution import Caution, as_caution
 from cautious.backends.jax import _transforms as tf
 from cautious.backends.jax._core import cautious
-from cautious.spec.errors import validate
+from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, validate
 
 __all__ = ["adamw", "adam", "lion", "sgd"]
 
@@ -52,8 +52,7 @@ def _chain(
     maximize: bool,
     cautious_weight_decay: bool,
 ) -> optax.GradientTransformationExtraArgs:
-    if cautious_weight_decay and not decoupled:
-        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
     parts: list[Any] = []
     if maximize:
         parts.append(tf.negate())
@@ -258,7 +257,7 @@ def sgd(
         )
     )
     if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+        raise ValueError(NESTEROV_MESSAGE)
     c = as_caution(caution)
     if momentum is None:
         direction: Any = optax.identity()

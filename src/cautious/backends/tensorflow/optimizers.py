@@ -57,7 +57,7 @@ import tensorflow as tf  # noqa: E402
 
 from cautious._caution import Caution, as_caution  # noqa: E402
 from cautious.backends.tensorflow import _ops  # noqa: E402
-from cautious.spec.errors import validate  # noqa: E402
+from cautious.spec.errors import check_nesterov, validate  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -469,8 +469,7 @@ class SGD(CautiousOptimizer):
         **kwargs: Any,
     ) -> None:
         validate({"momentum": momentum, "nesterov": nesterov})
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+        check_nesterov(nesterov, momentum)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,

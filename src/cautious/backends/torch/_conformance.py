@@ -17,7 +17,7 @@ from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 
-__all__ = ["TorchAdapter"]
+__all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
 _TORCH_DTYPES = {
     "float64": torch.float64,
@@ -26,6 +26,23 @@ _TORCH_DTYPES = {
     "float16": torch.float16,
 }
 _IMPLS = ("single", "foreach", "fused")
+
+
+def to_torch(x: np.ndarray | None, dtype: torch.dtype, device: str) -> torch.Tensor | None:
+    """A fresh torch tensor of ``dtype`` from a NumPy array (bfloat16 values arrive in float32)."""
+    if x is None:
+        return None
+    return torch.tensor(np.array(x, copy=True), device=device).to(dtype)
+
+
+def to_numpy(t: torch.Tensor | None, storage: str) -> np.ndarray | None:
+    """A NumPy copy of ``t`` in the carrier dtype of ``storage`` (bfloat16 as float32)."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return t.numpy().astype(numpy_dtype(storage), copy=True)
 
 
 def _fused_reason(device: str) -> str | None:
@@ -86,16 +103,7 @@ class TorchAdapter:
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(np.array(x, copy=True), device=self.device).to(dtype)
-
-    @staticmethod
-    def _numpy(t: torch.Tensor | None, name: str) -> np.ndarray | None:
-        if t is None:
-            return None
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.to(torch.float32)
-        return t.numpy().astype(numpy_dtype(name), copy=True)
+        return to_torch(x, dtype, self.device)
 
     # -- one step -----------------------------------------------------------------------------------------
 
@@ -131,14 +139,14 @@ class TorchAdapter:
             if rule in ("adam", "adamw"):
                 leaves.append(
                     spec.AdamState(
-                        self._numpy(st["exp_avg"], sd),
-                        self._numpy(st["exp_avg_sq"], sd),
-                        self._numpy(st.get("max_exp_avg_sq"), sd) if case.hparams.get("amsgrad") else None,
+                        to_numpy(st["exp_avg"], sd),
+                        to_numpy(st["exp_avg_sq"], sd),
+                        to_numpy(st.get("max_exp_avg_sq"), sd) if case.hparams.get("amsgrad") else None,
                     )
                 )
             elif rule == "lion":
-                leaves.append(spec.LionState(self._numpy(st["exp_avg"], sd)))
+                leaves.append(spec.LionState(to_numpy(st["exp_avg"], sd)))
             else:
-                leaves.append(spec.SGDState(self._numpy(st.get("momentum_buffer"), sd) if momentum else None))
-        out = [self._numpy(p, case.dtype) for p in ps]
+                leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
+        out = [to_numpy(p, case.dtype) for p in ps]
         return out, spec.State(state.step + 1, tuple(leaves))

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from cautious._caution import Caution, as_caution
-from cautious.spec.errors import validate
+from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, validate
 
 __all__ = ["is_available", "fused_adam_", "fused_lion_", "fused_sgd_"]
 
@@ -258,8 +258,7 @@ def fused_adam_(
         _TORCH_NAMES,
     )
     caution = _caution(caution)
-    if cautious_weight_decay and not decoupled:
-        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the new 1-based step), got {step!r}")
     if amsgrad and max_exp_avg_sqs is None:
@@ -385,10 +384,8 @@ def fused_sgd_(
         )
     )
     caution = _caution(caution)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
-    if cautious_weight_decay and not decoupled:
-        raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+    check_nesterov(nesterov, momentum, dampening)
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
     mu, damp, wd = float(momentum), float(dampening), float(weight_decay)
     n = len(params)
     has_m = mu != 0.0

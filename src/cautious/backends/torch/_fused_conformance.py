@@ -19,8 +19,8 @@ import torch
 
 from cautious import spec
 from cautious.backends.torch import _fused
+from cautious.backends.torch._conformance import to_numpy, to_torch
 from cautious.conformance.case import Case
-from cautious.spec.dtypes import numpy_dtype
 
 __all__ = ["FusedAdapter"]
 
@@ -63,18 +63,7 @@ class FusedAdapter:
         return None
 
     def _tensor(self, x: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return torch.tensor(np.array(x, copy=True), device=self.device).to(dtype)
-
-    @staticmethod
-    def _numpy(t: torch.Tensor | None, name: str) -> np.ndarray | None:
-        if t is None:
-            return None
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.to(torch.float32)
-        return t.numpy().astype(numpy_dtype(name), copy=True)
+        return to_torch(x, dtype, self.device)
 
     def step(
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
@@ -119,16 +108,16 @@ class FusedAdapter:
             for i in range(len(ps)):
                 leaves.append(
                     spec.AdamState(
-                        self._numpy(ms[i], case.state_storage),
-                        self._numpy(vs[i], case.state_storage),
-                        self._numpy(vmax[i], case.state_storage) if amsgrad else None,
+                        to_numpy(ms[i], case.state_storage),
+                        to_numpy(vs[i], case.state_storage),
+                        to_numpy(vmax[i], case.state_storage) if amsgrad else None,
                     )
                 )
         elif rule == "lion":
             b1, b2 = hp["betas"]
             ms = [self._tensor(s.m, sd) for s in state.leaves]
             _fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
-            leaves = [spec.LionState(self._numpy(m, case.state_storage)) for m in ms]
+            leaves = [spec.LionState(to_numpy(m, case.state_storage)) for m in ms]
         else:
             momentum = float(hp["momentum"])
             bufs = None
@@ -149,7 +138,7 @@ class FusedAdapter:
                 **common,
             )
             leaves = [
-                spec.SGDState(self._numpy(b, case.state_storage) if bufs is not None else None)
+                spec.SGDState(to_numpy(b, case.state_storage) if bufs is not None else None)
                 for b in (bufs or [None] * len(ps))
             ]
-        return [self._numpy(p, case.dtype) for p in ps], spec.State(state.step + 1, tuple(leaves))
+        return [to_numpy(p, case.dtype) for p in ps], spec.State(state.step + 1, tuple(leaves))

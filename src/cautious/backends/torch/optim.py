@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cautious._caution import Caution, as_caution
 from cautious.backends.torch import _functional as F
-from cautious.spec.errors import split_betas, validate
+from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
 
@@ -80,8 +80,7 @@ class _CautiousOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_cwd(group: dict[str, Any], decoupled: bool) -> None:
-        if group["cautious_weight_decay"] and not decoupled:
-            raise ValueError("cautious_weight_decay=True requires decoupled weight decay")
+        check_cautious_weight_decay(group["cautious_weight_decay"], decoupled)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its own hyperparameters (caution options included) are validated like the defaults."""
@@ -537,8 +536,7 @@ class SGD(_CautiousOptimizer):
             )
         )
         c = as_caution(group["caution"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+        check_nesterov(group["nesterov"], group["momentum"], group["dampening"])
         self._check_cwd(group, group["decoupled_weight_decay"])
         return c if c is not None else False
 
