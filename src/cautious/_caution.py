@@ -60,12 +60,14 @@ class Caution:
         return 1.0
 
 
-def as_caution(caution: bool | Caution | None, *, name: str = "caution") -> Caution | None:
-    """Normalise the ``caution`` argument: ``True`` -> ``Caution()``, ``False`` -> ``None``."""
+def as_caution(caution: bool | Caution, *, name: str = "caution") -> Caution | None:
+    """Normalise the ``caution`` argument: ``True`` -> ``Caution()``, ``False`` -> ``None`` (off).
+
+    Only ``True``, ``False`` (Python or NumPy bools) and a :class:`Caution` are accepted;
+    ``None`` is a ``TypeError``, not a second spelling of "off".
+    """
     if isinstance(caution, Caution):
         return caution
-    if caution is True:
-        return Caution()
-    if caution is False or caution is None:
-        return None
+    if isinstance(caution, bool) or type(caution).__name__ == "bool_":
+        return Caution() if caution else None
     raise TypeError(f"{name} must be a bool or a cautious.Caution, got {caution!r}")
