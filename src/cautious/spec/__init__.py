@@ -14,7 +14,7 @@ Everything every backend must reproduce is defined here, once:
 See ``docs/spec.md`` for the math and every decision.
 """
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, as_caution, caution_arg
 from cautious.spec.dtypes import STORAGE_DTYPES, compute_dtype, round_to
 from cautious.spec.errors import ERROR_TABLE, validate
 from cautious.spec.mask import apply_caution, cautious_mask, cautious_scale, decay_mask, kept_count, whole_update
@@ -42,6 +42,7 @@ RULES = ("adam", "adamw", "lion", "sgd")
 __all__ = [
     "Caution",
     "as_caution",
+    "caution_arg",
     "STORAGE_DTYPES",
     "compute_dtype",
     "round_to",

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, caution_arg
 from cautious.spec.errors import (
     check_cautious_weight_decay,
     check_momentum_form,
@@ -166,7 +166,7 @@ BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
 def _common(caution: Any, **flags: Any) -> Caution | None:
     validate(flags)
-    return as_caution(caution)
+    return caution_arg(caution)
 
 
 def adam(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, caution_arg
 from cautious.backends.jax import _transforms as tf
 from cautious.backends.jax._core import _cautious
 from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
@@ -188,7 +188,7 @@ def adam(
             cautious_weight_decay=cautious_weight_decay,
         )
     )
-    c = as_caution(caution)
+    c = caution_arg(caution)
     direction = tf.scale_by_adam(
         b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, amsgrad=amsgrad, eps_placement=eps_placement
     )
@@ -233,7 +233,7 @@ def lion(
             cautious_weight_decay=cautious_weight_decay,
         )
     )
-    c = as_caution(caution)
+    c = caution_arg(caution)
     return _chain(
         tf.scale_by_lion(b1, b2, mu_dtype),
         c,
@@ -280,7 +280,7 @@ def sgd(
     )
     if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
         raise ValueError(NESTEROV_MESSAGE)
-    c = as_caution(caution)
+    c = caution_arg(caution)
     if momentum is None:
         direction: Any = optax.identity()
     else:

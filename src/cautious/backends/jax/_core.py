@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, caution_arg
 from cautious.spec.errors import validate
 
 __all__ = ["FORMS", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution", "whole_update"]
@@ -244,7 +244,7 @@ def _cautious(
             "whose whole update is masked)"
         )
     validate({"form": form})
-    c = as_caution(caution)
+    c = caution_arg(caution)
     by_update = form == "update"
     proxy_update = None if by_update else _PROXY_UPDATES.get(inner.update)
     inner = optax.with_extra_args_support(inner)

@@ -59,7 +59,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cautious._caution import Caution, as_caution  # noqa: E402
+from cautious._caution import Caution, caution_arg  # noqa: E402
 from cautious.backends.tensorflow import _ops  # noqa: E402
 from cautious.spec.errors import check_nesterov, check_param_dtype, validate  # noqa: E402
 
@@ -122,7 +122,7 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
             },
             NAMES,
         )
-        caution_obj = as_caution(caution)
+        caution_obj = caution_arg(caution)
         if not callable(learning_rate):
             learning_rate = float(learning_rate.item() if hasattr(learning_rate, "item") else learning_rate)
         super().__init__(
