@@ -42,6 +42,10 @@ def _direction(inner: optax.GradientTransformation, caution: Caution | None) -> 
     return _cautious(inner, caution, form="direction", keep_dtype=False) if caution is not None else inner
 
 
+def _dtype(x: Any) -> Any:
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
 def _drop_in(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
     """``tx`` with optax's contract at its edges, and nothing added to its state.
 
@@ -52,13 +56,16 @@ def _drop_in(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransfo
 
     def init_fn(params: Any) -> Any:
         for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-            check_param_dtype(f"parameter {jax.tree_util.keystr(path) or '(root)'}", jnp.dtype(p.dtype))
+            check_param_dtype(f"parameter {jax.tree_util.keystr(path) or '(root)'}", _dtype(p))
         return tx.init(params)
+
+    def cast(u: Any, p: Any) -> Any:
+        return u if u is None or p is None else u.astype(_dtype(p))
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
         new, state = tx.update(updates, state, params, **extra)
         like = updates if params is None else params
-        return jax.tree.map(lambda u, p: u.astype(p.dtype), new, like), state
+        return jax.tree.map(cast, new, like, is_leaf=lambda x: x is None), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
