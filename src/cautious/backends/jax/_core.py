@@ -35,13 +35,13 @@ import jax.numpy as jnp
 import optax
 
 from cautious._caution import Caution, caution_arg
-from cautious.spec.errors import validate
+from cautious.spec.errors import ERROR_TABLE, validate
 
 __all__ = ["FORMS", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution", "whole_update"]
 
 #: What :func:`cautious` wraps: a descent ``"direction"`` (before the learning rate) or a whole
 #: optimizer's ``"update"`` (the parameter delta, ``-lr`` and decay included).
-FORMS = ("direction", "update")
+FORMS = next(c.choices for c in ERROR_TABLE if c.key == "form")
 
 # Tensors with fewer entries use the plain integer count (cheap at that size, and trivially consistent).
 FAST_COUNT_MIN_SIZE = 1 << 15
