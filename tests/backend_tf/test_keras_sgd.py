@@ -178,7 +178,7 @@ def test_torch_form_is_still_available():
 
 # -- the Keras form through the conformance adapter (one step from a drawn state) -----------------------
 
-_f = st.floats(-3, 3, width=32)
+_f = st.floats(-3, 3, width=32, allow_subnormal=False)  # no flush-to-zero ambiguity in the mask
 
 
 @settings(max_examples=40)
