@@ -6,11 +6,25 @@ import argparse
 import sys
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    import cautious
+
     parser = argparse.ArgumentParser(prog="cautious", description="Cautious optimizers: spec, backends, conformance.")
+    parser.add_argument("--version", action="version", version=f"cautious {cautious.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="step every base rule with and without caution on a toy problem")
-    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--steps", type=_positive_int, default=200, help="steps per optimizer (>= 1; default: 200)")
     verify = sub.add_parser("verify", help="check our backends or a third-party port against the reference")
     from cautious.conformance.verify import build_parser
 

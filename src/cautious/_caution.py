@@ -60,12 +60,26 @@ class Caution:
         return 1.0
 
 
-def as_caution(caution: bool | Caution | None, *, name: str = "caution") -> Caution | None:
-    """Normalise the ``caution`` argument: ``True`` -> ``Caution()``, ``False`` -> ``None``."""
+def caution_arg(caution: bool | Caution, *, name: str = "caution") -> Caution | None:
+    """Normalise a user's ``caution`` argument: ``True`` -> ``Caution()``, ``False`` -> ``None`` (off).
+
+    Only ``True``, ``False`` (Python or NumPy bools) and a :class:`Caution` are accepted;
+    ``None`` is a ``TypeError``, not a second spelling of "off". Every optimizer constructor
+    calls this on what the user passed.
+    """
     if isinstance(caution, Caution):
         return caution
-    if caution is True:
-        return Caution()
-    if caution is False or caution is None:
-        return None
+    if isinstance(caution, bool) or type(caution).__name__ == "bool_":
+        return Caution() if caution else None
     raise TypeError(f"{name} must be a bool or a cautious.Caution, got {caution!r}")
+
+
+def as_caution(caution: bool | Caution | None, *, name: str = "caution") -> Caution | None:
+    """Like :func:`caution_arg`, but also passes through ``None``, the already-normalised "off".
+
+    For internal functional APIs whose ``caution`` parameter holds the normalised value
+    (``Caution | None``); user-facing constructors use :func:`caution_arg`.
+    """
+    if caution is None:
+        return None
+    return caution_arg(caution, name=name)

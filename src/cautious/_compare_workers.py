@@ -334,8 +334,11 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         with open(sys.argv[2]) as fh:
             job_in = json.load(fh)
-        result = worker(job_in)
+        try:
+            result = worker(job_in)
+        except Exception as e:  # one line for the parent to print, not a traceback
+            result = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
         with open(sys.argv[3], "w") as fh:
             json.dump(result, fh)
-        sys.exit(0)
+        sys.exit(1 if "error" in result else 0)
     sys.exit("usage: python -m cautious._compare_workers --worker job.json out.json")

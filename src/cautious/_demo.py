@@ -34,6 +34,8 @@ CONFIGS = {
 
 def run(steps: int = 200, seed: int = 0) -> list[tuple[str, float, float, float]]:
     """Rows of (rule, initial loss, final loss without caution, final loss with caution)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     X, y = _problem(seed)
     rows = []
     for rule, hp in CONFIGS.items():

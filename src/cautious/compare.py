@@ -327,10 +327,13 @@ def _spawn(framework: str, job: dict[str, Any], tmp: str) -> tuple[dict[str, Any
         env["KERAS_BACKEND"] = "tensorflow"
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proc = subprocess.run([sys.executable, "-m", "cautious._compare_workers", "--worker", inp, out], env=env)
-    if proc.returncode != 0 or not os.path.exists(out):
+    if not os.path.exists(out):
         return None, f"worker exited with status {proc.returncode}"
     with open(out) as f:
-        return json.load(f), ""
+        res = json.load(f)
+    if "error" in res or proc.returncode != 0:
+        return None, res.get("error", f"worker exited with status {proc.returncode}")
+    return res, ""
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -341,15 +344,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         choices=FRAMEWORKS,
         help="frameworks to run (default: every installed one); numpy, the reference, always runs",
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--features", type=int, default=8)
-    p.add_argument("--width", type=int, default=64, help="width of both hidden layers")
-    p.add_argument("--batch-size", type=int, default=0, help="mini-batch size in a fixed order (0: full batch)")
-    p.add_argument("--adamw-lr", type=float, default=3e-3)
-    p.add_argument("--lion-lr", type=float, default=3e-4)
+    p.add_argument("--steps", type=int, default=300, help="training steps per optimizer (>= 1; default: 300)")
+    p.add_argument(
+        "--dtype", choices=("float64", "float32"), default="float64", help="dtype of every framework (default: float64)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights (default: 0)")
+    p.add_argument("--samples", type=int, default=512, help="number of training samples (>= 1; default: 512)")
+    p.add_argument("--features", type=int, default=8, help="number of input features (>= 1; default: 8)")
+    p.add_argument("--width", type=int, default=64, help="width of both hidden layers (>= 1; default: 64)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help="mini-batch size in a fixed order, <= --samples (0: full batch)"
+    )
+    p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW learning rate (> 0; default: 3e-3)")
+    p.add_argument("--lion-lr", type=float, default=3e-4, help="Lion learning rate (> 0; default: 3e-4)")
     p.add_argument("--target", type=float, default=0.05, help="target loss as a fraction of the initial loss")
     p.add_argument("--out", default="compare-out", help="output directory (default: compare-out/)")
     p.add_argument("--check", action="store_true", help="exit 1 when a difference exceeds the bound")
@@ -370,8 +377,16 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     frameworks = [fw for fw in FRAMEWORKS if fw in wanted or fw == "numpy"]
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    for flag, value in (("--samples", args.samples), ("--features", args.features), ("--width", args.width)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.batch_size <= args.samples:
+        raise SystemExit(f"--batch-size must be in [0, --samples={args.samples}], got {args.batch_size}")
+    for flag, value in (("--adamw-lr", args.adamw_lr), ("--lion-lr", args.lion_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"{flag} must be a finite number > 0, got {value}")
     if not 0 < args.target < 1:
-        raise SystemExit("--target must be in (0, 1): a fraction of the initial loss")
+        raise SystemExit(f"--target must be in (0, 1): a fraction of the initial loss, got {args.target}")
 
     os.makedirs(args.out, exist_ok=True)
     data = make_data(args.seed, args.samples, args.features, args.width, args.steps, args.batch_size)

@@ -9,7 +9,7 @@ import cautious.jax as cj
 
 def test_public_names_match_backend():
     assert set(cj.__all__) == set(backend.__all__)
-    for name in ("cautious", "CautiousState", "adamw", "adam", "lion", "sgd", "Caution"):
+    for name in ("cautious", "whole_update", "adamw", "adam", "lion", "sgd", "Caution"):
         assert getattr(cj, name) is getattr(backend, name)
 
 

@@ -85,11 +85,14 @@ def _spec_for(name, caution, **extra):
         )
     if name == "lion":
         return spec.lion(lr=0.003, weight_decay=0.1, caution=caution, **extra)
+    # SGD: Keras's velocity form, with Keras's float32 momentum and weight decay constants
+    keras_sgd = dict(lr=0.05, caution=caution, momentum_form="keras", **extra)
+    mu, wd = float(np.float32(0.9)), float(np.float32(0.01))
     if name == "sgd":
-        return spec.sgd(lr=0.05, momentum=0.9, weight_decay=0.01, decoupled_weight_decay=True, caution=caution, **extra)
+        return spec.sgd(momentum=mu, weight_decay=wd, decoupled_weight_decay=True, **keras_sgd)
     if name == "sgd_nesterov":
-        return spec.sgd(lr=0.05, momentum=0.9, nesterov=True, caution=caution, **extra)
-    return spec.sgd(lr=0.05, caution=caution, **extra)
+        return spec.sgd(momentum=mu, nesterov=True, **keras_sgd)
+    return spec.sgd(**keras_sgd)
 
 
 def _spec_run(opt, params, grads):
@@ -201,15 +204,15 @@ def test_caution_never_changes_state(name):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sgd_mask_follows_direction_not_keras_buffer():
+def test_sgd_torch_form_mask_follows_direction():
     # With g > 0 and momentum, u > 0: every entry agrees and must be kept (scale = n/n = 1).
     var = tf.Variable([1.0, 1.0])
-    opt = ctf.SGD(learning_rate=0.1, momentum=0.9, caution=Caution("exact"))
+    opt = ctf.SGD(learning_rate=0.1, momentum=0.9, caution=Caution("exact"), momentum_form="torch")
     opt.apply_gradients([(tf.constant([1.0, 2.0]), var)])
     np.testing.assert_allclose(var.numpy(), [0.9, 0.8], rtol=1e-6)
     # A disagreeing entry is masked and the kept one rescaled by n/k = 2.
     var2 = tf.Variable([1.0, 1.0])
-    opt2 = ctf.SGD(learning_rate=0.1, momentum=0.9, caution=Caution("exact"))
+    opt2 = ctf.SGD(learning_rate=0.1, momentum=0.9, caution=Caution("exact"), momentum_form="torch")
     opt2.build([var2])
     opt2.momentums[0].assign([-10.0, 1.0])
     opt2.iterations.assign(1)
@@ -280,7 +283,12 @@ _ACCEPTED = {
     "Lion": {"lr", "beta1", "beta2", "weight_decay", "maximize", "cautious_weight_decay"},
     "SGD": {"lr", "momentum", "weight_decay", "nesterov", "maximize", "cautious_weight_decay"},
 }
-_INVALID = [(cls, *ex) for cls, keys in _ACCEPTED.items() for ex in invalid_examples() if ex[0] in keys]
+_INVALID = [
+    (cls, *ex)
+    for cls, keys in _ACCEPTED.items()
+    for ex in invalid_examples()
+    if ex[0] in keys and not (ex[0] == "weight_decay" and ex[1] is None and cls != "AdamW")  # Keras's "no decay"
+]
 
 
 @pytest.mark.parametrize("cls,key,value,exc,msg", _INVALID)

@@ -19,7 +19,9 @@ FACTORY_KEYS = {
     "momentum": ("sgd", "momentum"),
     "dampening": ("sgd", "dampening"),
     "eps_placement": ("adamw", "eps_placement"),
+    "momentum_form": ("sgd", "momentum_form"),
 }
+FLAG_FACTORY = {"amsgrad": "adamw", "nesterov": "sgd", "decoupled_weight_decay": "sgd"}
 
 
 @pytest.mark.parametrize(("key", "value", "exc", "msg"), invalid_examples(), ids=repr)
@@ -56,7 +58,7 @@ def test_factories_raise_table_errors(key, value, exc, msg):
             cautious.Caution(**{key: value})
         assert str(info.value) == msg
     elif key in FLAGS:
-        rule = {"amsgrad": "adamw", "nesterov": "sgd", "decoupled_weight_decay": "sgd"}.get(key, "adamw")
+        rule = FLAG_FACTORY.get(key, "adamw")
         with pytest.raises(exc) as info:
             getattr(spec, rule)(**{key: value})
         assert str(info.value) == msg
@@ -66,7 +68,7 @@ def test_valid_values_pass_and_are_finite_checked():
     validate({"lr": np.float32(0.1), "beta1": 0.0, "beta2": 0.999, "eps": 0.0, "floor": 1.0})
     with pytest.raises(ValueError, match=r"^lr must be a finite number >= 0, got nan$"):
         validate({"lr": np.array(math.nan)})
-    with pytest.raises(TypeError, match="^lr must be a real number, got True$"):
+    with pytest.raises(TypeError, match=r"^lr must be a real number \(a finite number >= 0\), got True$"):
         validate({"lr": True})
 
 
@@ -105,3 +107,67 @@ def test_floor_only_with_mean_clamp():
     ):
         cautious.Caution("exact", floor=0.5)
     assert cautious.Caution("exact").floor == 1e-3
+
+
+# -- None, non-bool flags, caution=None, integer parameters (issue 12) ---------------------------------
+
+_NOT_A_BOOL = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3))
+_NOT_A_NUMBER = st.one_of(st.none(), st.text(max_size=3), st.lists(st.floats(), max_size=2), st.booleans())
+
+
+@given(key=st.sampled_from(FLAGS), value=_NOT_A_BOOL)
+def test_drawn_non_bool_flags_raise_type_error(key, value):
+    with pytest.raises(TypeError) as info:
+        getattr(spec, FLAG_FACTORY.get(key, "adamw"))(**{key: value})
+    assert str(info.value) == f"{key} must be a bool (True or False), got {value!r}"
+
+
+@given(key=st.sampled_from(["lr", "eps", "weight_decay", "momentum", "dampening"]), value=_NOT_A_NUMBER)
+def test_drawn_non_numbers_raise_type_error(key, value):
+    rule, arg = FACTORY_KEYS[key]
+    with pytest.raises(TypeError) as info:
+        getattr(spec, rule)(**{arg: value})
+    valid = next(c.valid for c in ERROR_TABLE if c.key == key)
+    assert str(info.value) == f"{key} must be a real number ({valid}), got {value!r}"
+
+
+@pytest.mark.parametrize("rule", spec.RULES)
+def test_none_is_never_off(rule):
+    with pytest.raises(TypeError, match=r"^caution must be a bool or a cautious.Caution, got None$"):
+        getattr(spec, rule)(caution=None)
+    with pytest.raises(TypeError, match=r"^lr must be a real number \(a finite number >= 0\), got None$"):
+        getattr(spec, rule)(lr=None)
+
+
+def test_eps_placement_and_caution_options_reject_none():
+    with pytest.raises(
+        TypeError, match=r"^eps_placement must be a str \(one of 'corrected', 'uncorrected'\), got None$"
+    ):
+        spec.adamw(eps_placement=None)
+    with pytest.raises(TypeError, match=r"^normalize must be a str \(one of 'mean_clamp', .*\), got None$"):
+        cautious.Caution(normalize=None)
+    with pytest.raises(TypeError, match=r"^floor must be a real number \(a finite number in \(0, 1\]\), got None$"):
+        cautious.Caution(floor=None)
+
+
+@given(
+    rule=st.sampled_from(spec.RULES),
+    dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "bool", "complex64"]),
+    values=st.lists(st.integers(-9, 9), min_size=1, max_size=4),
+)
+def test_integer_parameters_are_refused_not_truncated(rule, dtype, values):
+    opt = getattr(spec, rule)(lr=0.5)
+    p = np.array(values).astype(dtype)
+    msg = f"parameter 0 must have a floating-point dtype (float64, float32, bfloat16 or float16), got {dtype}"
+    with pytest.raises(ValueError) as info:
+        opt.init([p])
+    assert str(info.value) == msg
+    state = opt.init([np.zeros(p.shape)])
+    with pytest.raises(ValueError) as info:
+        opt.step([p], [np.ones(p.shape)], state)
+    assert str(info.value) == msg
+
+
+def test_keras_momentum_form_has_no_dampening():
+    with pytest.raises(ValueError, match=r"^momentum_form='keras' requires dampening == 0$"):
+        spec.sgd(momentum=0.9, dampening=0.1, momentum_form="keras")

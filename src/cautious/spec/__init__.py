@@ -2,7 +2,8 @@
 
 Everything every backend must reproduce is defined here, once:
 
-* :mod:`cautious.spec.mask`: the mask, the integer count, the scale;
+* :mod:`cautious.spec.mask`: the mask, the integer count, the scale, and the
+  whole-update form :func:`whole_update` for a whole optimizer's update;
 * :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum) as pure
   direction functions, and :func:`cautious`, the one wrapper that applies caution;
 * :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``,
@@ -13,23 +14,27 @@ Everything every backend must reproduce is defined here, once:
 See ``docs/spec.md`` for the math and every decision.
 """
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, as_caution, caution_arg
 from cautious.spec.dtypes import STORAGE_DTYPES, compute_dtype, round_to
 from cautious.spec.errors import ERROR_TABLE, validate
-from cautious.spec.mask import apply_caution, cautious_mask, cautious_scale, decay_mask, kept_count
+from cautious.spec.mask import apply_caution, cautious_mask, cautious_scale, decay_mask, kept_count, whole_update
 from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
 from cautious.spec.rules import (
     AdamState,
     LionState,
     Rule,
     SGDState,
+    UpdateRule,
     adam_direction,
     adam_rule,
     cautious,
+    cautious_update,
     lion_direction,
     lion_rule,
     sgd_direction,
     sgd_rule,
+    sgd_velocity,
+    sgd_velocity_rule,
 )
 
 RULES = ("adam", "adamw", "lion", "sgd")
@@ -37,6 +42,7 @@ RULES = ("adam", "adamw", "lion", "sgd")
 __all__ = [
     "Caution",
     "as_caution",
+    "caution_arg",
     "STORAGE_DTYPES",
     "compute_dtype",
     "round_to",
@@ -47,6 +53,7 @@ __all__ = [
     "cautious_scale",
     "decay_mask",
     "kept_count",
+    "whole_update",
     "Optimizer",
     "State",
     "adam",
@@ -65,5 +72,9 @@ __all__ = [
     "lion_rule",
     "sgd_direction",
     "sgd_rule",
+    "UpdateRule",
+    "sgd_velocity",
+    "sgd_velocity_rule",
+    "cautious_update",
     "RULES",
 ]

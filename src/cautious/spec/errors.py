@@ -12,12 +12,16 @@ range in words, and the predicate. Messages read::
     lr must be a finite number >= 0, got -1.0
     betas[0] must be a finite number in [0, 1), got 1.0
     normalize must be one of 'mean_clamp', 'count_plus_one', 'exact', 'none', got 'mean'
-    lr must be a real number, got 'fast'
+    lr must be a real number (a finite number >= 0), got 'fast'
+    amsgrad must be a bool (True or False), got None
+    parameter 0 must have a floating-point dtype (float64, float32, bfloat16 or float16), got int64
 
 ``ValueError`` is raised for a value of the right type outside its range (NaN
-and infinities included); ``TypeError`` for a value of the wrong type (a string
-learning rate, a non-bool flag). The conformance suite draws invalid values
-from this table and checks type and message on every backend.
+and infinities included) and for parameters of a non-floating dtype (an optimizer
+step would truncate them); ``TypeError`` for a value of the wrong type (a string
+learning rate, a non-bool flag, ``None`` anywhere: there is no "unset" value, an
+option that does not apply is simply not passed). The conformance suite draws invalid
+values from this table and checks type and message on every backend.
 """
 
 from __future__ import annotations
@@ -34,12 +38,18 @@ __all__ = [
     "FLAGS",
     "validate",
     "message",
+    "type_message",
     "invalid_examples",
     "split_betas",
     "check_nesterov",
     "check_cautious_weight_decay",
+    "check_momentum_form",
+    "KERAS_DAMPENING_MESSAGE",
     "NESTEROV_MESSAGE",
     "CAUTIOUS_WEIGHT_DECAY_MESSAGE",
+    "FLOAT_DTYPES",
+    "param_dtype_message",
+    "check_param_dtype",
 ]
 
 
@@ -110,6 +120,20 @@ ERROR_TABLE: tuple[Check, ...] = (
         ("keras", "", "after"),
         choices=("corrected", "uncorrected"),
     ),
+    Check(
+        "form",
+        "one of 'direction', 'update'",
+        lambda x: False,
+        ("optimizer", "", "Update"),
+        choices=("direction", "update"),
+    ),
+    Check(
+        "momentum_form",
+        "one of 'torch', 'keras'",
+        lambda x: False,
+        ("tf", "", "velocity"),
+        choices=("torch", "keras"),
+    ),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.
@@ -129,42 +153,74 @@ def message(key: str, value: Any, name: str | None = None) -> str:
     return f"{name or key} must be {_BY_KEY[key].valid}, got {value!r}"
 
 
+def type_message(key: str, value: Any, name: str | None = None) -> str:
+    """The exact ``TypeError`` message for a ``value`` of the wrong type (``None`` included) for ``key``."""
+    name = name or key
+    if key in FLAGS:
+        return f"{name} must be a bool (True or False), got {value!r}"
+    check = _BY_KEY[key]
+    kind = "a str" if check.choices else "a real number"
+    return f"{name} must be {kind} ({check.valid}), got {value!r}"
+
+
 def validate(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
     """Check hyperparameters against :data:`ERROR_TABLE`; raise on the first bad one.
 
     Args:
       values: spec key -> value. Keys not in the table or :data:`FLAGS` are
-        rejected with ``TypeError`` (nothing is silently ignored). ``None``
-        values are skipped (an option that does not apply).
+        rejected with ``TypeError`` (nothing is silently ignored). ``None`` is
+        never valid: a caller whose framework has an "unset" value (Keras's
+        ``weight_decay=None``, a learning-rate schedule) leaves the key out.
       names: spec key -> the name the user wrote (``{"lr": "learning_rate"}``).
 
     Raises:
-      TypeError: wrong type (non-real number, non-bool flag, non-str choice).
+      TypeError: wrong type (``None``, non-real number, non-bool flag, non-str choice).
       ValueError: a value outside its valid range, NaN and infinities included.
     """
     names = names or {}
     for key, value in values.items():
-        if value is None:
-            continue
         name = names.get(key, key)
         if key in FLAGS:
             if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+                raise TypeError(type_message(key, value, name))
             continue
         check = _BY_KEY.get(key)
         if check is None:
             raise TypeError(f"unknown hyperparameter {name!r}")
         if check.choices:
             if not isinstance(value, str):
-                raise TypeError(f"{name} must be a str, got {value!r}")
+                raise TypeError(type_message(key, value, name))
             if value not in check.choices:
                 raise ValueError(message(key, value, name))
             continue
         x = _real(value)
         if x is None:
-            raise TypeError(f"{name} must be a real number, got {value!r}")
+            raise TypeError(type_message(key, value, name))
         if not check.ok(x):
             raise ValueError(message(key, value if isinstance(value, (int, float)) else x, name))
+
+
+#: The storage dtypes a parameter may have (see :mod:`cautious.spec.dtypes`).
+FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def param_dtype_message(where: str, dtype: Any) -> str:
+    """The exact ``ValueError`` message for a parameter ``where`` (``"parameter 0"``, ``"'w'"``) of ``dtype``."""
+    return (
+        f"{where} must have a floating-point dtype ({', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]}), got {dtype}"
+    )
+
+
+def check_param_dtype(where: str, dtype: Any) -> None:
+    """``ValueError`` unless ``dtype`` (any framework's dtype, or its name) is a floating-point storage dtype.
+
+    Integer (and bool, complex) parameters are refused: a step would truncate
+    ``p - lr * u`` to an integer (``1 -> 0``), silently.
+    """
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.rsplit(".", 1)[-1]  # "torch.float32" -> "float32"
+    if name not in FLOAT_DTYPES:
+        raise ValueError(param_dtype_message(where, name))
 
 
 #: The structural errors: combinations of valid values that do not make an optimizer.
@@ -176,6 +232,15 @@ def check_nesterov(nesterov: bool, momentum: float, dampening: float = 0.0) -> N
     """``ValueError`` unless Nesterov momentum has ``momentum > 0`` and no dampening."""
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(NESTEROV_MESSAGE)
+
+
+KERAS_DAMPENING_MESSAGE = "momentum_form='keras' requires dampening == 0"
+
+
+def check_momentum_form(momentum_form: str, dampening: float = 0.0) -> None:
+    """``ValueError`` if Keras's velocity form is asked for with dampening (Keras has none)."""
+    if momentum_form == "keras" and dampening != 0:
+        raise ValueError(KERAS_DAMPENING_MESSAGE)
 
 
 def check_cautious_weight_decay(cautious_weight_decay: bool, decoupled: bool) -> None:
@@ -200,7 +265,11 @@ def invalid_examples() -> list[tuple[str, Any, type, str]]:
         for value in check.invalid:
             out.append((check.key, value, ValueError, message(check.key, value)))
     for key in ("lr", "eps", "weight_decay"):
-        out.append((key, "fast", TypeError, f"{key} must be a real number, got 'fast'"))
+        out.append((key, "fast", TypeError, type_message(key, "fast")))
+    for check in ERROR_TABLE:
+        out.append((check.key, None, TypeError, type_message(check.key, None)))
     for key in FLAGS:
-        out.append((key, "yes", TypeError, f"{key} must be a bool, got 'yes'"))
+        out.append((key, "yes", TypeError, type_message(key, "yes")))
+        out.append((key, None, TypeError, type_message(key, None)))
+        out.append((key, 1, TypeError, type_message(key, 1)))
     return out

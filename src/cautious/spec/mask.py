@@ -30,7 +30,7 @@ import numpy as np
 
 from cautious._caution import Caution
 
-__all__ = ["cautious_mask", "kept_count", "cautious_scale", "apply_caution", "decay_mask"]
+__all__ = ["cautious_mask", "kept_count", "cautious_scale", "apply_caution", "whole_update", "decay_mask"]
 
 
 def cautious_mask(u: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -76,6 +76,37 @@ def apply_caution(u: np.ndarray, g: np.ndarray, caution: Caution) -> tuple[np.nd
     scale = cautious_scale(count, u.size, caution)
     u_c = np.where(mask, u * np.asarray(scale, dtype=u.dtype), np.zeros((), u.dtype))
     return u_c.astype(u.dtype, copy=False), mask, count, scale
+
+
+def whole_update(update: np.ndarray, g: np.ndarray, caution: Caution) -> tuple[np.ndarray, np.ndarray, int, float]:
+    r"""The *whole-update form*: mask a whole optimizer's parameter update against the gradient.
+
+    ``update`` is what an optimizer adds to the parameters (``p' = p + update``): the
+    learning rate's ``-lr`` and any weight decay are already in it, so its descent
+    direction is ``-update``. The whole update, decay included, is kept where it has the
+    sign of ``-g`` and rescaled per tensor; this is :func:`apply_caution` with ``-g``:
+
+    .. math::
+
+        \text{mask}_i = [o_i < 0 \wedge g_i > 0] \vee [o_i > 0 \wedge g_i < 0]
+            \vee \operatorname{isnan}(o_i) \vee \operatorname{isnan}(g_i), \qquad
+        o^c_i = \text{mask}_i \cdot \text{scale}(\text{count}, n) \cdot o_i
+
+    Zeros, NaN, the integer count and the scale are as in :func:`apply_caution`. For a rule
+    without decoupled decay and ``lr > 0``, ``update = -lr * u`` and this is exactly the
+    direction form (``mask(-lr u, -g) = mask(u, g)``); with decoupled decay it masks the
+    decay too, unlike :func:`cautious.spec.adamw`. ``g`` is the gradient given to the optimizer.
+
+    Returns:
+      ``(update_c, mask, count, scale)``, ``update_c`` in ``update``'s dtype.
+
+    >>> import numpy as np
+    >>> o_c, mask, count, scale = whole_update(
+    ...     np.array([-0.1, 0.1, 0.2, 0.0]), np.array([1.0, 1.0, -1.0, 1.0]), Caution("exact"))
+    >>> o_c.tolist(), count, scale
+    ([-0.2, 0.0, 0.4, 0.0], 2, 2.0)
+    """
+    return apply_caution(update, -np.asarray(g), caution)
 
 
 def decay_mask(u: np.ndarray, p: np.ndarray) -> np.ndarray:

@@ -35,10 +35,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cautious._caution import Caution, as_caution
-from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
+from cautious._caution import Caution, caution_arg
+from cautious.spec.errors import (
+    check_cautious_weight_decay,
+    check_momentum_form,
+    check_nesterov,
+    check_param_dtype,
+    split_betas,
+    validate,
+)
 from cautious.spec.mask import decay_mask
-from cautious.spec.rules import Rule, adam_rule, cautious, lion_rule, sgd_rule
+from cautious.spec.rules import (
+    Rule,
+    UpdateRule,
+    adam_rule,
+    cautious,
+    cautious_update,
+    lion_rule,
+    sgd_rule,
+    sgd_velocity_rule,
+)
 
 __all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer"]
 
@@ -72,7 +88,7 @@ def _cast_like(new: Any, old: Any) -> Any:
 
 
 def make_optimizer(
-    rule: Rule,
+    rule: Rule | UpdateRule,
     *,
     lr: float,
     weight_decay: float,
@@ -82,13 +98,24 @@ def make_optimizer(
     cautious_weight_decay: bool,
     hparams: Mapping[str, Any],
 ) -> Optimizer:
-    """Build the generic step around ``rule``; see the module docstring for the math."""
+    """Build the generic step around ``rule``; see the module docstring for the math.
+
+    An :class:`~cautious.spec.rules.UpdateRule` (update form) gives ``delta`` with the
+    learning rate inside: ``eta * u`` is replaced by ``-delta``, and caution masks ``delta``
+    in the whole-update form.
+    """
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
-    inner = cautious(rule, caution) if caution is not None else rule
+    wrap = cautious_update if isinstance(rule, UpdateRule) else cautious
+    inner = wrap(rule, caution) if caution is not None else rule
     lr = float(lr)
     wd = float(weight_decay)
 
+    def check_params(params: Sequence[np.ndarray]) -> None:
+        for i, p in enumerate(params):
+            check_param_dtype(f"parameter {i}", np.asarray(p).dtype)
+
     def init(params: Sequence[np.ndarray]) -> State:
+        check_params(params)
         return State(0, tuple(rule.init(np.asarray(p)) for p in params))
 
     def step(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple[list[np.ndarray], State]:
@@ -97,6 +124,7 @@ def make_optimizer(
                 f"params, grads and state must have the same length, got "
                 f"{len(params)}, {len(grads)} and {len(state.leaves)}"
             )
+        check_params(params)
         for p, g in zip(params, grads):
             if np.shape(g) != np.shape(p):
                 raise ValueError(f"gradient shape {np.shape(g)} does not match parameter shape {np.shape(p)}")
@@ -117,12 +145,17 @@ def make_optimizer(
             g64 = -g64
         if wd != 0 and not decoupled:
             g64 = g64 + wd * p64
-        u, s_new = inner.direction(g64, s64, t)
+        if isinstance(inner, UpdateRule):  # update form: the learning rate is inside delta
+            delta, s_new = inner.update(g64, s64, t, lr)
+            u, lr_u = -delta, -delta
+        else:
+            u, s_new = inner.direction(g64, s64, t)
+            lr_u = lr * u
         if wd != 0 and decoupled:
             d = p64 if not cautious_weight_decay else np.where(decay_mask(u, p64), p64, 0.0)
-            p_new = p64 - (lr * wd) * d - lr * u
+            p_new = p64 - (lr * wd) * d - lr_u
         else:
-            p_new = p64 - lr * u
+            p_new = p64 - lr_u
         return np.asarray(p_new, dtype=p.dtype), _cast_like(s_new, s)
 
     return Optimizer(init, step, rule.name, dict(hparams))
@@ -133,7 +166,7 @@ BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
 def _common(caution: Any, **flags: Any) -> Caution | None:
     validate(flags)
-    return as_caution(caution)
+    return caution_arg(caution)
 
 
 def adam(
@@ -245,9 +278,16 @@ def sgd(
     decoupled_weight_decay: bool = False,
     caution: bool | Caution = True,
     cautious_weight_decay: bool = False,
+    momentum_form: str = "torch",
 ) -> Optimizer:
-    """Cautious SGD with momentum (as torch.optim.SGD, plus optional decoupled decay)."""
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    """Cautious SGD with momentum (as torch.optim.SGD, plus optional decoupled decay).
+
+    ``momentum_form="torch"`` (default): :func:`~cautious.spec.sgd_direction`, the buffer holds
+    ``m`` and the learning rate multiplies the direction. ``momentum_form="keras"``: Keras's
+    velocity form, :func:`~cautious.spec.sgd_velocity` (the buffer carries ``-lr``; caution
+    masks the whole update); requires ``dampening == 0``.
+    """
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, momentum_form=momentum_form)
     validate(hp)
     c = _common(
         caution,
@@ -257,6 +297,11 @@ def sgd(
         cautious_weight_decay=cautious_weight_decay,
     )
     check_nesterov(nesterov, momentum, dampening)
+    check_momentum_form(momentum_form, dampening)
+    if momentum_form == "keras":
+        rule: Rule | UpdateRule = sgd_velocity_rule(momentum=float(momentum), nesterov=nesterov)
+    else:
+        rule = sgd_rule(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov)
     hp.update(
         nesterov=nesterov,
         maximize=maximize,
@@ -265,7 +310,7 @@ def sgd(
         cautious_weight_decay=cautious_weight_decay,
     )
     return make_optimizer(
-        sgd_rule(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov),
+        rule,
         lr=lr,
         weight_decay=weight_decay,
         decoupled=decoupled_weight_decay,

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cautious._caution import Caution
-from cautious.spec.mask import apply_caution
+from cautious.spec.mask import apply_caution, whole_update
 
 __all__ = [
     "Rule",
@@ -29,6 +29,10 @@ __all__ = [
     "lion_rule",
     "sgd_rule",
     "cautious",
+    "UpdateRule",
+    "sgd_velocity",
+    "sgd_velocity_rule",
+    "cautious_update",
     "adam_direction",
     "lion_direction",
     "sgd_direction",
@@ -200,3 +204,72 @@ def cautious(rule: Rule, caution: Caution) -> Rule:
         return u_c, s_new
 
     return Rule(f"cautious({rule.name})", rule.init, direction)
+
+
+# -- the update form: rules whose state carries the learning rate ------------------------------------
+
+
+class UpdateRule(NamedTuple):
+    r"""A base rule in *update form*: ``init(p) -> s`` and ``update(g, s, step, lr) -> (delta, s_new)``.
+
+    ``delta`` is the parameter update itself (``p' = p + delta``, before decoupled decay),
+    with the learning rate inside; the state may carry it too (Keras's SGD velocity), so
+    the rule needs the step's ``lr``. Caution applies to ``delta`` in the whole-update
+    form (:func:`cautious_update`, :func:`cautious.spec.whole_update`).
+    """
+
+    name: str
+    init: Callable[[np.ndarray], Any]
+    update: Callable[[np.ndarray, Any, int, float], tuple[np.ndarray, Any]]
+
+
+def sgd_velocity(
+    g: np.ndarray, s: SGDState, step: int, *, lr: float, momentum: float, nesterov: bool = False
+) -> tuple[np.ndarray, SGDState]:
+    r"""SGD-momentum in Keras's velocity form (``momentum_form="keras"``).
+
+    .. math::
+
+        m' = \mu m - \eta g, \qquad
+        \delta = \mu m' - \eta g \text{ (nesterov) else } m'
+
+    The buffer ``m`` is Keras's ``momentums`` slot and carries ``-lr``: for a constant
+    learning rate ``m = -lr * m_torch`` and ``delta = -lr * u`` of :func:`sgd_direction`
+    (``dampening=0``). With a schedule they differ: here each gradient enters the buffer
+    with the learning rate of its own step. With ``momentum == 0``: ``delta = -lr * g``, no buffer.
+    """
+    del step
+    if momentum == 0:
+        return -lr * g, SGDState(None)
+    m = momentum * s.m - lr * g
+    delta = momentum * m - lr * g if nesterov else m
+    return delta, SGDState(m)
+
+
+def sgd_velocity_rule(*, momentum: float, nesterov: bool = False) -> UpdateRule:
+    """SGD-momentum in Keras's velocity form as an :class:`UpdateRule`."""
+
+    def init(p: np.ndarray) -> SGDState:
+        return SGDState(_zeros_like(p) if momentum != 0 else None)
+
+    def update(g: np.ndarray, s: SGDState, step: int, lr: float) -> tuple[np.ndarray, SGDState]:
+        return sgd_velocity(g, s, step, lr=lr, momentum=momentum, nesterov=nesterov)
+
+    return UpdateRule("sgd", init, update)
+
+
+def cautious_update(rule: UpdateRule, caution: Caution) -> UpdateRule:
+    r"""Wrap an update-form rule with the cautious mask, in the whole-update form.
+
+    .. math::  \delta^c = \text{mask}(\delta, -g) \cdot \text{scale} \cdot \delta
+
+    (the descent direction is ``-delta``; see :func:`cautious.spec.whole_update`). The
+    state is the inner rule's, untouched.
+    """
+
+    def update(g: np.ndarray, s: Any, step: int, lr: float) -> tuple[np.ndarray, Any]:
+        delta, s_new = rule.update(g, s, step, lr)
+        delta_c, _, _, _ = whole_update(delta, g, caution)
+        return delta_c, s_new
+
+    return UpdateRule(f"cautious({rule.name})", rule.init, update)

@@ -1,8 +1,9 @@
 r"""Cautious optimizers for JAX, as optax ``GradientTransformation``\ s (public API: :mod:`cautious.jax`).
 
-* :func:`cautious` wraps any direction transformation (``optax.scale_by_adam()``,
-  ``optax.scale_by_lion()``, ``optax.trace(...)``) with the cautious mask; its state is
-  :class:`CautiousState` ``(inner_state=...)``.
+* :func:`cautious` wraps a direction transformation (``form="direction"``:
+  ``optax.scale_by_adam()``, ``optax.scale_by_lion()``, ``optax.trace(...)``) or a whole
+  optimizer (``form="update"``: ``optax.adamw(1e-3)``, any chain ending in a learning rate)
+  with the cautious mask; its state is exactly the inner state.
 * :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd` have optax's signatures and defaults
   plus the spec's keyword-only options (``caution=True``, ``cautious_weight_decay=False``,
   ``eps_placement="corrected"``, ...); ``caution=False`` reproduces optax.
@@ -24,8 +25,12 @@ Notes:
     ``eps``, the mask is decided from the direction itself.
   * Validation covers Python/NumPy numbers and concrete arrays at construction; schedules and
     traced hyperparameters are not validated.
-  * bfloat16/float16 tensors compute in float32 and round once into state and parameters
-    (optax itself computes some moment updates in the low precision).
+  * bfloat16/float16 tensors compute in float32 and round once into the state and into the
+    updates, which have the parameters' dtype as optax's do (optax itself computes some moment
+    updates in the low precision). Integer (and other non-floating) parameters are refused.
+  * The state of :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd` is exactly the pytree
+    of the optax optimizer with the same base rule (``optax.adamw`` ...), caution on or off:
+    checkpoints restore both ways.
 
 See :mod:`cautious.spec` for the algorithm.
 """
@@ -33,12 +38,13 @@ See :mod:`cautious.spec` for the algorithm.
 from cautious._caution import Caution
 from cautious.backends.jax._alias import adam, adamw, lion, sgd
 from cautious.backends.jax._core import (
-    CautiousState,
+    FORMS,
     apply_caution,
     caution_scale,
     cautious,
     cautious_mask,
     kept_count,
+    whole_update,
 )
 from cautious.backends.jax._transforms import (
     ScaleByAdamState,
@@ -52,7 +58,7 @@ from cautious.backends.jax._transforms import (
 
 __all__ = [
     "Caution",
-    "CautiousState",
+    "FORMS",
     "cautious",
     "adamw",
     "adam",
@@ -69,4 +75,5 @@ __all__ = [
     "kept_count",
     "caution_scale",
     "apply_caution",
+    "whole_update",
 ]

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, caution_arg
 from cautious.backends.jax import _transforms as tf
-from cautious.backends.jax._core import cautious
-from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, validate
+from cautious.backends.jax._core import _cautious
+from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
 
 __all__ = ["adamw", "adam", "lion", "sgd"]
 
@@ -38,7 +39,35 @@ def _check(values: dict[str, Any]) -> None:
 
 
 def _direction(inner: optax.GradientTransformation, caution: Caution | None) -> Any:
-    return cautious(inner, caution) if caution is not None else inner
+    return _cautious(inner, caution, form="direction", keep_dtype=False) if caution is not None else inner
+
+
+def _dtype(x: Any) -> Any:
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _drop_in(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with optax's contract at its edges, and nothing added to its state.
+
+    ``init`` refuses parameters of a non-floating dtype (a step would truncate them); ``update``
+    returns updates in the parameters' dtype (the gradients' when ``params`` is not given), as
+    optax does: bfloat16/float16 leaves compute in float32 inside and round once here.
+    """
+
+    def init_fn(params: Any) -> Any:
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            check_param_dtype(f"parameter {jax.tree_util.keystr(path) or '(root)'}", _dtype(p))
+        return tx.init(params)
+
+    def cast(u: Any, p: Any) -> Any:
+        return u if u is None or p is None else u.astype(_dtype(p))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        new, state = tx.update(updates, state, params, **extra)
+        like = updates if params is None else params
+        return jax.tree.map(cast, new, like, is_leaf=lambda x: x is None), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _chain(
@@ -65,7 +94,7 @@ def _chain(
     if decoupled:
         parts.append(tf.add_decayed_weights(weight_decay, mask, cautious=cautious_weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return _drop_in(optax.chain(*parts))
 
 
 def adamw(
@@ -166,7 +195,7 @@ def adam(
             cautious_weight_decay=cautious_weight_decay,
         )
     )
-    c = as_caution(caution)
+    c = caution_arg(caution)
     direction = tf.scale_by_adam(
         b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, amsgrad=amsgrad, eps_placement=eps_placement
     )
@@ -211,7 +240,7 @@ def lion(
             cautious_weight_decay=cautious_weight_decay,
         )
     )
-    c = as_caution(caution)
+    c = caution_arg(caution)
     return _chain(
         tf.scale_by_lion(b1, b2, mu_dtype),
         c,
@@ -248,7 +277,7 @@ def sgd(
     _check(
         dict(
             lr=learning_rate,
-            momentum=momentum,
+            **({} if momentum is None else {"momentum": momentum}),  # None: optax's "no momentum buffer"
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
@@ -258,7 +287,7 @@ def sgd(
     )
     if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
         raise ValueError(NESTEROV_MESSAGE)
-    c = as_caution(caution)
+    c = caution_arg(caution)
     if momentum is None:
         direction: Any = optax.identity()
     else:

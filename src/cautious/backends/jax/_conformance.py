@@ -4,6 +4,13 @@
 >>> run_conformance(JaxAdapter(jit=True))                     # doctest: +SKIP
 
 float64 cases need ``jax.config.update("jax_enable_x64", True)`` before any array is made.
+
+bfloat16/float16 parameters are passed in float32 (their values are exact there) with
+gradients and state in the case's dtypes: the optimizer computes exactly as for bfloat16
+parameters (in float32), but returns float32 updates, so ``p + update`` rounds once to the
+storage dtype, as the spec's parameter rounds. With real bfloat16 parameters the updates
+are rounded to bfloat16 first (optax's contract, see :mod:`cautious.backends.jax`); that
+cast is tested on its own in ``tests/backend_jax``.
 """
 
 from __future__ import annotations
@@ -124,7 +131,8 @@ class JaxAdapter:
     ) -> tuple[list[np.ndarray], spec.State]:
         fn, opt = self._step_fn(case)
         pd, sd = _JNP[case.dtype], _JNP[case.state_storage]
-        p = [jnp.asarray(np.asarray(x), pd) for x in params]
+        wide = jnp.float32 if case.dtype in ("bfloat16", "float16") else pd  # see the module docstring
+        p = [jnp.asarray(np.asarray(x), wide) for x in params]
         g = [jnp.asarray(np.asarray(x), pd) for x in grads]
         arr = lambda x: jnp.asarray(np.asarray(x), sd)  # noqa: E731
         count = jnp.asarray(state.step, jnp.int32)

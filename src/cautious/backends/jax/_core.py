@@ -28,15 +28,20 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, caution_arg
+from cautious.spec.errors import ERROR_TABLE, validate
 
-__all__ = ["CautiousState", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution"]
+__all__ = ["FORMS", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution", "whole_update"]
+
+#: What :func:`cautious` wraps: a descent ``"direction"`` (before the learning rate) or a whole
+#: optimizer's ``"update"`` (the parameter delta, ``-lr`` and decay included).
+FORMS = next(c.choices for c in ERROR_TABLE if c.key == "form")
 
 # Tensors with fewer entries use the plain integer count (cheap at that size, and trivially consistent).
 FAST_COUNT_MIN_SIZE = 1 << 15
@@ -47,12 +52,6 @@ EXACT_SUM_LIMIT = {"float32": 2**24, "float64": 2**53}
 # update function of a direction transformation -> the same update that also returns a sign proxy
 # tree: arrays whose sign and NaN-ness equal the direction's (see :func:`register_sign_proxy`).
 _PROXY_UPDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class CautiousState(NamedTuple):
-    """State of :func:`cautious`: the inner transformation's state, unchanged."""
-
-    inner_state: Any
 
 
 def register_sign_proxy(update: Callable, update_with_proxy: Callable) -> None:
@@ -147,7 +146,7 @@ def apply_caution(u: jax.Array, g: jax.Array, caution: Caution, proxy: jax.Array
     """``where(mask, scale * u, 0)`` for one tensor; the mask from ``proxy`` (same signs as ``u``) if given.
 
     The result has ``u``'s dtype, or float32 when ``u`` is bfloat16/float16 (scaling in float32;
-    the parameter update rounds once).
+    :func:`cautious` rounds once to ``u``'s dtype, the aliases once into the update).
     """
     if u.size == 0:
         return u
@@ -158,32 +157,60 @@ def apply_caution(u: jax.Array, g: jax.Array, caution: Caution, proxy: jax.Array
     return jnp.where(mask, u.astype(cd) * scale, jnp.zeros((), cd))
 
 
+def whole_update(update: jax.Array, g: jax.Array, caution: Caution) -> jax.Array:
+    r"""A whole optimizer's update (``p' = p + update``), masked against the gradient.
+
+    As :func:`cautious.spec.whole_update`: the descent direction is ``-update``, so the
+    update is kept where it has the sign of ``-g``:
+    ``where(mask(update, -g), scale * update, 0)``.
+    """
+    return apply_caution(update, -g, caution).astype(update.dtype)
+
+
 def _leaves_like(treedef: Any, tree: Any) -> list:
     return treedef.flatten_up_to(tree)
 
 
 def cautious(
-    inner: optax.GradientTransformation, caution: bool | Caution = True
+    inner: optax.GradientTransformation, caution: bool | Caution = True, *, form: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Wrap a direction transformation with the cautious mask.
+    r"""Wrap a direction transformation, or a whole optimizer, with the cautious mask.
 
-    ``inner`` maps the gradient to a descent direction ``u`` with optax's sign convention
-    before the learning rate (``optax.scale_by_adam()``, ``optax.scale_by_lion()``,
-    ``optax.trace(...)``): ``+u`` points along the gradient, and a later
-    ``scale_by_learning_rate`` multiplies by ``-lr``. The wrapper keeps the entries of
-    ``u`` that agree in sign with the incoming gradient ``g`` (NaN kept), rescales them per
-    tensor, and zeroes the rest:
+    ``form`` says which ``inner`` is; it has no default, because the two have opposite signs
+    and a wrong guess masks every entry (training silently stops):
 
-    .. math::  u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u
+    * ``form="direction"``: ``inner`` maps the gradient to a descent direction ``u`` with optax's
+      sign convention, before the learning rate (``optax.scale_by_adam()``,
+      ``optax.scale_by_lion()``, ``optax.trace(...)``): ``+u`` points along the gradient and a
+      later ``scale_by_learning_rate`` multiplies by ``-lr``. The entries of ``u`` that agree in
+      sign with the incoming gradient ``g`` are kept (NaN kept) and rescaled per tensor:
 
-    Put it right after the direction, before decoupled weight decay and the learning rate
-    (as :func:`cautious.jax.adamw` does), so decay is never masked. The inner state is kept
-    unchanged in :class:`CautiousState` ``(inner_state=...)``. See :mod:`cautious.spec` for the
-    algorithm.
+      .. math::  u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u
+
+      Put it right after the direction, before decoupled weight decay and the learning rate
+      (as :func:`cautious.jax.adamw` does), so decay is never masked.
+
+    * ``form="update"``: ``inner`` is a whole optimizer (``optax.adamw(1e-3)``,
+      ``optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, 0.9))``) whose output is
+      the parameter update ``o`` (``p' = p + o``: ``-lr`` and weight decay included). The whole
+      update is masked against the gradient, decay included (the spec's
+      :func:`cautious.spec.whole_update`):
+
+      .. math::  o^c = \text{mask}(o, -g)\cdot\text{scale}\cdot o
+
+      This equals ``form="direction"`` for rules without decoupled decay and a positive
+      learning rate; with decoupled decay it differs from :func:`cautious.jax.adamw`, which
+      never masks the decay.
+
+    The state is exactly the inner state (the same pytree as without caution), so states and
+    checkpoints move freely between ``inner`` and ``cautious(inner)``. Outputs keep the dtype
+    that ``inner`` returns (bfloat16/float16 are scaled in float32 and rounded once). See
+    :mod:`cautious.spec` for the algorithm.
 
     Args:
-      inner: the direction transformation.
+      inner: the direction transformation or the whole optimizer.
       caution: ``True`` (``Caution()``), ``False`` (no mask) or a :class:`cautious.Caution`.
+      form: ``"direction"`` or ``"update"`` (required).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -191,32 +218,54 @@ def cautious(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from cautious.jax import cautious
-      >>> opt = optax.chain(cautious(optax.scale_by_adam()), optax.scale_by_learning_rate(0.1))
+      >>> opt = optax.chain(cautious(optax.scale_by_adam(), form="direction"), optax.scale_by_learning_rate(0.1))
       >>> params = jnp.array([1.0, 1.0])
       >>> state = opt.init(params)
       >>> updates, state = opt.update(jnp.array([1.0, -1.0]), state, params)
       >>> [round(x, 3) for x in updates.tolist()]
       [-0.1, 0.1]
+      >>> whole = cautious(optax.adamw(0.1), form="update")
+      >>> updates, _ = whole.update(jnp.array([1.0, -1.0]), whole.init(params), params)
+      >>> [round(x, 3) for x in updates.tolist()]
+      [-0.1, 0.1]
     """
-    c = as_caution(caution)
-    proxy_update = _PROXY_UPDATES.get(inner.update)
+    return _cautious(inner, caution, form=form, keep_dtype=True)
+
+
+def _cautious(
+    inner: optax.GradientTransformation, caution: bool | Caution, *, form: str | None, keep_dtype: bool
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`cautious`; ``keep_dtype=False`` leaves a low-precision direction in float32 (the
+    aliases round once, into the update)."""
+    if form is None:
+        raise TypeError(
+            "cautious() needs form='direction' (inner is a descent direction before the learning rate, such as "
+            "optax.scale_by_adam()) or form='update' (inner is a whole optimizer, such as optax.adamw(1e-3), "
+            "whose whole update is masked)"
+        )
+    validate({"form": form})
+    c = caution_arg(caution)
+    by_update = form == "update"
+    proxy_update = None if by_update else _PROXY_UPDATES.get(inner.update)
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params: Any) -> CautiousState:
-        return CautiousState(inner_state=inner.init(params))
-
-    def update_fn(updates: Any, state: CautiousState, params: Any = None, **extra: Any):
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
         if proxy_update is not None and c is not None:
-            u, inner_state, proxy = proxy_update(updates, state.inner_state, params, **extra)
+            u, new_state, proxy = proxy_update(updates, state, params, **extra)
         else:
-            u, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            u, new_state = inner.update(updates, state, params, **extra)
             proxy = None
         if c is None:
-            return u, CautiousState(inner_state=inner_state)
+            return u, new_state
         u_leaves, treedef = jax.tree.flatten(u)
         g_leaves = _leaves_like(treedef, updates)
-        p_leaves = _leaves_like(treedef, proxy) if proxy is not None else [None] * len(u_leaves)
-        out = [apply_caution(a, b, c, p) for a, b, p in zip(u_leaves, g_leaves, p_leaves)]
-        return jax.tree.unflatten(treedef, out), CautiousState(inner_state=inner_state)
+        if by_update:
+            out = [whole_update(o, g, c) for o, g in zip(u_leaves, g_leaves)]
+        else:
+            p_leaves = _leaves_like(treedef, proxy) if proxy is not None else [None] * len(u_leaves)
+            out = [apply_caution(a, b, c, p) for a, b, p in zip(u_leaves, g_leaves, p_leaves)]
+            if keep_dtype:
+                out = [o.astype(a.dtype) for o, a in zip(out, u_leaves)]
+        return jax.tree.unflatten(treedef, out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)

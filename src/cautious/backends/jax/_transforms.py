@@ -35,10 +35,9 @@ __all__ = [
 ScaleByAdamState = optax.ScaleByAdamState
 
 
-class WeightDecaySchedule(NamedTuple):
-    """State of a scheduled cautious weight decay (as optax's, which optax does not export)."""
-
-    count: jax.Array
+#: State of a scheduled weight decay: optax's own class (not exported by optax, so taken from
+#: its public transformation), so that the state pytree equals :func:`optax.add_decayed_weights`'s.
+WeightDecaySchedule = type(optax.add_decayed_weights(lambda count: 0.0).init(None))
 
 
 class ScaleByAmsgradState(NamedTuple):

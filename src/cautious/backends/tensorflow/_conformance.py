@@ -10,8 +10,9 @@ Mapping (spec -> Keras): ``lr`` -> ``learning_rate``, ``betas`` -> ``beta_1``/``
 ``eps`` -> ``epsilon``; ``spec.adamw`` -> :class:`AdamW`, ``spec.adam`` with decoupled decay
 (or none) -> :class:`Adam`, ``spec.lion`` -> :class:`Lion`, ``spec.sgd`` with decoupled decay
 (or none) -> :class:`SGD`. AdamState ``(m, v, v_max)`` is ``(momentum, velocity,
-velocity_hat)``; SGD's buffer stores the spec's ``m`` itself (see
-:class:`cautious.tensorflow.SGD`), so no conversion is needed. Optimizers are built under
+velocity_hat)``; SGD is built with the case's ``momentum_form`` (the spec's default,
+``"torch"``, unless the case says ``"keras"``), whose buffer is the spec's ``m`` in either
+form (see :class:`cautious.tensorflow.SGD`), so no conversion is needed. Optimizers are built under
 ``keras.config.floatx() == case.dtype`` for float64 so that the learning-rate variable is
 float64, and are cached per case and shapes so that each ``tf.function`` traces once.
 
@@ -79,7 +80,13 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return Lion(beta_1=float(b1), beta_2=float(b2), weight_decay=wd, **common)
-    return SGD(momentum=float(hp["momentum"]), nesterov=bool(hp.get("nesterov", False)), weight_decay=wd, **common)
+    return SGD(
+        momentum=float(hp["momentum"]),
+        nesterov=bool(hp.get("nesterov", False)),
+        weight_decay=wd,
+        momentum_form=hp.get("momentum_form", "torch"),
+        **common,
+    )
 
 
 class _Entry:

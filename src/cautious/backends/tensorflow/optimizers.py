@@ -36,10 +36,14 @@ Numerics:
     Keras's ``floatx`` dtype: call ``keras.config.set_floatx("float64")`` before building
     an optimizer for float64 training to keep the learning rate exact.
 
-SGD's momentum buffer holds the spec's (and torch's) ``m`` (``m' = momentum * m + g``,
-``p' = p - lr * u``), not Keras's ``-lr``-scaled buffer. The two are the same algorithm for
-a constant learning rate; with a schedule the learning rate multiplies the whole direction
-at each step (torch, spec) instead of each gradient as it enters the buffer (Keras).
+SGD follows Keras by default (``momentum_form="keras"``, the spec's velocity form
+:func:`cautious.spec.sgd_velocity`): the buffer is Keras's velocity, which carries the
+learning rate (``m' = momentum * m - lr * g``, ``p' = p + m'``), so with ``caution=False``
+it is ``keras.optimizers.SGD`` bit for bit (float32 and float64, schedules and weight
+decay included) and a Keras SGD state keeps its meaning. Caution masks the whole update
+``m'`` against ``-g`` (:func:`cautious.spec.whole_update`). ``momentum_form="torch"``
+keeps torch's ``m`` instead (``m' = momentum * m + g``, ``p' = p - lr * u``); the two are
+the same algorithm for a constant learning rate, and differ under a schedule.
 
 References: Liang et al. 2024, *Cautious Optimizers*, arXiv:2411.16085; Chen et al.
 2025, *Cautious Weight Decay*, arXiv:2510.12402.
@@ -55,9 +59,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cautious._caution import Caution, as_caution  # noqa: E402
+from cautious._caution import Caution, caution_arg  # noqa: E402
 from cautious.backends.tensorflow import _ops  # noqa: E402
-from cautious.spec.errors import check_nesterov, validate  # noqa: E402
+from cautious.spec.errors import check_nesterov, check_param_dtype, validate  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -106,19 +110,19 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         spec_values: dict[str, Any],
         **kwargs: Any,
     ) -> None:
-        lr_check = None if callable(learning_rate) else learning_rate
-        # Validate everything before any state exists (the spec's one error table).
+        # Validate everything before any state exists (the spec's one error table). A schedule
+        # or callable learning rate and Keras's weight_decay=None ("no decay") are left out.
         validate(
             {
-                "lr": lr_check,
+                **({} if callable(learning_rate) else {"lr": learning_rate}),
                 **spec_values,
-                "weight_decay": weight_decay,
+                **({} if weight_decay is None else {"weight_decay": weight_decay}),
                 "cautious_weight_decay": cautious_weight_decay,
                 "maximize": maximize,
             },
             NAMES,
         )
-        caution_obj = as_caution(caution)
+        caution_obj = caution_arg(caution)
         if not callable(learning_rate):
             learning_rate = float(learning_rate.item() if hasattr(learning_rate, "item") else learning_rate)
         super().__init__(
@@ -131,6 +135,12 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         self.maximize = bool(maximize)
 
     # -- Keras hooks ------------------------------------------------------------------------
+    def build(self, var_list: list[Any]) -> None:
+        """Refuse non-floating variables (a step would truncate them), then build as Keras does."""
+        for v in var_list:
+            check_param_dtype(f"variable {getattr(v, 'path', None) or v.name!r}", tf.as_dtype(v.dtype).name)
+        super().build(var_list)
+
     def _apply_weight_decay(self, variables: Any) -> None:
         # Decoupled decay is applied inside update_step, fused with the update, so that
         # cautious_weight_decay can see the cautious direction. Nothing to do here.
@@ -353,8 +363,7 @@ class AdamW(Adam):
         maximize: bool = False,
         **kwargs: Any,
     ) -> None:
-        if weight_decay is None:
-            raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
+        validate({"weight_decay": weight_decay})  # AdamW has no "no decay" (None): the table's TypeError
         super().__init__(
             learning_rate=learning_rate,
             beta_1=beta_1,
@@ -435,17 +444,28 @@ class Lion(CautiousOptimizer):
 
 @keras.saving.register_keras_serializable(package="cautious")
 class SGD(CautiousOptimizer):
-    r"""Cautious SGD with (Nesterov) momentum, Keras names and defaults.
+    r"""Cautious SGD with (Nesterov) momentum, Keras names, defaults and buffer.
+
+    ``momentum_form="keras"`` (default; :func:`cautious.spec.sgd_velocity`), Keras's velocity:
 
     .. math::
 
-        m' = \mu m + g, \qquad u = g + \mu m' \text{ (nesterov) else } m'
-        \qquad (u = g \text{ when } \mu = 0)
+        m' = \mu m - \eta g, \qquad \delta = \mu m' - \eta g \text{ (nesterov) else } m',
+        \qquad p' = p - \eta\lambda p + \text{mask}(\delta, -g)\cdot\text{scale}\cdot\delta
 
-    The buffer holds the spec's ``m`` (torch's), not Keras's ``-lr``-scaled buffer; the
-    mask follows ``u``. See :func:`cautious.spec.sgd` (``dampening=0``, decoupled decay).
-    ``caution=False`` equals ``keras.optimizers.SGD`` within rounding for a constant
-    learning rate.
+    (``delta = -lr * g`` when ``momentum == 0``). ``caution=False`` is ``keras.optimizers.SGD``
+    bit for bit for float32 and float64 variables, learning-rate schedules and weight decay
+    included (the same operations in the same order, and Keras's constants: for float64
+    variables ``momentum`` and ``weight_decay`` are float32-rounded, as Keras rounds them), and
+    the ``momentum`` slots hold Keras's velocity, so Keras SGD checkpoints load with their
+    meaning. bfloat16/float16 variables compute in float32 and round once (Keras computes in
+    the low precision).
+
+    ``momentum_form="torch"`` (:func:`cautious.spec.sgd_direction`, ``dampening=0``): the
+    slots hold torch's ``m' = \mu m + g``, ``u = g + \mu m'`` (nesterov) else ``m'``,
+    ``p' = p - \eta\lambda p - \eta\,\text{mask}(u, g)\cdot\text{scale}\cdot u``. Same algorithm
+    for a constant learning rate; under a schedule the learning rate multiplies the whole
+    buffer at each step instead of each gradient as it enters.
 
     Args:
         learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.01.
@@ -453,6 +473,7 @@ class SGD(CautiousOptimizer):
         nesterov: Nesterov momentum; requires ``momentum > 0``.
         weight_decay: decoupled weight decay, or None.
         caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        momentum_form: ``"keras"`` (default) or ``"torch"``.
         **kwargs: {base}
     """
 
@@ -466,9 +487,10 @@ class SGD(CautiousOptimizer):
         caution: bool | Caution = True,
         cautious_weight_decay: bool = False,
         maximize: bool = False,
+        momentum_form: str = "keras",
         **kwargs: Any,
     ) -> None:
-        validate({"momentum": momentum, "nesterov": nesterov})
+        validate({"momentum": momentum, "nesterov": nesterov, "momentum_form": momentum_form})
         check_nesterov(nesterov, momentum)
         super().__init__(
             learning_rate=learning_rate,
@@ -481,6 +503,7 @@ class SGD(CautiousOptimizer):
         )
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
+        self.momentum_form = momentum_form
 
     def build(self, var_list: list[Any]) -> None:
         if self.built:
@@ -499,9 +522,50 @@ class SGD(CautiousOptimizer):
         u = g + mu * m if self.nesterov else m
         return u, None, [(m_var, m)], None
 
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One step; Keras's velocity form unless ``momentum_form="torch"`` (see the class docstring)."""
+        if self.momentum_form == "torch":
+            return super().update_step(gradient, variable, learning_rate)
+        n = variable.shape.num_elements()
+        if n == 0:
+            return
+        cdt = _ops.compute_dtype(variable.dtype)
+        lr = tf.cast(learning_rate, cdt)
+        g = tf.cast(tf.convert_to_tensor(gradient), cdt)
+        if self.maximize:
+            g = -g
+        assigns = []
+        # keras.optimizers.SGD's operations, in its order (bit for bit with caution off); its
+        # constants too: keras.ops.cast makes a Python float a float32 first, even for float64.
+        if self.momentum != 0:
+            m_var = self.momentums[self._get_variable_index(variable)]
+            mu = keras.ops.cast(self.momentum, cdt)
+            m = tf.cast(m_var, cdt) * mu - g * lr
+            delta = m * mu - g * lr if self.nesterov else m
+            assigns.append((m_var, m))
+        else:
+            delta = -(g * lr)
+        mask = None
+        if self.caution is not None:  # the whole update against the descent direction -g
+            mask = _ops.cautious_mask(delta, -g)
+            if self.caution.normalize != "none":
+                scale = _ops.cautious_scale(_ops.kept_count(mask, n), n, self.caution)
+                delta = delta * tf.cast(scale, cdt)
+            delta = tf.where(mask, delta, tf.zeros((), cdt))
+        p = tf.cast(tf.convert_to_tensor(variable), cdt)
+        if self.weight_decay and self._use_weight_decay(variable):
+            # Keras decays first (variable - variable * wd * lr), then adds the velocity.
+            decay = p * keras.ops.cast(self.weight_decay, cdt) * lr
+            if self.cautious_weight_decay:
+                decay = tf.where(_ops.decay_keep(-delta, p, mask), decay, tf.zeros((), cdt))
+            p = p - decay
+        for state_var, value in assigns:
+            self.assign(state_var, value)
+        self.assign(variable, p + delta)
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({"momentum": self.momentum, "nesterov": self.nesterov})
+        config.update({"momentum": self.momentum, "nesterov": self.nesterov, "momentum_form": self.momentum_form})
         return config
 
 
