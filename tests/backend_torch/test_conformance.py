@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cautious.backends.torch._conformance import TorchAdapter  # noqa: E402
+from cautious.conformance.adapters.torch import TorchAdapter  # noqa: E402
 from cautious.conformance import Case, run_conformance  # noqa: E402
 
 

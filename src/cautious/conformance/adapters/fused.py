@@ -19,7 +19,7 @@ import torch
 
 from cautious import spec
 from cautious.backends.torch import _fused
-from cautious.backends.torch._conformance import to_numpy, to_torch
+from cautious.conformance.adapters.torch import to_numpy, to_torch
 from cautious.conformance.case import Case
 
 __all__ = ["FusedAdapter"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cautious import spec
-from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
+from cautious.torch import SGD, Adam, AdamW, Lion
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 
