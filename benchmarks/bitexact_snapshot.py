@@ -74,18 +74,28 @@ CLASS_CASES = {
     "sgd_mom_l2": (ct.SGD, dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.1)),
     "sgd_nest_cwd": (
         ct.SGD,
-        dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1, decoupled_weight_decay=True,
-             cautious_weight_decay=True),
+        dict(
+            lr=0.01,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.1,
+            decoupled_weight_decay=True,
+            cautious_weight_decay=True,
+        ),
     ),
 }
 
 
 def class_cases(out):
-    paths = {"fused_triton": dict(fused=True)} if INTERP else {
-        "single": dict(foreach=False),
-        "foreach": dict(foreach=True),
-        "fused": dict(fused=True),
-    }
+    paths = (
+        {"fused_triton": dict(fused=True)}
+        if INTERP
+        else {
+            "single": dict(foreach=False),
+            "foreach": dict(foreach=True),
+            "fused": dict(fused=True),
+        }
+    )
     dtypes = (torch.float32,) if INTERP else (torch.float32, torch.float64, torch.bfloat16)
     for name, (cls, kw) in CLASS_CASES.items():
         for norm in NORMS:
@@ -131,20 +141,55 @@ def fused_cases(out):
                         for step in range(1, 4):
                             gs = _tensors(10 + step, shapes, pdt)
                             if rule.startswith("adam"):
-                                fa(ps, gs, m, v, vm if rule == "adam_ams" else None, step=step, lr=0.01,
-                                   beta1=0.9, beta2=0.99, eps=0.0 if rule == "adam_eps0" else 1e-8,
-                                   weight_decay=0.1, decoupled=rule != "adam_ams", amsgrad=rule == "adam_ams",
-                                   maximize=rule == "adam_ams", eps_placement="corrected" if step != 2
-                                   else "uncorrected", cautious_weight_decay=rule == "adamw", **kw)
+                                fa(
+                                    ps,
+                                    gs,
+                                    m,
+                                    v,
+                                    vm if rule == "adam_ams" else None,
+                                    step=step,
+                                    lr=0.01,
+                                    beta1=0.9,
+                                    beta2=0.99,
+                                    eps=0.0 if rule == "adam_eps0" else 1e-8,
+                                    weight_decay=0.1,
+                                    decoupled=rule != "adam_ams",
+                                    amsgrad=rule == "adam_ams",
+                                    maximize=rule == "adam_ams",
+                                    eps_placement="corrected" if step != 2 else "uncorrected",
+                                    cautious_weight_decay=rule == "adamw",
+                                    **kw,
+                                )
                             elif rule == "lion":
-                                fl(ps, gs, m, lr=torch.tensor(0.01), beta1=0.9, beta2=0.99, weight_decay=0.1,
-                                   maximize=False, cautious_weight_decay=True, **kw)
+                                fl(
+                                    ps,
+                                    gs,
+                                    m,
+                                    lr=torch.tensor(0.01),
+                                    beta1=0.9,
+                                    beta2=0.99,
+                                    weight_decay=0.1,
+                                    maximize=False,
+                                    cautious_weight_decay=True,
+                                    **kw,
+                                )
                             else:
                                 mom = 0.0 if rule == "sgd_nomom" else 0.9
-                                fs(ps, gs, m if mom else None, first_step=rule == "sgd_first" and step == 1,
-                                   lr=0.01, momentum=mom, dampening=0.0, nesterov=rule == "sgd_first",
-                                   weight_decay=0.1, decoupled=rule == "sgd", maximize=False,
-                                   cautious_weight_decay=rule == "sgd", **kw)
+                                fs(
+                                    ps,
+                                    gs,
+                                    m if mom else None,
+                                    first_step=rule == "sgd_first" and step == 1,
+                                    lr=0.01,
+                                    momentum=mom,
+                                    dampening=0.0,
+                                    nesterov=rule == "sgd_first",
+                                    weight_decay=0.1,
+                                    decoupled=rule == "sgd",
+                                    maximize=False,
+                                    cautious_weight_decay=rule == "sgd",
+                                    **kw,
+                                )
                         key = f"fused/{backend}/{str(pdt)[6:]}-{str(sdt)[6:]}/sr{int(sr)}/{norm}/{rule}"
                         for i in range(len(shapes)):
                             out[f"{key}/p{i}"] = _np(ps[i])

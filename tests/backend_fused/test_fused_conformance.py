@@ -19,8 +19,8 @@ def test_run_conformance(backend):
 
 
 def test_adapter_declines_stochastic_rounding():
-    from cautious.conformance.adapters.fused import FusedAdapter
     from cautious.conformance import Case
+    from cautious.conformance.adapters.fused import FusedAdapter
 
     assert FusedAdapter("cpu", stochastic_rounding=True).supports(Case("adamw", {})) is not None
     assert FusedAdapter("cpu").supports(Case("adamw", {})) is None

@@ -11,8 +11,8 @@ import jax
 import pytest
 
 import cautious.backends.jax._core as core
-from cautious.conformance.adapters.jax import JaxAdapter, build_optimizer
 from cautious.conformance import Case, run_conformance
+from cautious.conformance.adapters.jax import JaxAdapter, build_optimizer
 
 
 def test_x64_is_on():

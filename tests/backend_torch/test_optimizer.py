@@ -345,10 +345,10 @@ def test_capturable_and_differentiable_are_declined():
 
 def test_fused_matches_foreach_when_available():
     try:
-        from cautious.backends.torch import _fused
+        from cautious.backends.torch import fused
     except ImportError as e:
-        pytest.skip(f"cautious.backends.torch._fused cannot be imported: {e}")
-    if not _fused.is_available(torch.device("cpu")):
+        pytest.skip(f"cautious.backends.torch.fused cannot be imported: {e}")
+    if not fused.is_available(torch.device("cpu")):
         pytest.skip("_fused says it is not available on cpu")
     for make in (
         lambda ps, **kw: ct.AdamW(ps, lr=0.01, **kw),

@@ -3,7 +3,7 @@ r"""Functional cautious optimizers for PyTorch, in the manner of ``torch.optim``
 Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) and two
 implementations with identical signatures: ``_single_tensor_*`` (a loop of
 per-tensor ops) and ``_multi_tensor_*`` (``torch._foreach_*`` ops). ``fused=True``
-calls the kernels of :mod:`cautious.backends.torch._fused` (imported lazily).
+calls the kernels of :mod:`cautious.backends.torch.fused` (imported lazily).
 All of them update ``params`` and the state tensors in place.
 
 The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
@@ -191,9 +191,9 @@ def _default_fused(params: list[Tensor]) -> bool:
     """
     if not params or torch.compiler.is_compiling() or not all(p.device.type == "cuda" for p in params):
         return False
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
-    return _fused.is_available(params[0].device)
+    return fused.is_available(params[0].device)
 
 
 def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
@@ -517,14 +517,14 @@ def _fused_adam(
     eps_placement: str,
     cautious_weight_decay: bool,
 ) -> None:
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, st) in enumerate(zip(params, state_steps, strict=False)):
         st += 1
         groups[(p.device, p.dtype, _step_value(st))].append(i)
     for (_, _, step), idx in groups.items():
-        _fused.fused_adam_(
+        fused.fused_adam_(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [exp_avgs[i] for i in idx],
@@ -676,12 +676,12 @@ def _fused_lion(
     caution: Caution | None,
     cautious_weight_decay: bool,
 ) -> None:
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
     for st in state_steps:
         st += 1
     for p, g, m in _group_by_device_dtype(params, grads, exp_avgs):
-        _fused.fused_lion_(
+        fused.fused_lion_(
             p,
             g,
             m,
@@ -837,7 +837,7 @@ def _fused_sgd(
     caution: Caution | None,
     cautious_weight_decay: bool,
 ) -> None:
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -846,7 +846,7 @@ def _fused_sgd(
             momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
         groups[(p.device, p.dtype, first)].append(i)
     for (_, _, first), idx in groups.items():
-        _fused.fused_sgd_(
+        fused.fused_sgd_(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [momentum_buffer_list[i] for i in idx] if momentum != 0 else None,

@@ -65,10 +65,10 @@ class _CautiousOptimizer(torch.optim.Optimizer):
         defaults["caution"] = self._validate(defaults)
         if defaults.get("fused"):
             try:
-                from cautious.backends.torch import _fused  # noqa: F401
+                from cautious.backends.torch import fused  # noqa: F401
             except ImportError as e:
                 raise RuntimeError(
-                    f"fused=True needs cautious.backends.torch._fused, which cannot be imported: {e}"
+                    f"fused=True needs cautious.backends.torch.fused, which cannot be imported: {e}"
                 ) from e
         super().__init__(params, defaults)
 
@@ -149,10 +149,10 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     def _check_fused(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not group.get("fused"):
             return
-        from cautious.backends.torch import _fused
+        from cautious.backends.torch import fused
 
         for p in params:
-            if not _fused.is_available(p.device):
+            if not fused.is_available(p.device):
                 raise RuntimeError(f"fused=True is not available on device {p.device}")
 
     @staticmethod

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cautious import spec
 import cautious.jax as cjax
+from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 
