@@ -59,7 +59,7 @@ def test_param_groups_have_their_own_caution_options():
     b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     opt = ct.SGD([{"params": [w]}, {"params": [b], "caution": False, "lr": 0.5}], lr=1.0)
     assert opt.param_groups[0]["caution"] == Caution()
-    assert opt.param_groups[1]["caution"] is False
+    assert opt.param_groups[1]["caution"] is None  # "off" is spelled None inside
     g = torch.tensor([1.0, -1.0, 2.0, 0.0], dtype=torch.float64)
     w.grad, b.grad = g.clone(), g.clone()
     opt.step()
