@@ -1,10 +1,11 @@
 r"""Functional cautious optimizers for PyTorch, in the manner of ``torch.optim``.
 
-Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) and two
-implementations with identical signatures: ``_single_tensor_*`` (a loop of
-per-tensor ops) and ``_multi_tensor_*`` (``torch._foreach_*`` ops). ``fused=True``
-calls the kernels of :mod:`cautious.backends.torch.fused` (imported lazily).
-All of them update ``params`` and the state tensors in place.
+Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) that splits the
+tensors with :func:`_groups` (one per tensor for ``foreach=False``, one per device and
+dtype for ``foreach=True``) and runs the rule's one step function (``_adam_tensors``, ...)
+on each group with per-tensor or ``torch._foreach_*`` ops; ``fused=True`` hands the groups
+to :mod:`cautious.backends.torch.fused` (imported lazily). All of them update ``params``
+and the state tensors in place. ``caution=None`` means caution off.
 
 The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
 
