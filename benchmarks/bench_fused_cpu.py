@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from _shapes import transformer_block  # noqa: E402
 
 from cautious import Caution  # noqa: E402
-from cautious.backends.torch import _fused, _fused_cpu  # noqa: E402
+from cautious.backends.torch import fused  # noqa: E402
+from cautious.backends.torch.fused import cpu as fused_cpu  # noqa: E402
 
 
 def shapes(d: int, layers: int, vocab: int, positions: int) -> list[tuple[int, ...]]:
@@ -49,7 +50,7 @@ def main() -> None:
     n = sum(torch.Size(s).numel() for s in sh)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n / 1e6:.1f}M float32 parameters "
-        f"in {len(sh)} tensors; native kernel: {_fused_cpu.native_available()}"
+        f"in {len(sh)} tensors; native kernel: {fused_cpu.native_available()}"
     )
     base_p = [torch.randn(s) * 0.02 for s in sh]
     grads = [torch.randn(s) * 1e-3 for s in sh]
@@ -69,7 +70,7 @@ def main() -> None:
 
         def step():
             state["t"] += 1
-            _fused.fused_adam_(
+            fused.fused_adam_(
                 ps,
                 grads,
                 ms,

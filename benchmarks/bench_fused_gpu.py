@@ -3,7 +3,7 @@
 On a CUDA machine, for each size (default 100M and 1B float32 parameters, transformer-shaped
 lists) and for mixed precision (bfloat16 params and grads, float32 state), it times
 
-* ours: cautious AdamW, Lion, SGD-momentum (``cautious.backends.torch._fused``, Triton);
+* ours: cautious AdamW, Lion, SGD-momentum (``cautious.backends.torch.fused``, Triton);
 * torch.optim.AdamW(fused=True) and (foreach=True); torch.optim.SGD(fused=True);
 
 alternating contenders in one process (CUDA events, medians), and prints ms/step, effective
@@ -47,7 +47,7 @@ def main() -> None:
     from _shapes import transformer_block
 
     from cautious import Caution
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
     if args.dry_run:
         sizes, bf16_size, steps, warmup = [4_000], 4_000, 1, 1
@@ -107,7 +107,7 @@ def main() -> None:
 
     print(
         f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} | torch {torch.__version__} | "
-        f"fused path: {_fused._backend_for(device, None)} | steps {steps} (+{warmup} warm-up), "
+        f"fused path: {fused.backend_for(device, None)} | steps {steps} (+{warmup} warm-up), "
         "alternating, medians"
     )
     print(f"device-to-device copy bandwidth (read + write): {copy_bandwidth(sizes[0]):.0f} GB/s")
@@ -126,7 +126,7 @@ def main() -> None:
         def ours_adamw(caution):
             def f():
                 t["adam"] += 1
-                _fused.fused_adam_(
+                fused.fused_adam_(
                     ps,
                     gs,
                     ms,
@@ -149,7 +149,7 @@ def main() -> None:
             return f
 
         def ours_lion():
-            _fused.fused_lion_(
+            fused.fused_lion_(
                 ps,
                 gs,
                 ms,
@@ -163,7 +163,7 @@ def main() -> None:
             )
 
         def ours_sgd():
-            _fused.fused_sgd_(
+            fused.fused_sgd_(
                 ps,
                 gs,
                 ms,

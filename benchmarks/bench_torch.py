@@ -74,9 +74,9 @@ def main() -> None:
     with_fused = False
     if not args.no_fused:
         try:
-            from cautious.backends.torch import _fused
+            from cautious.backends.torch import fused
 
-            with_fused = bool(_fused.is_available(torch.device(args.device)))
+            with_fused = bool(fused.is_available(torch.device(args.device)))
         except ImportError:
             with_fused = False
 

@@ -13,6 +13,5 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("cautious.torch needs PyTorch: pip install 'cautious[torch]'") from e
 
-from cautious.backends.torch import SGD, Adam, AdamW, Caution, Lion
-
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution"]
+from cautious.backends.torch import *  # noqa: F403
+from cautious.backends.torch import __all__  # noqa: F401

@@ -1,4 +1,4 @@
-"""Tests of the fused kernels (:mod:`cautious.backends.torch._fused`).
+"""Tests of the fused kernels (:mod:`cautious.backends.torch.fused`).
 
 The Triton kernels run on the CPU through Triton's interpreter, which must be switched on
 *before* triton is imported. Run this directory in its own process::

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import cautious.spec as spec
-from cautious.backends.torch import _fused
+from cautious.backends.torch import fused
 
 U32 = 2.0**-24
 
 
 def triton_ok() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and _fused._triton_importable()
+    return os.environ.get("TRITON_INTERPRET") == "1" and fused.triton_importable()
 
 
 BACKENDS = [
@@ -139,7 +139,7 @@ def fused_step(
         vs = [mk(s.v, sdtype) for s in state.leaves]
         ams = hp.get("amsgrad", False)
         vm = [mk(s.v_max, sdtype) for s in state.leaves] if ams else None
-        _fused.fused_adam_(
+        fused.fused_adam_(
             ps,
             gs,
             ms,
@@ -158,12 +158,12 @@ def fused_step(
     elif rule == "lion":
         b1, b2 = hp.get("betas", (0.9, 0.99))
         ms = [mk(s.m, sdtype) for s in state.leaves]
-        _fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
+        fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
         out_state = [(m,) for m in ms]
     else:
         mu = hp.get("momentum", 0.0)
         bufs = [mk(s.m, sdtype) for s in state.leaves] if mu != 0 else None
-        _fused.fused_sgd_(
+        fused.fused_sgd_(
             ps,
             gs,
             bufs,

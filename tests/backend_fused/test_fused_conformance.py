@@ -10,7 +10,7 @@ conformance = pytest.importorskip("cautious.conformance")
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_run_conformance(backend):
-    from cautious.backends.torch._fused_conformance import FusedAdapter
+    from cautious.conformance.adapters.fused import FusedAdapter
 
     result = conformance.run_conformance(
         FusedAdapter(backend), dtypes=("float32", "float64", "bfloat16", "float16"), max_examples=40
@@ -19,8 +19,8 @@ def test_run_conformance(backend):
 
 
 def test_adapter_declines_stochastic_rounding():
-    from cautious.backends.torch._fused_conformance import FusedAdapter
     from cautious.conformance import Case
+    from cautious.conformance.adapters.fused import FusedAdapter
 
     assert FusedAdapter("cpu", stochastic_rounding=True).supports(Case("adamw", {})) is not None
     assert FusedAdapter("cpu").supports(Case("adamw", {})) is None

@@ -11,11 +11,11 @@ from fused_testlib import BACKENDS, U32, assert_close, compare, fused_step, robu
 
 import cautious.spec as spec
 from cautious import Caution
-from cautious.backends.torch import _fused
+from cautious.backends.torch import fused
 
 
 def _plain_sgd(p, g, backend, **kw):
-    _fused.fused_sgd_(
+    fused.fused_sgd_(
         [p],
         [g],
         None,
@@ -187,7 +187,7 @@ def test_mixed_dtypes_and_many_tensors_in_one_call(backend):
     gs = [torch.tensor(g).to(d) for g, d in zip(grads, dts, strict=False)]
     ms = [torch.tensor(s.m).to(d) for s, d in zip(state.leaves, dts, strict=False)]
     vs = [torch.tensor(s.v).to(d) for s, d in zip(state.leaves, dts, strict=False)]
-    _fused.fused_adam_(
+    fused.fused_adam_(
         ps,
         gs,
         ms,
@@ -235,19 +235,19 @@ def test_invalid_input_raises_before_anything_changes(backend):
         _backend=backend,
     )
     with pytest.raises(ValueError, match=r"betas\[0\] must be a finite number in \[0, 1\), got 1.5"):
-        _fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "beta1": 1.5})
+        fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "beta1": 1.5})
     with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
-        _fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "lr": -1.0})
+        fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "lr": -1.0})
     with pytest.raises(ValueError, match="eps_placement must be one of"):
-        _fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "eps_placement": "keras"})
+        fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "eps_placement": "keras"})
     with pytest.raises(ValueError, match="requires decoupled weight decay"):
-        _fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "decoupled": False, "cautious_weight_decay": True})
+        fused.fused_adam_([p], [g], [m], [v], None, **{**kw, "decoupled": False, "cautious_weight_decay": True})
     with pytest.raises(ValueError, match="shape"):
-        _fused.fused_adam_([p, p], [g, torch.randn(3)], [m, m], [v, v], None, **kw)
+        fused.fused_adam_([p, p], [g, torch.randn(3)], [m, m], [v, v], None, **kw)
     with pytest.raises(ValueError, match="exp_avg_sqs has 1 tensors but params has 2"):
-        _fused.fused_adam_([p, p], [g, g], [m, m], [v], None, **kw)
+        fused.fused_adam_([p, p], [g, g], [m, m], [v], None, **kw)
     with pytest.raises(ValueError, match="nesterov=True requires momentum > 0 and dampening == 0"):
-        _fused.fused_sgd_(
+        fused.fused_sgd_(
             [p],
             [g],
             None,
@@ -264,7 +264,7 @@ def test_invalid_input_raises_before_anything_changes(backend):
             _backend=backend,
         )
     with pytest.raises(TypeError, match="maximize must be a bool"):
-        _fused.fused_lion_(
+        fused.fused_lion_(
             [p],
             [g],
             [m],
@@ -282,7 +282,7 @@ def test_invalid_input_raises_before_anything_changes(backend):
 
 
 def test_empty_lists_and_all_empty_tensors_are_noops():
-    _fused.fused_lion_(
+    fused.fused_lion_(
         [],
         [],
         [],
@@ -295,7 +295,7 @@ def test_empty_lists_and_all_empty_tensors_are_noops():
         cautious_weight_decay=False,
     )
     e = torch.empty(0)
-    _fused.fused_lion_(
+    fused.fused_lion_(
         [e, e],
         [e, e],
         [e, e],
@@ -310,7 +310,7 @@ def test_empty_lists_and_all_empty_tensors_are_noops():
 
 
 def test_chunk_table_uses_int64_offsets_past_2_31():
-    from cautious.backends.torch import _fused_triton as ft
+    from cautious.backends.torch.fused import triton_kernels as ft
 
     chunk = 1 << 20
     numels = [3, 0, 2**31 + 5, 0, 7]
@@ -324,9 +324,9 @@ def test_chunk_table_uses_int64_offsets_past_2_31():
 
 
 def test_is_available():
-    assert _fused.is_available("cpu")
-    assert not _fused.is_available("meta")
-    assert _fused.is_available("cuda") == (torch.cuda.is_available() and _fused._triton_importable())
+    assert fused.is_available("cpu")
+    assert not fused.is_available("meta")
+    assert fused.is_available("cuda") == (torch.cuda.is_available() and fused.triton_importable())
 
 
 def test_u32_tolerance_helper_can_fail():

@@ -11,8 +11,8 @@ import jax
 import pytest
 
 import cautious.backends.jax._core as core
-from cautious.backends.jax._conformance import JaxAdapter, build_optimizer
 from cautious.conformance import Case, run_conformance
+from cautious.conformance.adapters.jax import JaxAdapter, build_optimizer
 
 
 def test_x64_is_on():
@@ -39,7 +39,7 @@ def test_conformance_float32_without_x64():
     code = (
         "import jax\n"
         "assert not jax.config.jax_enable_x64\n"
-        "from cautious.backends.jax._conformance import JaxAdapter\n"
+        "from cautious.conformance.adapters.jax import JaxAdapter\n"
         "from cautious.conformance import run_conformance\n"
         "import cautious.backends.jax._core as core\n"
         "core.FAST_COUNT_MIN_SIZE = 0\n"

@@ -9,8 +9,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pytest  # noqa: E402
 
 from cautious import spec  # noqa: E402
-from cautious.backends.tensorflow._conformance import TFAdapter  # noqa: E402
 from cautious.conformance import Case, run_conformance  # noqa: E402
+from cautious.conformance.adapters.tensorflow import TFAdapter  # noqa: E402
 
 EXAMPLES = {"eager": 200, "function": 150, "xla": 100}
 

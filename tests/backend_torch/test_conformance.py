@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cautious.backends.torch._conformance import TorchAdapter  # noqa: E402
 from cautious.conformance import Case, run_conformance  # noqa: E402
+from cautious.conformance.adapters.torch import TorchAdapter  # noqa: E402
 
 
 @pytest.mark.parametrize("impl", ["single", "foreach"])
@@ -18,9 +18,9 @@ def test_conformance(impl):
 
 def test_conformance_fused():
     try:
-        from cautious.backends.torch import _fused  # noqa: F401
+        from cautious.backends.torch import fused  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"cautious.backends.torch._fused cannot be imported: {e}")
+        pytest.skip(f"cautious.backends.torch.fused cannot be imported: {e}")
     adapter = TorchAdapter("fused")
     if adapter.supports(Case("adamw", {"caution": True})) is not None:
         pytest.skip(adapter.supports(Case("adamw", {"caution": True})))

@@ -172,15 +172,15 @@ def test_deepcopy_of_optimizer_continues_identically():
 def test_default_is_fused_on_cuda_when_triton_is_available(monkeypatch):
     import types
 
-    from cautious.backends.torch import _functional as F
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import _functional as functional
+    from cautious.backends.torch import fused
 
     cuda_like = [types.SimpleNamespace(device=torch.device("cuda", 0))]
-    monkeypatch.setattr(_fused, "is_available", lambda device: True)
-    assert F._resolve(cuda_like, None, None, 1e-3) == "fused"
-    assert F._resolve(cuda_like, True, None, 1e-3) == "foreach"  # an explicit choice wins
-    monkeypatch.setattr(_fused, "is_available", lambda device: False)
-    assert F._resolve(cuda_like, None, False, 1e-3) != "fused"
+    monkeypatch.setattr(fused, "is_available", lambda device: True)
+    assert functional._resolve(cuda_like, None, None, 1e-3) == "fused"
+    assert functional._resolve(cuda_like, True, None, 1e-3) == "foreach"  # an explicit choice wins
+    monkeypatch.setattr(fused, "is_available", lambda device: False)
+    assert functional._resolve(cuda_like, None, False, 1e-3) != "fused"
     cpu = [torch.zeros(2)]
-    monkeypatch.setattr(_fused, "is_available", lambda device: True)
-    assert F._resolve(cpu, None, None, 1e-3) == "foreach"  # CPU default stays torch's
+    monkeypatch.setattr(fused, "is_available", lambda device: True)
+    assert functional._resolve(cpu, None, None, 1e-3) == "foreach"  # CPU default stays torch's

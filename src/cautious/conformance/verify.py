@@ -30,18 +30,18 @@ from cautious import spec
 LANES: dict[str, list[tuple[str, str, dict[str, Any], dict[str, str]]]] = {
     "numpy": [("reference", "cautious.conformance.case:NumpyAdapter", {}, {})],
     "torch": [
-        ("single", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "single"}, {}),
-        ("foreach", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "foreach"}, {}),
-        ("fused", "cautious.backends.torch._conformance:TorchAdapter", {"impl": "fused"}, {}),
+        ("single", "cautious.conformance.adapters.torch:TorchAdapter", {"impl": "single"}, {}),
+        ("foreach", "cautious.conformance.adapters.torch:TorchAdapter", {"impl": "foreach"}, {}),
+        ("fused", "cautious.conformance.adapters.torch:TorchAdapter", {"impl": "fused"}, {}),
     ],
     "jax": [
-        ("eager", "cautious.backends.jax._conformance:JaxAdapter", {"jit": False}, {"JAX_ENABLE_X64": "1"}),
-        ("jit", "cautious.backends.jax._conformance:JaxAdapter", {"jit": True}, {"JAX_ENABLE_X64": "1"}),
+        ("eager", "cautious.conformance.adapters.jax:JaxAdapter", {"jit": False}, {"JAX_ENABLE_X64": "1"}),
+        ("jit", "cautious.conformance.adapters.jax:JaxAdapter", {"jit": True}, {"JAX_ENABLE_X64": "1"}),
     ],
     "tensorflow": [
-        ("eager", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "eager"}, {}),
-        ("function", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "function"}, {}),
-        ("xla", "cautious.backends.tensorflow._conformance:TFAdapter", {"mode": "xla"}, {}),
+        ("eager", "cautious.conformance.adapters.tensorflow:TFAdapter", {"mode": "eager"}, {}),
+        ("function", "cautious.conformance.adapters.tensorflow:TFAdapter", {"mode": "function"}, {}),
+        ("xla", "cautious.conformance.adapters.tensorflow:TFAdapter", {"mode": "xla"}, {}),
     ],
 }
 

@@ -1,10 +1,11 @@
 r"""Functional cautious optimizers for PyTorch, in the manner of ``torch.optim``.
 
-Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) and two
-implementations with identical signatures: ``_single_tensor_*`` (a loop of
-per-tensor ops) and ``_multi_tensor_*`` (``torch._foreach_*`` ops). ``fused=True``
-calls the kernels of :mod:`cautious.backends.torch._fused` (imported lazily).
-All of them update ``params`` and the state tensors in place.
+Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) that splits the
+tensors with :func:`_groups` (one per tensor for ``foreach=False``, one per device and
+dtype for ``foreach=True``) and runs the rule's one step function (``_adam_tensors``, ...)
+on each group with per-tensor or ``torch._foreach_*`` ops; ``fused=True`` hands the groups
+to :mod:`cautious.backends.torch.fused` (imported lazily). All of them update ``params``
+and the state tensors in place. ``caution=None`` means caution off.
 
 The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
 
@@ -13,7 +14,7 @@ The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
     u^c = \text{mask}(u, g)\cdot\text{scale}\cdot u, \qquad
     p' = p - \eta\lambda\,d\odot p - \eta\,u^c
 
-Caution is written once, in :func:`_caution`: it takes a list of tensors that
+Caution is written once, in :func:`_mask_and_scales`: it takes a list of tensors that
 are positive multiples of the directions, and returns them masked, plus the
 per-tensor scales. Counts are int64 tensors and scales are computed on the
 device: there is no host-device synchronisation and no loop over elements.
@@ -83,7 +84,7 @@ def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: to
     return torch.ones_like(k)
 
 
-def _caution(
+def _mask_and_scales(
     xs: list[Tensor], signs: list[Tensor], grads: list[Tensor], caution: Caution, *, foreach: bool
 ) -> tuple[list[Tensor], Tensor | None]:
     r"""Mask a list of directions: ``x^c = where(mask(u, g), x, 0)``, and compute the scales.
@@ -153,16 +154,16 @@ def _decay_(
     *,
     lr: Any,
     weight_decay: float,
-    cautious: bool,
+    cautious_weight_decay: bool,
     foreach: bool,
 ) -> None:
-    r"""Decoupled weight decay ``p <- p (1 - lr wd)``; with ``cautious``, only where NOT ``u^c p < 0``.
+    r"""Decoupled weight decay ``p <- p (1 - lr wd)``; cautious weight decay: only where NOT ``u^c p < 0``.
 
-    ``directions`` carry the sign of the cautious direction ``u^c`` (used only when
-    ``cautious``; :func:`cautious.spec.mask.decay_mask`, decided from signs; NaN decays).
+    ``directions`` carry the sign of the cautious direction ``u^c`` (used only with
+    ``cautious_weight_decay``; :func:`cautious.spec.mask.decay_mask`, decided from signs; NaN decays).
     """
     factor = 1 - lr * weight_decay
-    if not cautious:
+    if not cautious_weight_decay:
         if foreach:
             torch._foreach_mul_(params, factor)
         else:
@@ -191,9 +192,9 @@ def _default_fused(params: list[Tensor]) -> bool:
     """
     if not params or torch.compiler.is_compiling() or not all(p.device.type == "cuda" for p in params):
         return False
-    from cautious.backends.torch import _fused
+    from cautious.backends.torch import fused
 
-    return _fused.is_available(params[0].device)
+    return fused.is_available(params[0].device)
 
 
 def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
@@ -207,11 +208,19 @@ def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr:
     return "foreach" if foreach else "single"
 
 
-def _group_by_device_dtype(*lists: list[Any]) -> list[tuple[list[Any], ...]]:
+def _groups(params: list[Tensor], impl: str, *keys: list[Any]) -> list[list[int]]:
+    """Indices of ``params`` that run together: one per tensor (``"single"``), else one per
+    device, dtype and the extra per-tensor ``keys`` (list order kept inside a group)."""
+    if impl == "single":
+        return [[i] for i in range(len(params))]
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(lists[0]):
-        groups[(p.device, p.dtype)].append(i)
-    return [tuple([lst[i] for i in idx] if lst is not None else None for lst in lists) for idx in groups.values()]
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype, *(k[i] for k in keys))].append(i)
+    return list(groups.values())
+
+
+def _pick(lst: list[Any] | None, idx: list[int]) -> list[Any]:
+    return [] if lst is None else [lst[i] for i in idx]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,95 +254,6 @@ def _adam_plain_denoms_(
     else:
         for d in denoms:
             d.add_(eps)
-
-
-def _single_tensor_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    caution: Caution | None,
-    eps_placement: str,
-    cautious_weight_decay: bool,
-) -> None:
-    for i, param in enumerate(params):
-        _adam_tensors(
-            [param],
-            [grads[i]],
-            [exp_avgs[i]],
-            [exp_avg_sqs[i]],
-            [max_exp_avg_sqs[i]] if amsgrad else [],
-            [state_steps[i]],
-            foreach=False,
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-            caution=caution,
-            eps_placement=eps_placement,
-            cautious_weight_decay=cautious_weight_decay,
-        )
-
-
-def _multi_tensor_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    caution: Caution | None,
-    eps_placement: str,
-    cautious_weight_decay: bool,
-) -> None:
-    if not params:
-        return
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, state_steps]
-    for p, g, m, v, vmax, st in _group_by_device_dtype(*lists):
-        _adam_tensors(
-            p,
-            g,
-            m,
-            v,
-            vmax or [],
-            st,
-            foreach=True,
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-            caution=caution,
-            eps_placement=eps_placement,
-            cautious_weight_decay=cautious_weight_decay,
-        )
 
 
 def _adam_tensors(
@@ -403,10 +323,17 @@ def _adam_tensors(
         # u may be infinite here: sign(g) * inf is NaN where g == 0, so decide from clamp(u, -1, 1)
         # (same signs, NaN kept) and select from u.
         signs = [u.clamp(-1.0, 1.0) for u in us]
-        us, scales = _caution(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
         _apply_scales_(us, scales, foreach=foreach)
         if weight_decay != 0 and decoupled_weight_decay:
-            _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
+            _decay_(
+                params,
+                us,
+                lr=lr,
+                weight_decay=weight_decay,
+                cautious_weight_decay=cautious_weight_decay,
+                foreach=foreach,
+            )
         for p, u, s in zip(params, us, neg_step_sizes, strict=False):
             p.add_(u * s)
         return
@@ -414,7 +341,7 @@ def _adam_tensors(
     numerators, scales = exp_avgs, None
     if caution is not None:
         # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).
-        numerators, scales = _caution(exp_avgs, exp_avgs, grads, caution, foreach=foreach)
+        numerators, scales = _mask_and_scales(exp_avgs, exp_avgs, grads, caution, foreach=foreach)
     if scales is None:
         # torch.optim's own operations: bitwise parity with torch.optim.Adam/AdamW when caution is off.
         _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
@@ -441,7 +368,7 @@ def _adam_tensors(
             numerators,
             lr=lr,
             weight_decay=weight_decay,
-            cautious=cautious_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
             foreach=foreach,
         )
 
@@ -474,74 +401,43 @@ def adam(
     eps_placement: str = "corrected",
     cautious_weight_decay: bool = False,
 ) -> None:
-    """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`."""
+    """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`.
+
+    Hyperparameters are taken as validated (the optimizer classes validate them once, at construction).
+    """
     impl = _resolve(params, foreach, fused, lr)
-    kw = dict(
+    hyper = dict(
         amsgrad=amsgrad,
         beta1=float(beta1),
         beta2=float(beta2),
-        lr=_scalar(lr),
         weight_decay=float(weight_decay),
         eps=float(eps),
         maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
         caution=caution,
         eps_placement=eps_placement,
         cautious_weight_decay=cautious_weight_decay,
     )
+    lr = _scalar(lr)
+    vmax = max_exp_avg_sqs if amsgrad else None
     if impl == "fused":
-        _fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
-    elif impl == "foreach":
-        _multi_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
-    else:
-        _single_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+        from cautious.backends.torch import fused as fused_kernels
 
-
-def _fused_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    caution: Caution | None,
-    eps_placement: str,
-    cautious_weight_decay: bool,
-) -> None:
-    from cautious.backends.torch import _fused
-
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (p, st) in enumerate(zip(params, state_steps, strict=False)):
-        st += 1
-        groups[(p.device, p.dtype, _step_value(st))].append(i)
-    for (_, _, step), idx in groups.items():
-        _fused.fused_adam_(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [max_exp_avg_sqs[i] for i in idx] if amsgrad else None,
-            step=step,
+        for st in state_steps:
+            st += 1
+        steps = [_step_value(st) for st in state_steps]
+        for idx in _groups(params, impl, steps):
+            launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
+            lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
+            lists.append(_pick(vmax, idx) if amsgrad else [None] * len(idx))
+            fused_kernels.run(launch, lists, lr)
+        return
+    for idx in _groups(params, impl):
+        _adam_tensors(
+            *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, vmax, state_steps)),
+            foreach=impl == "foreach",
             lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled=decoupled_weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            caution=caution,
-            eps_placement=eps_placement,
-            cautious_weight_decay=cautious_weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            **hyper,
         )
 
 
@@ -582,10 +478,12 @@ def _lion_tensors(
             m.lerp_(g, 1 - beta2)
     us = [_nan_sign(c) for c in cs]
     if caution is not None:
-        us, scales = _caution(us, us, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0:
-        _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
+        _decay_(
+            params, us, lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, foreach=foreach
+        )
     _descend_(params, us, lr, foreach=foreach)
 
 
@@ -596,103 +494,6 @@ def _descend_(params: list[Tensor], us: list[Tensor], lr: Any, *, foreach: bool)
     else:
         for p, u in zip(params, us, strict=False):
             p.add_(u, alpha=-lr)
-
-
-def _single_tensor_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    maximize: bool,
-    caution: Caution | None,
-    cautious_weight_decay: bool,
-) -> None:
-    for i in range(len(params)):
-        _lion_tensors(
-            [params[i]],
-            [grads[i]],
-            [exp_avgs[i]],
-            [state_steps[i]] if state_steps else [],
-            foreach=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
-        )
-
-
-def _multi_tensor_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    maximize: bool,
-    caution: Caution | None,
-    cautious_weight_decay: bool,
-) -> None:
-    if not params:
-        return
-    for p, g, m, st in _group_by_device_dtype(params, grads, exp_avgs, state_steps or None):
-        _lion_tensors(
-            p,
-            g,
-            m,
-            st or [],
-            foreach=True,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
-        )
-
-
-def _fused_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: Any,
-    weight_decay: float,
-    maximize: bool,
-    caution: Caution | None,
-    cautious_weight_decay: bool,
-) -> None:
-    from cautious.backends.torch import _fused
-
-    for st in state_steps:
-        st += 1
-    for p, g, m in _group_by_device_dtype(params, grads, exp_avgs):
-        _fused.fused_lion_(
-            p,
-            g,
-            m,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
-        )
 
 
 def lion(
@@ -713,17 +514,32 @@ def lion(
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
     impl = _resolve(params, foreach, fused, lr)
-    kw = dict(
+    hyper = dict(
         beta1=float(beta1),
         beta2=float(beta2),
-        lr=_scalar(lr),
         weight_decay=float(weight_decay),
         maximize=maximize,
         caution=caution,
         cautious_weight_decay=cautious_weight_decay,
     )
-    func = {"fused": _fused_lion, "foreach": _multi_tensor_lion, "single": _single_tensor_lion}[impl]
-    func(params, grads, exp_avgs, state_steps, **kw)
+    lr = _scalar(lr)
+    if impl == "fused":
+        from cautious.backends.torch import fused as fused_kernels
+
+        for st in state_steps:
+            st += 1
+        launch = fused_kernels.lion_launch(**hyper)
+        for idx in _groups(params, impl):
+            nones = [None] * len(idx)
+            fused_kernels.run(launch, [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), nones, nones], lr)
+        return
+    for idx in _groups(params, impl):
+        _lion_tensors(
+            *(_pick(x, idx) for x in (params, grads, exp_avgs, state_steps or None)),
+            foreach=impl == "foreach",
+            lr=lr,
+            **hyper,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -787,80 +603,13 @@ def _sgd_tensors(
     if caution is not None:
         # SGD's u can be +-inf where g == 0 (after an inf gradient): clamp to keep the sign test exact.
         signs = [u.clamp(-1, 1) for u in us]
-        us, scales = _caution(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0 and decoupled_weight_decay:
-        _decay_(params, us, lr=lr, weight_decay=weight_decay, cautious=cautious_weight_decay, foreach=foreach)
-    _descend_(params, us, lr, foreach=foreach)
-
-
-def _single_tensor_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    **kw: Any,
-) -> None:
-    for i in range(len(params)):
-        bufs = [momentum_buffer_list[i]]
-        _sgd_tensors([params[i]], [grads[i]], bufs, foreach=False, **kw)
-        momentum_buffer_list[i] = bufs[0]
-
-
-def _multi_tensor_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    **kw: Any,
-) -> None:
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
-    for idx in groups.values():
-        bufs = [momentum_buffer_list[i] for i in idx]
-        _sgd_tensors([params[i] for i in idx], [grads[i] for i in idx], bufs, foreach=True, **kw)
-        for j, i in enumerate(idx):
-            momentum_buffer_list[i] = bufs[j]
-
-
-def _fused_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    *,
-    lr: Any,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    caution: Caution | None,
-    cautious_weight_decay: bool,
-) -> None:
-    from cautious.backends.torch import _fused
-
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        first = momentum != 0 and momentum_buffer_list[i] is None
-        if first:
-            momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        groups[(p.device, p.dtype, first)].append(i)
-    for (_, _, first), idx in groups.items():
-        _fused.fused_sgd_(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [momentum_buffer_list[i] for i in idx] if momentum != 0 else None,
-            first_step=first,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            decoupled=decoupled_weight_decay,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
+        _decay_(
+            params, us, lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, foreach=foreach
         )
+    _descend_(params, us, lr, foreach=foreach)
 
 
 def sgd(
@@ -880,20 +629,46 @@ def sgd(
     caution: Caution | None,
     cautious_weight_decay: bool = False,
 ) -> None:
-    """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`."""
+    """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`.
+
+    New momentum buffers are written into ``momentum_buffer_list``.
+    """
     impl = _resolve(params, foreach, fused, lr)
-    kw = dict(
-        lr=_scalar(lr),
+    hyper = dict(
         momentum=float(momentum),
         dampening=float(dampening),
         nesterov=nesterov,
         weight_decay=float(weight_decay) if not isinstance(weight_decay, Tensor) else weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
         maximize=maximize,
         caution=caution,
         cautious_weight_decay=cautious_weight_decay,
     )
+    lr = _scalar(lr)
     if momentum == 0:  # torch.optim passes an empty list then
         momentum_buffer_list = [None] * len(params)
-    func = {"fused": _fused_sgd, "foreach": _multi_tensor_sgd, "single": _single_tensor_sgd}[impl]
-    func(params, grads, momentum_buffer_list, **kw)
+    if impl == "fused":
+        from cautious.backends.torch import fused as fused_kernels
+
+        first = [momentum != 0 and b is None for b in momentum_buffer_list]
+        for i, p in enumerate(params):
+            if first[i]:
+                momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for idx in _groups(params, impl, first):
+            launch = fused_kernels.sgd_launch(first_step=first[idx[0]], decoupled=decoupled_weight_decay, **hyper)
+            bufs = _pick(momentum_buffer_list, idx) if momentum != 0 else [None] * len(idx)
+            nones = [None] * len(idx)
+            fused_kernels.run(launch, [_pick(params, idx), _pick(grads, idx), bufs, nones, nones], lr)
+        return
+    for idx in _groups(params, impl):
+        bufs = _pick(momentum_buffer_list, idx)
+        _sgd_tensors(
+            _pick(params, idx),
+            _pick(grads, idx),
+            bufs,
+            foreach=impl == "foreach",
+            lr=lr,
+            decoupled_weight_decay=decoupled_weight_decay,
+            **hyper,
+        )
+        for j, i in enumerate(idx):
+            momentum_buffer_list[i] = bufs[j]

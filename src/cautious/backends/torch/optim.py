@@ -11,7 +11,7 @@ arXiv:2411.16085):
     p' = p - \eta\lambda\,p - \eta\,u^c
 
 ``caution=False`` reproduces the torch optimizer. The functional code lives in
-:mod:`cautious.backends.torch._functional`.
+:mod:`cautious.backends.torch._functional`; the fused kernels are :mod:`cautious.backends.torch.fused`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cautious._caution import Caution, as_caution
-from cautious.backends.torch import _functional as F
+from cautious.backends.torch import _functional as functional
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
@@ -65,17 +65,21 @@ class _CautiousOptimizer(torch.optim.Optimizer):
         defaults["caution"] = self._validate(defaults)
         if defaults.get("fused"):
             try:
-                from cautious.backends.torch import _fused  # noqa: F401
+                from cautious.backends.torch import fused  # noqa: F401
             except ImportError as e:
                 raise RuntimeError(
-                    f"fused=True needs cautious.backends.torch._fused, which cannot be imported: {e}"
+                    f"fused=True needs cautious.backends.torch.fused, which cannot be imported: {e}"
                 ) from e
         super().__init__(params, defaults)
 
     # -- validation ---------------------------------------------------------------------------------------
 
-    def _validate(self, group: dict[str, Any]) -> Caution | bool:
-        """Check a group's hyperparameters (spec.errors messages); return its normalised caution."""
+    def _validate(self, group: dict[str, Any]) -> Caution | None:
+        """Check a group's hyperparameters (spec.errors messages); return its caution, ``None`` when off.
+
+        This is the only validation: steps take the group's hyperparameters as checked. Inside
+        the backend "caution off" is spelled ``None`` (the group stores it so).
+        """
         raise NotImplementedError
 
     @staticmethod
@@ -133,6 +137,7 @@ class _CautiousOptimizer(torch.optim.Optimizer):
             for k, v in self.defaults.items():
                 if k != "params":
                     group.setdefault(k, v)
+            group["caution"] = as_caution(group["caution"])  # older pickles spell "off" False
 
     # -- step helpers -------------------------------------------------------------------------------------
 
@@ -149,15 +154,11 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     def _check_fused(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not group.get("fused"):
             return
-        from cautious.backends.torch import _fused
+        from cautious.backends.torch import fused
 
         for p in params:
-            if not _fused.is_available(p.device):
+            if not fused.is_available(p.device):
                 raise RuntimeError(f"fused=True is not available on device {p.device}")
-
-    @staticmethod
-    def _caution_of(group: dict[str, Any]) -> Caution | None:
-        return as_caution(group["caution"])
 
 
 class Adam(_CautiousOptimizer):
@@ -227,7 +228,7 @@ class Adam(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+    def _validate(self, group: dict[str, Any]) -> Caution | None:
         b1, b2 = split_betas(group["betas"])
         validate(
             dict(
@@ -250,7 +251,7 @@ class Adam(_CautiousOptimizer):
         )
         c = as_caution(group["caution"])
         self._check_cwd(group, group["decoupled_weight_decay"])
-        return c if c is not None else False
+        return c
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
         for p in group["params"]:
@@ -286,7 +287,7 @@ class Adam(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            F.adam(
+            functional.adam(
                 params,
                 grads,
                 exp_avgs,
@@ -303,7 +304,7 @@ class Adam(_CautiousOptimizer):
                 eps=group["eps"],
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                caution=self._caution_of(group),
+                caution=group["caution"],
                 eps_placement=group["eps_placement"],
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
@@ -415,12 +416,11 @@ class Lion(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+    def _validate(self, group: dict[str, Any]) -> Caution | None:
         b1, b2 = split_betas(group["betas"])
         validate(dict(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"]), BETA_NAMES)
         validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
-        c = as_caution(group["caution"])
-        return c if c is not None else False
+        return as_caution(group["caution"])
 
     def _init_group(self, group, params, grads, exp_avgs, state_steps):
         for p in group["params"]:
@@ -449,7 +449,7 @@ class Lion(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            F.lion(
+            functional.lion(
                 params,
                 grads,
                 exp_avgs,
@@ -461,7 +461,7 @@ class Lion(_CautiousOptimizer):
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
-                caution=self._caution_of(group),
+                caution=group["caution"],
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
         return loss
@@ -518,7 +518,7 @@ class SGD(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | bool:
+    def _validate(self, group: dict[str, Any]) -> Caution | None:
         validate(
             dict(
                 lr=group["lr"],
@@ -538,7 +538,7 @@ class SGD(_CautiousOptimizer):
         c = as_caution(group["caution"])
         check_nesterov(group["nesterov"], group["momentum"], group["dampening"])
         self._check_cwd(group, group["decoupled_weight_decay"])
-        return c if c is not None else False
+        return c
 
     def _init_group(self, group, params, grads, momentum_buffer_list):
         for p in group["params"]:
@@ -561,7 +561,7 @@ class SGD(_CautiousOptimizer):
             params, grads, momentum_buffer_list = [], [], []
             self._init_group(group, params, grads, momentum_buffer_list)
             self._check_fused(group, params)
-            F.sgd(
+            functional.sgd(
                 params,
                 grads,
                 momentum_buffer_list,
@@ -574,7 +574,7 @@ class SGD(_CautiousOptimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                caution=self._caution_of(group),
+                caution=group["caution"],
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
             if group["momentum"] != 0:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from cautious import spec
-from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
+from cautious.torch import SGD, Adam, AdamW, Lion
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -47,10 +47,10 @@ def to_numpy(t: torch.Tensor | None, storage: str) -> np.ndarray | None:
 
 def _fused_reason(device: str) -> str | None:
     try:
-        from cautious.backends.torch import _fused
+        from cautious.backends.torch import fused
     except ImportError as e:
-        return f"cautious.backends.torch._fused cannot be imported: {e}"
-    if not _fused.is_available(torch.device(device)):
+        return f"cautious.backends.torch.fused cannot be imported: {e}"
+    if not fused.is_available(torch.device(device)):
         return f"the fused implementation is not available on {device}"
     return None
 
@@ -60,7 +60,7 @@ class TorchAdapter:
 
     Args:
       impl: ``"single"`` (per-tensor ops), ``"foreach"`` (``torch._foreach_*``) or
-        ``"fused"`` (:mod:`cautious.backends.torch._fused`).
+        ``"fused"`` (:mod:`cautious.backends.torch.fused`).
       device: a torch device string.
     """
 

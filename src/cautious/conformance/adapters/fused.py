@@ -1,4 +1,4 @@
-"""Conformance adapter that drives :mod:`cautious.backends.torch._fused` directly (no Optimizer class).
+"""Conformance adapter that drives :mod:`cautious.backends.torch.fused` directly (no Optimizer class).
 
 >>> from cautious.conformance import run_conformance      # doctest: +SKIP
 >>> run_conformance(FusedAdapter("cpu"))                   # doctest: +SKIP
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from cautious import spec
-from cautious.backends.torch import _fused
-from cautious.backends.torch._conformance import to_numpy, to_torch
+from cautious.backends.torch import fused
+from cautious.conformance.adapters.torch import to_numpy, to_torch
 from cautious.conformance.case import Case
 
 __all__ = ["FusedAdapter"]
@@ -56,7 +56,7 @@ class FusedAdapter:
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:
             return f"unsupported dtype {case.dtype!r} / {case.state_storage!r}"
-        if not _fused.is_available(torch.device(self.device)):
+        if not fused.is_available(torch.device(self.device)):
             return f"the fused implementation is not available on {self.device}"
         if self.stochastic_rounding:
             return "stochastic rounding is not round-to-nearest (checked statistically elsewhere)"
@@ -90,7 +90,7 @@ class FusedAdapter:
             amsgrad = bool(hp["amsgrad"])
             vmax = [self._tensor(s.v_max, sd) for s in state.leaves] if amsgrad else None
             decoupled = True if rule == "adamw" else bool(hp["decoupled_weight_decay"])
-            _fused.fused_adam_(
+            fused.fused_adam_(
                 ps,
                 gs,
                 ms,
@@ -116,7 +116,7 @@ class FusedAdapter:
         elif rule == "lion":
             b1, b2 = hp["betas"]
             ms = [self._tensor(s.m, sd) for s in state.leaves]
-            _fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
+            fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
             leaves = [spec.LionState(to_numpy(m, case.state_storage)) for m in ms]
         else:
             momentum = float(hp["momentum"])
@@ -126,7 +126,7 @@ class FusedAdapter:
                     self._tensor(s.m, sd) if s.m is not None else torch.zeros_like(p, dtype=sd)
                     for s, p in zip(state.leaves, ps, strict=False)
                 ]
-            _fused.fused_sgd_(
+            fused.fused_sgd_(
                 ps,
                 gs,
                 bufs,

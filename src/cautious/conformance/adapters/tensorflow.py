@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from cautious import spec  # noqa: E402
-from cautious.backends.tensorflow.optimizers import SGD, Adam, AdamW, Lion  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
+from cautious.tensorflow import SGD, Adam, AdamW, Lion  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 

@@ -1,5 +1,8 @@
 r"""Fused cautious Adam(W), Lion and SGD: two passes over many tensors per call.
 
+Public functions: :func:`is_available`, :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_`
+(also reachable as :func:`cautious.torch.fused_available` and the optimizers' ``fused=True``).
+
 The per-tensor kept count must be complete before any entry of that tensor is updated, so
 every implementation here runs a **count pass** then an **update pass**:
 
@@ -17,9 +20,12 @@ See :mod:`cautious.spec` for the full algorithm; every function here matches it.
 Implementations, chosen per device:
 
 * CUDA (and CPU under ``TRITON_INTERPRET=1``): Triton kernels, two launches per dtype group,
-  pointer and chunk tables (:mod:`._fused_triton`).
-* CPU: a native C++ loop compiled once on first use (:mod:`._fused_cpu`), or, without a
-  C++ compiler, an exact eager-torch fallback.
+  pointer and chunk tables (:mod:`.triton_kernels`).
+* CPU: a native C++ loop (``cpu_kernel.cpp``) compiled once on first use (:mod:`.cpu`), or,
+  without a C++ compiler, the eager-torch statement of the contract (:mod:`.eager`).
+
+What crosses into a kernel is written once, by name, in :mod:`.contract` (rules,
+normalizations, hyperparameter slots); every implementation reads it the same way.
 
 All hyperparameters are Python floats (``lr`` may also be a 0-d tensor); lists are parallel
 lists of tensors (zero-size tensors allowed anywhere). Storage dtypes: float32, float64,
@@ -38,7 +44,6 @@ can differ by one count.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -47,20 +52,21 @@ from typing import Any
 import torch
 
 from cautious._caution import Caution, as_caution
+from cautious.backends.torch.fused.contract import STORAGE, Launch, Rule, adam_hp, lion_hp, sgd_hp
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, validate
 
 __all__ = ["is_available", "fused_adam_", "fused_lion_", "fused_sgd_"]
 
-_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_TORCH_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
-RULE_ADAM, RULE_LION, RULE_SGD = 0, 1, 2
+_BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+_BACKENDS = ("triton", "cpu", "eager")
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether ``triton`` (and ``triton.language``) import in this process."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -79,21 +85,22 @@ def is_available(device: Any) -> bool:
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return torch.cuda.is_available() and _triton_importable()
+        return torch.cuda.is_available() and triton_importable()
     return False
 
 
-def _backend_for(device: torch.device, backend: str | None) -> str:
+def backend_for(device: torch.device, backend: str | None = None) -> str:
+    """The implementation a call on ``device`` runs: ``"triton"``, ``"cpu"`` (native) or ``"eager"``."""
     if backend is not None:
-        if backend not in ("triton", "cpu", "eager"):
+        if backend not in _BACKENDS:
             raise ValueError(f"backend must be 'triton', 'cpu' or 'eager', got {backend!r}")
         return backend
     if device.type == "cuda":
-        if not _triton_importable():
+        if not triton_importable():
             raise RuntimeError("the fused CUDA path needs triton; install cautious[triton]")
         return "triton"
     if device.type == "cpu":
-        return "triton" if _interpreting() and _triton_importable() else "cpu"
+        return "triton" if _interpreting() and triton_importable() else "cpu"
     raise RuntimeError(f"no fused cautious implementation for device {device}")
 
 
@@ -108,19 +115,21 @@ def _scalar(x: Any, name: str) -> float:
     return x
 
 
-def _check_lr(lr: Any, device: torch.device) -> tuple[float | None, torch.Tensor | None]:
+def _split_lr(lr: Any, device: torch.device, *, check: bool) -> tuple[float | None, torch.Tensor | None]:
     """``(lr as float, None)`` or ``(None, lr tensor on device)`` (no host sync for a device lr)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
         if lr.device.type == "cpu" or lr.device != device:
             val = float(lr.item())
-            validate({"lr": val})
+            if check:
+                validate({"lr": val})
             return val, None
         if not lr.is_floating_point():
             raise TypeError(f"lr must be a floating-point tensor, got {lr.dtype}")
         return None, lr.reshape(())
-    validate({"lr": lr})
+    if check:
+        validate({"lr": lr})
     return float(lr), None
 
 
@@ -147,34 +156,35 @@ def _check_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tensor | N
                 raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but params[{i}] has {tuple(p.shape)}")
             if x.device != device:
                 raise ValueError(f"all tensors must be on one device; {name}[{i}] is on {x.device}, not {device}")
-            if x.dtype not in _SUPPORTED:
+            if x.dtype not in STORAGE:
                 raise TypeError(f"{name}[{i}] has dtype {x.dtype}; supported: float32, float64, bfloat16, float16")
-
-
-def _caution(caution: Any) -> Caution | None:
-    return as_caution(caution)
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _run(
-    rule: int,
-    backend: str | None,
+def run(
+    launch: Launch,
     lists: list[list[torch.Tensor | None]],
     lr: Any,
-    kwargs: dict[str, Any],
+    *,
+    backend: str | None = None,
+    check_lr: bool = False,
 ) -> None:
-    """Group by dtypes, make contiguous, and hand each group to the chosen implementation."""
+    """Group by dtypes, make contiguous, and hand each group to the chosen implementation.
+
+    ``lists`` is ``[params, grads, s1, s2, s3]`` (state lists of None where a rule has none),
+    already checked. Tensors that had to be made contiguous are copied back.
+    """
     params = lists[0]
     if len(params) == 0:
         return
     device = params[0].device
-    impl = _backend_for(device, backend)
-    lr_f, lr_t = _check_lr(lr, device)
+    impl = backend_for(device, backend)
+    lr_f, lr_t = _split_lr(lr, device, check=check_lr)
     if impl != "triton" and lr_t is not None:
         lr_f, lr_t = float(lr_t.item()), None  # CPU: reading a CPU tensor is free
-    kwargs["hp"][14] = 0.0 if lr_f is None else lr_f
+    launch = launch.with_lr(0.0 if lr_f is None else lr_f)
     # group by (param, grad, state) dtypes, keeping list order inside a group
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -191,13 +201,13 @@ def _run(
                         writeback.append((x, y))
                     col[j] = y
         if impl == "triton":
-            from cautious.backends.torch import _fused_triton as ft
+            from cautious.backends.torch.fused import triton_kernels
 
-            ft.run(rule, *cols, lr_tensor=lr_t, **kwargs)
+            triton_kernels.run(launch, *cols, lr_tensor=lr_t)
         else:
-            from cautious.backends.torch import _fused_cpu as fc
+            from cautious.backends.torch.fused import cpu
 
-            fc.run(rule, *cols, native=impl == "cpu", **kwargs)
+            cpu.run(launch, *cols, native=impl == "cpu")
         for x, y in writeback:
             x.copy_(y)
 
@@ -206,8 +216,98 @@ def _nones(n: int) -> list[None]:
     return [None] * n
 
 
-def _hp() -> list[float]:
-    return [0.0] * 16
+def adam_launch(
+    *,
+    step,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    caution,
+    eps_placement,
+    cautious_weight_decay,
+    stochastic_rounding=False,
+    seed=0,
+) -> Launch:
+    """The :class:`~.contract.Launch` of one Adam step (``step`` is the new 1-based step)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.ADAM,
+        hp=adam_hp(
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=wd,
+            decoupled=decoupled,
+            eps_placement=eps_placement,
+            caution=caution,
+        ),
+        caution=caution,
+        maximize=bool(maximize),
+        coupled=(not decoupled) and wd != 0.0,
+        decoupled=bool(decoupled) and wd != 0.0,
+        cwd=bool(cautious_weight_decay),
+        exact_u=float(eps) == 0.0,
+        amsgrad=bool(amsgrad),
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
+def lion_launch(
+    *, beta1, beta2, weight_decay, maximize, caution, cautious_weight_decay, stochastic_rounding=False, seed=0
+) -> Launch:
+    """The :class:`~.contract.Launch` of one Lion step (decoupled decay)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.LION,
+        hp=lion_hp(beta1=beta1, beta2=beta2, weight_decay=wd, caution=caution),
+        caution=caution,
+        maximize=bool(maximize),
+        decoupled=wd != 0.0,
+        cwd=bool(cautious_weight_decay),
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
+def sgd_launch(
+    *,
+    first_step,
+    momentum,
+    dampening,
+    nesterov,
+    weight_decay,
+    decoupled,
+    maximize,
+    caution,
+    cautious_weight_decay,
+    stochastic_rounding=False,
+    seed=0,
+) -> Launch:
+    """The :class:`~.contract.Launch` of one SGD step (``first_step``: the buffer is set to ``g``)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.SGD,
+        hp=sgd_hp(momentum=float(momentum), dampening=dampening, weight_decay=wd, decoupled=decoupled, caution=caution),
+        caution=caution,
+        maximize=bool(maximize),
+        coupled=(not decoupled) and wd != 0.0,
+        decoupled=bool(decoupled) and wd != 0.0,
+        cwd=bool(cautious_weight_decay),
+        first=bool(first_step),
+        nesterov=bool(nesterov),
+        has_momentum=float(momentum) != 0.0,
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
+# --------------------------------------------------------------------------- public functions
 
 
 def fused_adam_(
@@ -226,7 +326,7 @@ def fused_adam_(
     decoupled: bool,
     amsgrad: bool,
     maximize: bool,
-    caution: Caution | None,
+    caution: bool | Caution,
     eps_placement: str,
     cautious_weight_decay: bool,
     stochastic_rounding: bool = False,
@@ -237,7 +337,9 @@ def fused_adam_(
 
     ``step`` is the new 1-based step (already incremented). With ``decoupled=False`` the
     decay is coupled L2 (``g += wd * p`` before the moments; the mask uses that ``g``).
-    ``max_exp_avg_sqs`` is required iff ``amsgrad``. Nothing is modified if validation fails.
+    ``max_exp_avg_sqs`` is required iff ``amsgrad``. ``caution``: ``True``, ``False`` or a
+    :class:`cautious.Caution`. ``stochastic_rounding`` rounds bfloat16 results stochastically
+    (seeded by ``seed``). Nothing is modified if validation fails.
     """
     beta1, beta2, eps, weight_decay = (
         _scalar(x, n)
@@ -255,9 +357,9 @@ def fused_adam_(
             decoupled_weight_decay=decoupled,
             cautious_weight_decay=cautious_weight_decay,
         ),
-        _TORCH_NAMES,
+        _BETA_NAMES,
     )
-    caution = _caution(caution)
+    caution = as_caution(caution)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the new 1-based step), got {step!r}")
@@ -270,28 +372,22 @@ def fused_adam_(
         ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         [lists[0], lists[1], lists[2], lists[3], vmax if amsgrad else None],
     )
-    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
-    bc1 = 1.0 - b1 ** int(step)
-    bc2 = 1.0 - b2 ** int(step)
-    hp = _hp()
-    hp[0] = wd if not decoupled else 0.0
-    hp[1], hp[2], hp[3], hp[4], hp[5] = b1, 1.0 - b1, b2, 1.0 - b2, float(eps)
-    hp[6], hp[7], hp[8] = 1.0 / bc1, 1.0 / math.sqrt(bc2), math.sqrt(bc2) / bc1
-    hp[13] = wd if decoupled else 0.0
-    kwargs = dict(
-        hp=hp,
+    launch = adam_launch(
+        step=step,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        amsgrad=amsgrad,
+        maximize=maximize,
         caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        exact_u=float(eps) == 0.0,
-        amsgrad=bool(amsgrad),
-        corrected=eps_placement == "corrected",
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+        eps_placement=eps_placement,
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
     )
-    _run(RULE_ADAM, _backend, lists, lr, kwargs)
+    run(launch, lists, lr, backend=_backend, check_lr=True)
 
 
 def fused_lion_(
@@ -304,7 +400,7 @@ def fused_lion_(
     beta2: float,
     weight_decay: float,
     maximize: bool,
-    caution: Caution | None,
+    caution: bool | Caution,
     cautious_weight_decay: bool,
     stochastic_rounding: bool = False,
     seed: int = 0,
@@ -322,27 +418,23 @@ def fused_lion_(
             maximize=maximize,
             cautious_weight_decay=cautious_weight_decay,
         ),
-        _TORCH_NAMES,
+        _BETA_NAMES,
     )
-    caution = _caution(caution)
+    caution = as_caution(caution)
     n = len(params)
     lists = [list(params), list(grads), list(exp_avgs), _nones(n), _nones(n)]
     _check_lists(("params", "grads", "exp_avgs"), lists[:3])
-    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
-    hp = _hp()
-    hp[1], hp[2], hp[3], hp[4] = b1, 1.0 - b1, b2, 1.0 - b2
-    hp[13] = wd
-    kwargs = dict(
-        hp=hp,
+    launch = lion_launch(
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        maximize=maximize,
         caution=caution,
-        maximize=bool(maximize),
-        coupled=False,
-        decoupled=wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
     )
-    _run(RULE_LION, _backend, lists, lr, kwargs)
+    run(launch, lists, lr, backend=_backend, check_lr=True)
 
 
 def fused_sgd_(
@@ -358,7 +450,7 @@ def fused_sgd_(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
-    caution: Caution | None,
+    caution: bool | Caution,
     cautious_weight_decay: bool,
     stochastic_rounding: bool = False,
     seed: int = 0,
@@ -383,32 +475,27 @@ def fused_sgd_(
             cautious_weight_decay=cautious_weight_decay,
         )
     )
-    caution = _caution(caution)
+    caution = as_caution(caution)
     check_nesterov(nesterov, momentum, dampening)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
-    mu, damp, wd = float(momentum), float(dampening), float(weight_decay)
     n = len(params)
-    has_m = mu != 0.0
+    has_m = float(momentum) != 0.0
     if has_m and momentum_buffers is None:
         raise ValueError("momentum != 0 needs momentum_buffers")
     bufs = list(momentum_buffers) if has_m else _nones(n)
     lists = [list(params), list(grads), bufs, _nones(n), _nones(n)]
     _check_lists(("params", "grads", "momentum_buffers"), [lists[0], lists[1], bufs if has_m else None])
-    hp = _hp()
-    hp[0] = wd if not decoupled else 0.0
-    hp[1], hp[2] = mu, 1.0 - damp
-    hp[13] = wd if decoupled else 0.0
-    kwargs = dict(
-        hp=hp,
+    launch = sgd_launch(
+        first_step=first_step,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        maximize=maximize,
         caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        first=bool(first_step),
-        nesterov=bool(nesterov),
-        has_momentum=has_m,
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
     )
-    _run(RULE_SGD, _backend, lists, lr, kwargs)
+    run(launch, lists, lr, backend=_backend, check_lr=True)

@@ -24,15 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import cautious.jax as cjax
 from cautious import spec
-from cautious.backends.jax import _alias, _transforms
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 
 __all__ = ["JaxAdapter"]
 
 _JNP = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_STATE_TYPES = (optax.ScaleByAdamState, _transforms.ScaleByAmsgradState, optax.ScaleByLionState, optax.TraceState)
+_STATE_TYPES = (optax.ScaleByAdamState, cjax.ScaleByAmsgradState, optax.ScaleByLionState, optax.TraceState)
 
 
 def _spec_hparams(case: Case) -> dict[str, Any]:
@@ -60,13 +60,13 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
             **common,
         )
         if case.rule == "adam":
-            return _alias.adam(decoupled_weight_decay=hp["decoupled_weight_decay"], **kw)
-        return _alias.adamw(**kw)
+            return cjax.adam(decoupled_weight_decay=hp["decoupled_weight_decay"], **kw)
+        return cjax.adamw(**kw)
     if case.rule == "lion":
         b1, b2 = hp["betas"]
-        return _alias.lion(hp["lr"], b1, b2, weight_decay=hp["weight_decay"], **common)
+        return cjax.lion(hp["lr"], b1, b2, weight_decay=hp["weight_decay"], **common)
     momentum = hp["momentum"]
-    return _alias.sgd(
+    return cjax.sgd(
         hp["lr"],
         momentum=None if float(momentum) == 0 else momentum,
         nesterov=hp["nesterov"],
@@ -141,8 +141,8 @@ class JaxAdapter:
         def make(old: Any) -> Any:
             if isinstance(old, optax.ScaleByAdamState):
                 return optax.ScaleByAdamState(count, [arr(s.m) for s in leaves], [arr(s.v) for s in leaves])
-            if isinstance(old, _transforms.ScaleByAmsgradState):
-                return _transforms.ScaleByAmsgradState(
+            if isinstance(old, cjax.ScaleByAmsgradState):
+                return cjax.ScaleByAmsgradState(
                     count, [arr(s.m) for s in leaves], [arr(s.v) for s in leaves], [arr(s.v_max) for s in leaves]
                 )
             if isinstance(old, optax.ScaleByLionState):
@@ -161,7 +161,7 @@ class JaxAdapter:
                 spec.AdamState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage), None)
                 for i in range(n)
             )
-        elif isinstance(ds, _transforms.ScaleByAmsgradState):
+        elif isinstance(ds, cjax.ScaleByAmsgradState):
             new_leaves = tuple(
                 spec.AdamState(*(out(x[i], case.state_storage) for x in (ds.mu, ds.nu, ds.nu_max))) for i in range(n)
             )

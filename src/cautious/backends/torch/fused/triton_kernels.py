@@ -1,7 +1,7 @@
 r"""Triton kernels for the fused cautious update: a count pass, then an update pass.
 
-Each public launcher (:func:`adam`, :func:`lion`, :func:`sgd`) updates many tensors with
-two kernel launches, whatever the number of tensors:
+:func:`run` updates many tensors of one dtype group with two kernel launches, whatever the
+number of tensors (the rules and slots are :mod:`.contract`'s):
 
 1. **count pass** (skipped without caution, or with ``normalize="none"``): reads ``g`` and
    the first moment (plus ``p`` under coupled decay), recomputes the sign of the direction
@@ -15,8 +15,9 @@ two kernel launches, whatever the number of tensors:
 Tensors are addressed through pointer tables: ``meta[t] = (p, g, s1, s2, s3, numel)`` as
 int64 addresses, cast in the kernel with ``tl.pointer_type``; the grid is a chunk table of
 ``(tensor index, chunk start)`` rows (int64 offsets, so tensors over 2**31 elements work;
-zero-size tensors contribute no rows). Hyperparameters travel as a float64 device tensor,
-so float64 storage computes with float64 hyperparameters (Triton passes Python floats as
+zero-size tensors contribute no rows). Hyperparameters travel as a float64 device tensor
+indexed by :class:`~.contract.Slot`, so float64 storage computes with float64 hyperparameters
+(Triton passes Python floats as
 float32). Storage codes: 0 float32, 1 float64, 2 bfloat16 (loaded and stored as uint16 bit
 patterns, rounded to nearest even with integer operations, since the interpreter truncates
 float casts to bfloat16), 3 float16. Compute is float64 if any storage is float64, else
@@ -30,12 +31,30 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["run", "chunk_table", "CODES"]
+from cautious.backends.torch.fused.contract import STORAGE, Launch, Norm, Rule, Slot
 
-CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-NORMS = {"mean_clamp": 0, "count_plus_one": 1, "exact": 2, "none": 3}
-RULE_ADAM, RULE_LION, RULE_SGD = 0, 1, 2
+__all__ = ["run", "chunk_table"]
+
 META_COLS = 8  # p, g, s1, s2, s3, numel, pad, pad
+
+# The contract's numbers as compile-time constants (a jitted function reads only constexpr globals).
+ADAM: tl.constexpr = tl.constexpr(int(Rule.ADAM))
+LION: tl.constexpr = tl.constexpr(int(Rule.LION))
+MEAN_CLAMP: tl.constexpr = tl.constexpr(int(Norm.MEAN_CLAMP))
+COUNT_PLUS_ONE: tl.constexpr = tl.constexpr(int(Norm.COUNT_PLUS_ONE))
+EXACT: tl.constexpr = tl.constexpr(int(Norm.EXACT))
+COUPLED_DECAY: tl.constexpr = tl.constexpr(int(Slot.COUPLED_DECAY))
+MIX1_OLD: tl.constexpr = tl.constexpr(int(Slot.MIX1_OLD))
+MIX1_NEW: tl.constexpr = tl.constexpr(int(Slot.MIX1_NEW))
+MIX2_OLD: tl.constexpr = tl.constexpr(int(Slot.MIX2_OLD))
+MIX2_NEW: tl.constexpr = tl.constexpr(int(Slot.MIX2_NEW))
+EPS: tl.constexpr = tl.constexpr(int(Slot.EPS))
+ADAM_A: tl.constexpr = tl.constexpr(int(Slot.ADAM_A))
+ADAM_B: tl.constexpr = tl.constexpr(int(Slot.ADAM_B))
+ADAM_C: tl.constexpr = tl.constexpr(int(Slot.ADAM_C))
+DECOUPLED_DECAY: tl.constexpr = tl.constexpr(int(Slot.DECOUPLED_DECAY))
+LR: tl.constexpr = tl.constexpr(int(Slot.LR))
+FLOOR: tl.constexpr = tl.constexpr(int(Slot.FLOOR))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -108,30 +127,26 @@ def _grad(
         g = -g
     if COUPLED:
         p = _ld(tl.load(meta_row + 0), offs, mask, PC, CT)
-        g = g + _hp(hp, 0, CT) * p
+        g = g + _hp(hp, COUPLED_DECAY, CT) * p
     return g
 
 
 @triton.jit
-def _adam_u(m_new, v_used, hp, CT: tl.constexpr, CORRECTED: tl.constexpr):
-    # hp: 5 eps, 6 1/bc1, 7 1/sqrt(bc2), 8 sqrt(bc2)/bc1
-    if CORRECTED:
-        u = (m_new * _hp(hp, 6, CT)) / (tl.sqrt(v_used) * _hp(hp, 7, CT) + _hp(hp, 5, CT))
-    else:
-        u = _hp(hp, 8, CT) * (m_new / (tl.sqrt(v_used) + _hp(hp, 5, CT)))
-    return u
+def _adam_u(m_new, v_used, hp, CT: tl.constexpr):
+    """``u = ADAM_C * ((m' * ADAM_A) / (sqrt(v) * ADAM_B + EPS))`` (the slots fold the bias corrections)."""
+    num = m_new * _hp(hp, ADAM_A, CT)
+    return _hp(hp, ADAM_C, CT) * (num / (tl.sqrt(v_used) * _hp(hp, ADAM_B, CT) + _hp(hp, EPS, CT)))
 
 
 @triton.jit
 def _sgd_u(g, buf, hp, CT: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
-    # hp: 1 momentum, 2 1-dampening
     if HAS_MOMENTUM:
         if FIRST:
             b = g
         else:
-            b = _hp(hp, 1, CT) * buf + _hp(hp, 2, CT) * g
+            b = _hp(hp, MIX1_OLD, CT) * buf + _hp(hp, MIX1_NEW, CT) * g
         if NESTEROV:
-            u = g + _hp(hp, 1, CT) * b
+            u = g + _hp(hp, MIX1_OLD, CT) * b
         else:
             u = b
     else:
@@ -145,11 +160,11 @@ def _scale(counts, t, n, hp, NORM: tl.constexpr):
     """The per-tensor scale of :meth:`cautious.Caution.scale`, in float64 from the integer count."""
     k = tl.load(counts + t).to(tl.float64)
     nf = n.to(tl.float64)
-    if NORM == 0:
-        s = 1.0 / tl.maximum(k / nf, tl.load(hp + 15))
-    elif NORM == 1:
+    if NORM == MEAN_CLAMP:
+        s = 1.0 / tl.maximum(k / nf, tl.load(hp + FLOOR))
+    elif NORM == COUNT_PLUS_ONE:
         s = nf / (k + 1.0)
-    elif NORM == 2:
+    elif NORM == EXACT:
         s = nf / tl.maximum(k, 1.0)
     else:
         s = k * 0.0 + 1.0
@@ -161,7 +176,7 @@ def _lr(hp, lr_ptr, LR_TENSOR: tl.constexpr):
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
-        lr = tl.load(hp + 14)
+        lr = tl.load(hp + LR)
     return lr
 
 
@@ -183,7 +198,6 @@ def _count_kernel(
     COUPLED: tl.constexpr,
     EXACT_U: tl.constexpr,
     AMSGRAD: tl.constexpr,
-    CORRECTED: tl.constexpr,
     FIRST: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -200,20 +214,20 @@ def _count_kernel(
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         g = _grad(row, offs, mask, hp, PC, GC, CT, MAXIMIZE, COUPLED)
-        if RULE == 0:  # adam: sign(u) == sign(m_new) unless eps == 0
+        if RULE == ADAM:  # adam: sign(u) == sign(m_new) unless eps == 0
             m = _ld(tl.load(row + 2), offs, mask, SC, CT)
-            d = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            d = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
             if EXACT_U:
                 v = _ld(tl.load(row + 3), offs, mask, SC, CT)
-                v_new = _hp(hp, 3, CT) * v + _hp(hp, 4, CT) * (g * g)
+                v_new = _hp(hp, MIX2_OLD, CT) * v + _hp(hp, MIX2_NEW, CT) * (g * g)
                 if AMSGRAD:
                     v_new = tl.maximum(
                         _ld(tl.load(row + 4), offs, mask, SC, CT), v_new, propagate_nan=tl.PropagateNan.ALL
                     )
-                d = _adam_u(d, v_new, hp, CT, CORRECTED)
-        elif RULE == 1:  # lion: sign(u) == sign(b1 * m + (1 - b1) * g)
+                d = _adam_u(d, v_new, hp, CT)
+        elif RULE == LION:  # lion: sign(u) == sign(b1 * m + (1 - b1) * g)
             m = _ld(tl.load(row + 2), offs, mask, SC, CT)
-            d = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            d = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
         else:  # sgd
             if HAS_MOMENTUM and not FIRST:
                 buf = _ld(tl.load(row + 2), offs, mask, SC, CT)
@@ -247,7 +261,6 @@ def _update_kernel(
     LR_TENSOR: tl.constexpr,
     SR: tl.constexpr,
     AMSGRAD: tl.constexpr,
-    CORRECTED: tl.constexpr,
     FIRST: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -268,31 +281,31 @@ def _update_kernel(
         step = (lr * _scale(counts, t, n, hp, NORM)).to(CT)  # lr * scale, one rounding
     else:
         step = lr.to(CT)
-    lr_wd = (lr * tl.load(hp + 13)).to(CT)  # hp 13: decoupled weight decay
+    lr_wd = (lr * tl.load(hp + DECOUPLED_DECAY)).to(CT)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         rnd = offs + t * (1 << 40)  # stochastic rounding stream: unique per element
         p = _ld(p_addr, offs, mask, PC, CT)
         g = _grad(row, offs, mask, hp, PC, GC, CT, MAXIMIZE, COUPLED)
-        if RULE == 0:
+        if RULE == ADAM:
             m = _ld(s1, offs, mask, SC, CT)
             v = _ld(s2, offs, mask, SC, CT)
-            m_new = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
-            v_new = _hp(hp, 3, CT) * v + _hp(hp, 4, CT) * (g * g)
+            m_new = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
+            v_new = _hp(hp, MIX2_OLD, CT) * v + _hp(hp, MIX2_NEW, CT) * (g * g)
             if AMSGRAD:
                 v_used = tl.maximum(_ld(s3, offs, mask, SC, CT), v_new, propagate_nan=tl.PropagateNan.ALL)
                 _st(s3, offs, v_used, mask, SC, SR, seed + 3, rnd)
             else:
                 v_used = v_new
-            u = _adam_u(m_new, v_used, hp, CT, CORRECTED)
+            u = _adam_u(m_new, v_used, hp, CT)
             _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
             _st(s2, offs, v_new, mask, SC, SR, seed + 2, rnd)
-        elif RULE == 1:
+        elif RULE == LION:
             m = _ld(s1, offs, mask, SC, CT)
-            c = _hp(hp, 1, CT) * m + _hp(hp, 2, CT) * g
+            c = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
             u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, tl.where(c != c, c, 0.0))).to(CT)
-            m_new = _hp(hp, 3, CT) * m + _hp(hp, 4, CT) * g
+            m_new = _hp(hp, MIX2_OLD, CT) * m + _hp(hp, MIX2_NEW, CT) * g
             _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
         else:
             if HAS_MOMENTUM and not FIRST:
@@ -303,7 +316,7 @@ def _update_kernel(
             if HAS_MOMENTUM:
                 _st(s1, offs, b, mask, SC, SR, seed + 1, rnd)
         if CAUTION:
-            if RULE == 0 and not EXACT_U:
+            if RULE == ADAM and not EXACT_U:
                 keep = _keep(m_new, g)  # the count pass's test: sign(u) == sign(m_new)
             else:
                 keep = _keep(u, g)
@@ -374,72 +387,44 @@ def _hp_tensor(device, values):
     return _cached(key, lambda: torch.tensor(values, dtype=torch.float64).to(device))
 
 
-def run(
-    rule: int,
-    params,
-    grads,
-    s1,
-    s2,
-    s3,
-    *,
-    hp: list,
-    lr_tensor,
-    caution,
-    maximize: bool,
-    coupled: bool,
-    decoupled: bool,
-    cwd: bool,
-    exact_u: bool = False,
-    amsgrad: bool = False,
-    corrected: bool = True,
-    first: bool = False,
-    nesterov: bool = False,
-    has_momentum: bool = True,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-) -> None:
+def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None) -> None:
     """Launch the count pass (when needed) and the update pass over one dtype group.
 
     ``params``, ``grads``, ``s1``/``s2``/``s3`` (state; lists of None when absent) are
     parallel lists of contiguous tensors on one device with one storage dtype each.
-    ``hp`` is the 16-float table described in the kernels. ``caution`` is a Caution or None.
+    ``lr_tensor``: a 0-d device tensor read by the kernel instead of ``launch.hp[Slot.LR]``.
     """
     numels = tuple(int(p.numel()) for p in params)
     if sum(numels) == 0:
         return
     device = params[0].device
     block, iters = CONFIG["cuda" if device.type == "cuda" else "interpreter"]
-    pc = CODES[params[0].dtype]
-    gc = CODES[grads[0].dtype]
+    pc = STORAGE[params[0].dtype]
+    gc = STORAGE[grads[0].dtype]
     state0 = next((x for x in (*s1, *s2, *s3) if x is not None), None)
-    sc = CODES[state0.dtype] if state0 is not None else pc
+    sc = STORAGE[state0.dtype] if state0 is not None else pc
     ct = tl.float64 if 1 in (pc, gc, sc) else tl.float32
-    if caution is not None:
-        hp = list(hp)
-        hp[15] = caution.floor
-    hp_t = _hp_tensor(device, [float(x) for x in hp])
+    hp_t = _hp_tensor(device, launch.hp)
     meta, chunks, nchunks = _tables(device, (params, grads, s1, s2, s3), numels, block * iters)
-    norm = NORMS[caution.normalize] if caution is not None else 3
     counts = torch.zeros(len(numels), dtype=torch.int64, device=device)
     flags = dict(
-        RULE=rule,
+        RULE=int(launch.rule),
         PC=pc,
         GC=gc,
         SC=sc,
         CT=ct,
-        MAXIMIZE=maximize,
-        COUPLED=coupled,
-        AMSGRAD=amsgrad,
-        CORRECTED=corrected,
-        FIRST=first,
-        NESTEROV=nesterov,
-        HAS_MOMENTUM=has_momentum,
-        EXACT_U=exact_u,
+        MAXIMIZE=launch.maximize,
+        COUPLED=launch.coupled,
+        AMSGRAD=launch.amsgrad,
+        FIRST=launch.first,
+        NESTEROV=launch.nesterov,
+        HAS_MOMENTUM=launch.has_momentum,
+        EXACT_U=launch.exact_u,
         BLOCK=block,
         ITERS=iters,
     )
     grid = (nchunks,)
-    if caution is not None and norm != 3:
+    if launch.caution is not None and launch.counts:
         _count_kernel[grid](meta, chunks, counts, hp_t, num_warps=_NUM_WARPS, **flags)
     lr_arg = lr_tensor if lr_tensor is not None else hp_t
     _update_kernel[grid](
@@ -448,13 +433,13 @@ def run(
         counts,
         hp_t,
         lr_arg,
-        int(seed) & 0x7FFFFFFF,
-        DECOUPLED=decoupled,
-        CWD=cwd,
-        CAUTION=caution is not None,
-        NORM=norm,
+        int(launch.seed) & 0x7FFFFFFF,
+        DECOUPLED=launch.decoupled,
+        CWD=launch.cwd,
+        CAUTION=launch.caution is not None,
+        NORM=int(launch.norm),
         LR_TENSOR=lr_tensor is not None,
-        SR=stochastic_rounding,
+        SR=launch.stochastic_rounding,
         num_warps=_NUM_WARPS,
         **flags,
     )

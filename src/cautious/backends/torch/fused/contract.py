@@ -1,0 +1,197 @@
+r"""The fused path's contract: every number that crosses from Python into a kernel, by name.
+
+Three readers implement it: the Triton kernels (:mod:`.triton_kernels`), the C++ kernel
+(``cpu_kernel.cpp``, loaded by :mod:`.cpu`) and the eager fallback (:mod:`.eager`, the readable
+statement of the contract). :class:`Launch` is what a driver hands to any of them; its ``hp``
+vector is indexed by :class:`Slot`, the same index in every reader. ``cpu_kernel.cpp`` mirrors
+:class:`Rule`, :class:`Norm`, :class:`Slot` and :class:`CpuArgs` field by field
+(``tests/backend_fused/test_contract.py`` checks that it does).
+
+Per entry, with ``g`` the gradient after ``maximize`` and coupled decay
+(``g <- g + hp[COUPLED_DECAY] * p``), each base rule computes a direction ``u``, new state and a
+*test* value with the sign of ``u`` (what the mask and the count read):
+
+========  =====================================================================  ==============
+rule      direction and state                                                    test
+========  =====================================================================  ==============
+ADAM      ``m' = MIX1_OLD m + MIX1_NEW g``, ``v' = MIX2_OLD v + MIX2_NEW g^2``,     ``m'`` (``u``
+          ``v_u = max(v_max, v')`` (amsgrad) else ``v'``,                         when
+          ``u = ADAM_C ((m' ADAM_A) / (sqrt(v_u) ADAM_B + EPS))``                  ``exact_u``)
+LION      ``c = MIX1_OLD m + MIX1_NEW g``, ``u = sign(c)`` (NaN kept),            ``c``
+          ``m' = MIX2_OLD m + MIX2_NEW g``
+SGD       ``b = g`` (first step or no momentum) else ``MIX1_OLD b + MIX1_NEW g``,  ``u``
+          ``u = g + MIX1_OLD b`` (nesterov) else ``b``
+========  =====================================================================  ==============
+
+then ``keep = mask(test, g)``, ``scale`` from the per-tensor count (:class:`Norm`), and
+
+.. math::
+
+    p' = p - \text{lr}\cdot\text{DECOUPLED\_DECAY}\cdot d - (\text{lr}\cdot\text{scale})\cdot
+    \text{keep}\odot u
+
+with ``d = p`` (``0`` where cautious weight decay skips it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import math
+
+import torch
+
+from cautious._caution import NORMALIZATIONS, Caution
+
+__all__ = ["Rule", "Norm", "Slot", "STORAGE", "Launch", "CpuArgs", "adam_hp", "lion_hp", "sgd_hp"]
+
+
+class Rule(enum.IntEnum):
+    """The base rule a kernel runs."""
+
+    ADAM = 0
+    LION = 1
+    SGD = 2
+
+
+#: Normalization of the kept count (:class:`cautious.Caution`); ``NONE`` also means caution off.
+Norm = enum.IntEnum("Norm", {name.upper(): i for i, name in enumerate(NORMALIZATIONS)})
+Norm.__doc__ = "The normalizations of :data:`cautious._caution.NORMALIZATIONS`, in that order."
+
+
+class Slot(enum.IntEnum):
+    """Positions in the float64 hyperparameter vector ``hp`` (``len(Slot)`` entries)."""
+
+    COUPLED_DECAY = 0  # g <- g + COUPLED_DECAY * p (coupled L2 decay; 0 when decoupled)
+    MIX1_OLD = 1  # Adam/Lion beta1; SGD momentum
+    MIX1_NEW = 2  # Adam/Lion 1 - beta1; SGD 1 - dampening
+    MIX2_OLD = 3  # Adam beta2 (v); Lion beta2 (m)
+    MIX2_NEW = 4  # 1 - beta2
+    EPS = 5
+    ADAM_A = 6  # Adam: u = ADAM_C * ((m' * ADAM_A) / (sqrt(v) * ADAM_B + EPS))
+    ADAM_B = 7
+    ADAM_C = 8
+    DECOUPLED_DECAY = 9  # p <- p - lr * DECOUPLED_DECAY * d
+    LR = 10  # the learning rate (when it is not a device tensor)
+    FLOOR = 11  # mean_clamp's floor on the kept fraction
+
+
+#: Storage codes of the supported dtypes (the kernels load and store by code).
+STORAGE: dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Everything a kernel needs besides the tensors and ``lr``: one step's contract."""
+
+    rule: Rule
+    hp: tuple[float, ...]  # indexed by Slot; FLOOR and LR are filled by with_lr
+    caution: Caution | None
+    maximize: bool = False
+    coupled: bool = False  # coupled L2 decay is on (wd != 0)
+    decoupled: bool = False  # decoupled decay is on (wd != 0)
+    cwd: bool = False  # cautious weight decay
+    exact_u: bool = False  # Adam with eps == 0: the mask tests u itself (0/0 is NaN)
+    amsgrad: bool = False
+    first: bool = False  # SGD: the momentum buffer is set to g
+    nesterov: bool = False
+    has_momentum: bool = False
+    stochastic_rounding: bool = False
+    seed: int = 0
+
+    @property
+    def norm(self) -> Norm:
+        """The normalization code; ``Norm.NONE`` without caution."""
+        return Norm[self.caution.normalize.upper()] if self.caution is not None else Norm.NONE
+
+    @property
+    def counts(self) -> bool:
+        """Whether the count pass runs (caution on, with a normalization that uses the count)."""
+        return self.norm != Norm.NONE
+
+    def with_lr(self, lr: float) -> Launch:
+        hp = list(self.hp)
+        hp[Slot.LR] = float(lr)
+        return dataclasses.replace(self, hp=tuple(hp))
+
+
+def _hp(**slots: float) -> list[float]:
+    hp = [0.0] * len(Slot)
+    for name, value in slots.items():
+        hp[Slot[name]] = float(value)
+    return hp
+
+
+def _finish(hp: list[float], caution: Caution | None) -> tuple[float, ...]:
+    if caution is not None:
+        hp[Slot.FLOOR] = caution.floor
+    return tuple(hp)
+
+
+def adam_hp(*, step, beta1, beta2, eps, weight_decay, decoupled, eps_placement, caution) -> tuple[float, ...]:
+    """Adam's slots; the bias corrections fold into ``ADAM_A/B/C`` (``eps_placement`` chooses)."""
+    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
+    bc1 = 1.0 - b1 ** int(step)
+    bc2 = 1.0 - b2 ** int(step)
+    if eps_placement == "corrected":  # u = (m / bc1) / (sqrt(v / bc2) + eps)
+        a, b, c = 1.0 / bc1, 1.0 / math.sqrt(bc2), 1.0
+    else:  # u = sqrt(bc2) / bc1 * m / (sqrt(v) + eps)
+        a, b, c = 1.0, 1.0, math.sqrt(bc2) / bc1
+    hp = _hp(
+        COUPLED_DECAY=0.0 if decoupled else wd,
+        MIX1_OLD=b1,
+        MIX1_NEW=1.0 - b1,
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        ADAM_A=a,
+        ADAM_B=b,
+        ADAM_C=c,
+        DECOUPLED_DECAY=wd if decoupled else 0.0,
+    )
+    return _finish(hp, caution)
+
+
+def lion_hp(*, beta1, beta2, weight_decay, caution) -> tuple[float, ...]:
+    b1, b2 = float(beta1), float(beta2)
+    hp = _hp(MIX1_OLD=b1, MIX1_NEW=1.0 - b1, MIX2_OLD=b2, MIX2_NEW=1.0 - b2, DECOUPLED_DECAY=weight_decay)
+    return _finish(hp, caution)
+
+
+def sgd_hp(*, momentum, dampening, weight_decay, decoupled, caution) -> tuple[float, ...]:
+    wd = float(weight_decay)
+    hp = _hp(
+        COUPLED_DECAY=0.0 if decoupled else wd,
+        MIX1_OLD=momentum,
+        MIX1_NEW=1.0 - float(dampening),
+        DECOUPLED_DECAY=wd if decoupled else 0.0,
+    )
+    return _finish(hp, caution)
+
+
+class CpuArgs(ctypes.Structure):
+    """The C++ kernel's argument block (``struct CpuArgs`` in ``cpu_kernel.cpp``, same order)."""
+
+    _fields_ = [
+        ("rule", ctypes.c_int64),
+        ("param_code", ctypes.c_int64),
+        ("state_code", ctypes.c_int64),
+        ("maximize", ctypes.c_int64),
+        ("coupled", ctypes.c_int64),
+        ("decoupled", ctypes.c_int64),
+        ("cwd", ctypes.c_int64),
+        ("caution", ctypes.c_int64),
+        ("norm", ctypes.c_int64),
+        ("exact_u", ctypes.c_int64),
+        ("amsgrad", ctypes.c_int64),
+        ("first", ctypes.c_int64),
+        ("nesterov", ctypes.c_int64),
+        ("has_momentum", ctypes.c_int64),
+        ("stochastic_rounding", ctypes.c_int64),
+        ("seed", ctypes.c_uint64),
+        ("nthreads", ctypes.c_int64),
+        ("piece", ctypes.c_int64),
+        ("lr", ctypes.c_double),
+        ("hp", ctypes.c_double * len(Slot)),
+    ]
