@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -175,6 +176,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
                 u, err_u = m, err_m
         sign_val, sign_err = u, err_u
 
+    # an exactly-zero direction computed exactly by every admitted evaluation order is decided: masked.
+    exact0 = _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t)
+    sign_err = np.where(exact0, 0.0, sign_err)
+    lion_undecided &= ~exact0
     with np.errstate(invalid="ignore"):
         undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
     # a direction below the smallest normal may itself be flushed to zero (then masked); where
@@ -182,6 +187,63 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
     undecided |= ((np.abs(u) < tn) & (u != 0)) | np.isinf(err_u)
     undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
+
+
+def _representable(x: Fraction, cd: str) -> bool:
+    """``x`` is exactly a normal (or zero) value of the compute dtype ``cd``."""
+    if x == 0:
+        return True
+    f = float(x)
+    if not math.isfinite(f) or abs(f) < tiny(cd):
+        return False
+    if cd == "float32":
+        return Fraction(float(np.float32(f))) == x
+    return Fraction(f) == x
+
+
+def _exact_combo(a: float, x: float, c: float, y: float, cd: str) -> bool:
+    """Every admitted evaluation of ``a*x + c*y`` is exact in ``cd`` (and so agrees with the reference).
+
+    The forms: multiply-add, and when ``a + c == 1`` the lerps ``x + c*(y - x)`` and
+    ``y - (1 - c)*(y - x)`` (torch's ``lerp_`` picks the second for weights >= 0.5).
+    """
+    fa, fx, fc, fy = (Fraction(v) for v in (a, x, c, y))
+    parts = [fa * fx, fc * fy, fa * fx + fc * fy]
+    if fa + fc == 1:
+        d = fy - fx
+        parts += [d, fc * d, fx + fc * d, 1 - fc, (1 - fc) * d]
+    return all(_representable(v, cd) for v in parts)
+
+
+def _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t) -> np.ndarray:
+    """Entries whose direction is exactly zero in every correct implementation (so decided: masked)."""
+    cand = (sign_val == 0) & (sign_err > 0) & (err_g == 0) & (u == 0)
+    out = np.zeros(np.shape(sign_val), bool)
+    if not cand.any():
+        return out
+    hp = case.hparams
+    cd = compute_dtype(case.dtype)
+    flat_out = out.reshape(-1)
+    gf = np.asarray(g, np.float64).reshape(-1)
+    for i in np.flatnonzero(cand.reshape(-1)):
+        gi = float(gf[i])
+        if rule == "adam" or rule == "lion":
+            b1 = float(hp.get("betas", (0.9, 0.999 if rule == "adam" else 0.99))[0])
+            m0 = float(np.asarray(s[0]).reshape(-1)[i])
+            ok = _exact_combo(b1, m0, 1 - b1, gi, cd)
+        else:
+            mom, damp = float(hp.get("momentum", 0.0)), float(hp.get("dampening", 0.0))
+            if mom == 0 or t == 1:
+                ok = True  # u = g (or m = g): exact
+                m = gi
+            else:
+                m0 = float(np.asarray(s[0]).reshape(-1)[i])
+                ok = _exact_combo(mom, m0, 1 - damp, gi, cd)
+                m = float(Fraction(mom) * Fraction(m0) + Fraction(1 - damp) * Fraction(gi))
+            if ok and hp.get("nesterov", False) and mom != 0:
+                ok = _exact_combo(1.0, gi, mom, m, cd)
+        flat_out[i] = ok
+    return out
 
 
 def weight_decay(case: Case) -> float:

@@ -14,7 +14,7 @@ from hypothesis.errors import Unsatisfiable
 
 from cautious import spec
 from cautious.conformance.case import Adapter, Case, NumpyAdapter
-from cautious.conformance.check import StepReport, check_step, repro_snippet
+from cautious.conformance.check import StepReport, check_step, py_float, repro_snippet
 from cautious.conformance.strategies import cases, step_inputs
 
 __all__ = [
@@ -77,8 +77,8 @@ def check_trajectory(
             first = report.mismatches[0]
             if first.what.startswith(("params[", "state.leaves[")) and not first.what.endswith(".shape"):
                 repro += (
-                    f"\nprint(new_{first.what}[{first.index!r}])  # reference: {first.expected!r}; "
-                    f"{adapter.name} gave {first.got!r} (allowed error {first.bound:.3g})"
+                    f"\nprint(new_{first.what}[{first.index!r}])  # reference: {py_float(first.expected)}; "
+                    f"{adapter.name} gave {py_float(first.got)} (allowed error {first.bound:.3g})"
                 )
             msg = (
                 f"{adapter.name} disagrees with the reference at step {step_i + 1} of {len(grad_seq)} "
