@@ -7,7 +7,6 @@ import pytest
 
 import cautious
 from cautious import spec
-from cautious.conformance.bounds import tensor_terms
 from cautious.conformance import (
     Case,
     ConformanceError,
@@ -16,6 +15,7 @@ from cautious.conformance import (
     run_conformance,
     spec_optimizer,
 )
+from cautious.conformance.bounds import tensor_terms
 from cautious.conformance.check import repro_snippet
 
 

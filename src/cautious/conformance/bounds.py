@@ -8,7 +8,8 @@ smallest normal of the compute dtype (flush-to-zero slack):
 .. math::
 
     \text{err}(a x + b y) &= e\,(|a x| + |b y|) + |a|\,\text{err}(x) + |b|\,\text{err}(y) + tn \\
-    \text{err}(\sqrt{x}) &= \text{err}(x) / \big(\sqrt{x} + \sqrt{\max(x - \text{err}(x), 0)}\big) + e\sqrt{x} \\
+    \text{err}(\sqrt{x}) &= \min\Big(\text{err}(x) / \big(\sqrt{x} + \sqrt{\max(x - \text{err}(x), 0)}\big),
+    \sqrt{\text{err}(x)}\Big) + e\sqrt{x} \\
     \text{err}(x / y) &= e\,|x/y| + \text{err}(x)/y_{lo} + |x/y|\,\text{err}(y)/y_{lo},
     \quad y_{lo} = y - \text{err}(y) > 0
 
@@ -127,7 +128,8 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             r = np.sqrt(q)
             # |sqrt(q') - sqrt(q)| <= d / (sqrt(q) + sqrt(max(q - d, 0))) for |q' - q| <= d (exact, any d)
             lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
-            err_r = np.where(lo > 0, err_q / lo, np.sqrt(err_q)) + e * r
+            # ... and |sqrt(a) - sqrt(b)| <= sqrt(|a - b|), tighter where q is far below its bound
+            err_r = np.minimum(np.where(lo > 0, err_q / lo, np.inf), np.sqrt(err_q)) + e * r
             den = r + eps
             err_den = err_r + e * den
             den_lo = den - err_den

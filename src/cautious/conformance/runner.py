@@ -70,7 +70,17 @@ def check_trajectory(
     params = [np.asarray(p) for p in params]
     for step_i, grads in enumerate(grad_seq):
         repro = repro_snippet(case, params, grads, state)
-        got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        try:
+            got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        except Exception as e:  # the port raised: its type, message and frame, with the inputs that made it
+            from cautious.conformance.profile import describe_exception
+
+            raise ConformanceError(
+                f"{adapter.name} raised at step {step_i + 1} of {len(grad_seq)} ({case.describe()}):\n"
+                f"  {describe_exception(e)}\nReproduce the reference step with:\n{repro}",
+                None,
+                repro,
+            ) from e
         report = check_step(case, params, grads, state, got_params, got_state)
         notes.update(report.notes)
         if not report.ok:

@@ -88,6 +88,18 @@ class Target:
     state: Mapping[str, str] | None = None
     dtypes: tuple[str, ...] = ("float32", "float64")
     sys_path: tuple[str, ...] = ()
+    #: clause -> the deviation the port declares (``nan = "NaN handled as torch.sign"``)
+    deviations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: spec hyperparameters pinned for this run (``pin = {lr = 0.1}``)
+    pin: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    allow_nan: bool = True  # False: no NaN/inf inputs anywhere (the nan clause is untested)
+    max_examples: int | None = None  # the random clause's budget (the CLI's --max-examples otherwise)
+    seed: int | None = None
+    setup: str = ""  # "module:function" called before the target is imported
+    load_state: str = ""  # "module:function(optimizer, spec_state)" loading state itself (torch)
+    dump_state: str = ""  # "module:function(optimizer) -> {'step': int, 'leaves': [{field: array}]}" (torch)
+    requires: tuple[str, ...] = ()  # distributions that must be installed (--known skips the target otherwise)
+    source: str = ""  # where the port comes from (a URL or a package==version)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,6 +110,12 @@ class Target:
             raise ValueError(f"path must look like 'package.module:Name', got {self.path!r}")
         self.name = self.name or self.path
         self.dtypes = tuple(self.dtypes)
+        self.requires = tuple(self.requires)
+        from cautious.conformance.profile import CLAUSES
+
+        bad = set(self.deviations) - set(CLAUSES)
+        if bad:
+            raise ValueError(f"deviations names unknown clauses {sorted(bad)}; expected some of {', '.join(CLAUSES)}")
         unknown = set(self.hparams) - set(_spec_defaults(self.rule))
         if unknown:
             raise ValueError(f"hparams maps unknown spec names {sorted(unknown)} for rule {self.rule!r}")
@@ -122,7 +140,8 @@ class Target:
                     **t,
                     "dtypes": tuple(t.get("dtypes", ("float32", "float64"))),
                     # sys_path entries are relative to the TOML file
-                    "sys_path": tuple(os.path.join(here, p) for p in t.get("sys_path", ())),
+                    "sys_path": tuple(os.path.join(here, os.path.expanduser(p)) for p in t.get("sys_path", ())),
+                    "requires": tuple(t.get("requires", ())),
                 }
             )
             for t in tables
@@ -150,7 +169,13 @@ class Target:
                 out[key] = default
         if self.options.get("decay_masked"):
             out["weight_decay"] = 0.0  # masked decay is not the spec's: only decay-free cases apply
+        for key, value in self.pin.items():
+            out[key] = _spec_value(key, value)
         return out
+
+    def declared(self) -> dict[str, Any]:
+        """What the target claims, for the report: its rule, options and pinned hyperparameters."""
+        return {"rule": self.rule, "options": dict(self.options), "pin": dict(self.pin), "fixed": dict(self.fixed)}
 
     def notes(self) -> list[str]:
         out = []
@@ -159,6 +184,15 @@ class Target:
         if not self.state_names():
             out.append("no state mapping: checked from fresh states, parameters only")
         return out
+
+
+def _spec_value(key: str, value: Any) -> Any:
+    """A TOML/JSON value as the spec takes it (betas as a tuple, caution as a Caution)."""
+    if key == "betas":
+        return tuple(value)
+    if key == "caution":
+        return spec.Caution(**value) if isinstance(value, Mapping) else spec.as_caution(value) or False
+    return value
 
 
 def _spec_defaults(rule: str) -> dict[str, Any]:
@@ -182,6 +216,8 @@ class TargetAdapterBase:
     """What every third-party adapter shares: pinning, support checks, constructor kwargs."""
 
     def __init__(self, target: Target) -> None:
+        if target.setup:
+            resolve(target.setup, target.sys_path)()
         self.target = target
         self.name = target.name
         self.fresh_only = not target.state_names()
