@@ -187,7 +187,16 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
     # a direction below the smallest normal may itself be flushed to zero (then masked); where
     # the direction's bound is infinite (a denominator within rounding of 0), it may even be NaN.
     undecided |= ((np.abs(u) < tn) & (u != 0)) | np.isinf(err_u)
-    undecided &= ~(np.isnan(u) | np.isnan(g))
+    # declared deviations (Case.allow) the port may take instead of the spec's decision
+    if "sign_vs_underflow" in case.allow:
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            undecided |= (np.abs(u) * np.abs(g) < tn) & (u != 0) & (g != 0)
+    if "mask_boundary" in case.allow:
+        undecided |= (u == 0) | (g == 0)
+    if "nan" in case.allow:
+        undecided |= np.isnan(u) | np.isnan(g)
+    else:
+        undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
 
 

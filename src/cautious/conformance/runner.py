@@ -114,6 +114,7 @@ def run_conformance(
     seed: int | None = None,
     pin: dict | None = None,
     shrink: bool = True,
+    allow: frozenset = frozenset(),
 ) -> ConformanceResult:
     """Check ``adapter`` against the reference on Hypothesis-generated cases.
 
@@ -124,7 +125,8 @@ def run_conformance(
     Hypothesis profile (``ci`` in CI) unless ``max_examples`` is given. An adapter may pin hyperparameters it does not
     vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
     this run (``pin={"caution": Caution("exact")}``). ``shrink=False`` reports the
-    first failing example as found (faster; for mutation testing). On failure,
+    first failing example as found (faster; for mutation testing). ``allow`` names
+    declared deviations the checker admits (:attr:`Case.allow`). On failure,
     Hypothesis shrinks the example and a :class:`ConformanceError` with a runnable
     repro is raised.
     """
@@ -153,6 +155,8 @@ def run_conformance(
         @given(data=st.data())
         def run(data: st.DataObject) -> None:
             case = data.draw(cases((rule,), dtypes, fixed), label="case")
+            if allow:
+                case = dataclasses.replace(case, allow=frozenset(allow))
             reason = adapter.supports(case)
             assume(reason is None)
             params, grad_seq, state = data.draw(

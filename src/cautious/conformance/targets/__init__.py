@@ -237,10 +237,15 @@ class TargetAdapterBase:
         return None
 
     def kwargs(self, case: Case) -> dict[str, Any]:
+        """Constructor arguments: ``fixed``, then every mapped hyperparameter (the spec default where
+        the case leaves it unset, never the port's own default)."""
         out = dict(self.target.fixed)
+        defaults = _spec_defaults(self.target.rule)
         for key, name in self.target.hparams.items():
-            if key in case.hparams:
-                value = case.hparams[key]
+            value = case.hparams.get(key, defaults.get(key))
+            if key == "caution" and not isinstance(value, bool):
+                value = value is not False and value is not None
+            if value is not None:
                 if isinstance(name, (list, tuple)):  # betas -> (b1, b2) as separate arguments
                     out.update(zip(name, value))
                 else:
