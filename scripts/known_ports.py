@@ -43,7 +43,7 @@ def render(report: dict, seconds: float) -> str:
         f"Generated on {platform.machine()} / Python {platform.python_version()} in {seconds:.0f} s "
         "(2 shared CPU cores, each port in its own process, default budget).",
         "",
-        "| port | versions | conforms | deviates (declared) | seconds |",
+        "| port | versions | conforms | deviating clauses | seconds |",
         "|---|---|---|---|---|",
     ]
     for t in report["targets"]:

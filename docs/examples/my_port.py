@@ -35,6 +35,30 @@ BUGS = (
     "group_keys_required",  # a plain checkpoint's param groups lose `floor`: the step raises KeyError
 )
 
+#: the clause of cautious.conformance.profile that must report each bug (docs/mutation.md)
+CLAUSE = {
+    "ge_boundary": "mask_boundary",
+    "product_mask": "sign_vs_underflow",
+    "m_times_m": "mask_boundary",
+    "old_momentum": "mask_boundary",
+    "global_scale": "trajectory",
+    "bf16_mean": "normalization",
+    "wrong_normalization": "normalization",
+    "eps_moved": "eps_placement",
+    "masked_decay": "weight_decay",
+    "state_masked": "state_untouched",
+    "empty_last_skipped": "random",
+    "nan_masked": "nan",
+    "signbit": "mask_boundary",
+    "flag_lost_on_load": "resume_plain_checkpoint",
+    "f32_bias_correction": "bias_correction",
+    "off_by_one_step": "step_counting",
+    "cancelled_zero_kept": "mask_boundary",
+    "wrong_floor": "normalization",
+    "unmapped_state": "trajectory",
+    "group_keys_required": "resume_plain_checkpoint",
+}
+
 
 class _Cautious(torch.optim.Optimizer):
     bug: str | None = None

@@ -137,7 +137,9 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             err_u = e * np.abs(u) + (err_num + np.abs(u) * err_den) / den_lo
             # 1 - b**t is computed in float64 by everyone (the reference too): cancellation leaves a
             # relative error of about eps64 * b**t / (1 - b**t) in each bias correction.
-            rel_bc = K * unit_roundoff("float64") * (b1**t / bc1 + 0.5 * b2**t / bc2)
+            # (declared deviation "bias_correction": computed in the compute dtype, as Keras does)
+            bc_dtype = cd if "bias_correction" in case.allow else "float64"
+            rel_bc = K * unit_roundoff(bc_dtype) * (b1**t / bc1 + 0.5 * b2**t / bc2)
             err_u = err_u + np.abs(u) * rel_bc
             err_u = np.where(den_lo > 0, err_u, np.inf)
         sign_err = err_m  # sign(u) == sign(m)

@@ -14,7 +14,7 @@ from cautious.spec.dtypes import numpy_dtype
 __all__ = ["Case", "Adapter", "NumpyAdapter", "spec_optimizer", "MODELED_DEVIATIONS"]
 
 #: Declared deviations the checker can model exactly (others exempt their clause only).
-MODELED_DEVIATIONS = frozenset({"nan", "sign_vs_underflow", "mask_boundary"})
+MODELED_DEVIATIONS = frozenset({"nan", "sign_vs_underflow", "mask_boundary", "bias_correction"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Case:
       allow: declared deviations the checker admits (:data:`MODELED_DEVIATIONS`): ``"nan"`` (an
         entry with NaN in u or g may be masked), ``"sign_vs_underflow"`` (an agreeing pair whose
         product underflows in the compute dtype may be masked), ``"mask_boundary"`` (an entry with
-        an exactly-zero u or g may be kept).
+        an exactly-zero u or g may be kept), ``"bias_correction"`` (bias corrections computed in the
+        compute dtype instead of float64).
     """
 
     rule: str

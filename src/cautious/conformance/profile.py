@@ -477,8 +477,8 @@ def _probes_trajectory(ctx: _Ctx) -> list[_Probe]:
 def _probes_resume(ctx: _Ctx) -> list[_Probe]:
     if not hasattr(ctx.adapter, "step_plain_checkpoint") or ctx.fresh_only:
         return []
-    probes = _probes_mask_boundary(ctx) + _probes_normalization(ctx)[:1]
-    return [dataclasses.replace(p, plain_checkpoint=True) for p in probes if p.state.step > 0]
+    probes = _probes_mask_boundary(ctx) + _probes_normalization(ctx)[:1] + _probes_step_counting(ctx)
+    return [dataclasses.replace(p, plain_checkpoint=True, grad_seq=p.grad_seq[:1]) for p in probes if p.state.step > 0]
 
 
 _PROBES: dict[str, Callable[[_Ctx], list[_Probe]]] = {
@@ -545,9 +545,27 @@ def _masked_decay(probes: list[_Probe], outs: list) -> bool:
     return seen
 
 
-def _judge_clause(name: str, adapter: Adapter, clause: str, probes: list[_Probe]) -> ClauseResult:
+_NEEDS_CAUTION = {"mask_boundary", "sign_vs_underflow", "normalization", "state_untouched"}
+
+
+def _untested_reason(ctx: _Ctx, clause: str) -> str:
+    base = ctx.case()
+    if base is not None and base.caution is None and clause in _NEEDS_CAUTION:
+        return "caution is off for this port"
+    if clause == "resume_plain_checkpoint" and not hasattr(ctx.adapter, "step_plain_checkpoint"):
+        return "not a torch.optim target"
+    if clause in ("eps_placement", "bias_correction") and ctx.family != "adam":
+        return f"{ctx.rule} has no {clause.replace('_', ' ')}"
+    if clause == "sign_vs_underflow" and ctx.rule == "lion":
+        return "Lion's update is +-1: its product with a normal gradient cannot underflow"
+    if ctx.fresh_only and clause in ("state_untouched", "resume_plain_checkpoint"):
+        return "the port's state is not mapped"
+    return "no input isolating this clause is accepted by the port (its pinned hyperparameters exclude them)"
+
+
+def _judge_clause(name: str, adapter: Adapter, clause: str, probes: list[_Probe], ctx: _Ctx) -> ClauseResult:
     if not probes:
-        return ClauseResult("untested", detail="no input isolating this clause is accepted by the port")
+        return ClauseResult("untested", detail=_untested_reason(ctx, clause))
     outs = []
     for p in probes:
         try:
@@ -679,14 +697,14 @@ def conformance_profile(
             elif clause == "random":
                 res = _judge_random(adapter, (rule,), dtypes, budget, seed, allow)
             elif clause in allow:
-                res = _judge_clause(name, adapter, clause, _PROBES[clause](strict))
-                within = _judge_clause(name, adapter, clause, _PROBES[clause](ctx))
+                res = _judge_clause(name, adapter, clause, _PROBES[clause](strict), strict)
+                within = _judge_clause(name, adapter, clause, _PROBES[clause](ctx), ctx)
                 if within.status == "deviates":
                     beyond.add(clause)
                     within.detail = f"beyond the declared deviation: {within.detail}"
                     res = within
             else:
-                res = _judge_clause(name, adapter, clause, _PROBES[clause](ctx))
+                res = _judge_clause(name, adapter, clause, _PROBES[clause](ctx), ctx)
             per_rule[clause].append(res)
     results = {c: _combine(per_rule[c]) for c in want}
     return Profile(name, rules, dict(declared or {}), deviations, results, beyond)

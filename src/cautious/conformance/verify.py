@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 from cautious import spec
@@ -99,9 +98,10 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
                 except ConformanceError as e:
                     skipped = "no example ran" in str(e)
                     cell = Cell(name, rule, option, dtype, "skip" if skipped else "fail", detail=str(e))
-                except Exception as e:  # the implementation raised: a failure, with Hypothesis's notes
-                    text = "".join(traceback.format_exception(e)[-3:]) + "\n".join(getattr(e, "__notes__", []))
-                    cell = Cell(name, rule, option, dtype, "fail", detail=f"{name} raised:\n{text}")
+                except Exception as e:  # the implementation raised outside a step: type, message, its frame
+                    from cautious.conformance.profile import describe_exception
+
+                    cell = Cell(name, rule, option, dtype, "fail", detail=f"{name} raised {describe_exception(e)}")
                 cell.seconds = time.perf_counter() - t0
                 print(
                     f"[{name}] {rule:<6} {option:<15} {dtype:<8} {cell.result.upper():<4} "

@@ -71,6 +71,8 @@ def _bare_package(name: str, path: str) -> None:
 
 def timm_optim() -> None:
     """Make ``timm.optim.<module>`` importable without timm's top-level import (which needs torchvision)."""
+    if "timm.optim" in sys.modules:
+        return
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("timm is not installed")

@@ -36,10 +36,15 @@ A target can be written in TOML::
     caution = true
     [target.options]      # what it implements
     caution = { normalize = "mean_clamp", floor = 1e-3 }
-    [target.state]        # spec field = the target's state name
+    [target.state]        # spec field = the target's state name ("group:step": a counter in the param group)
     m = "exp_avg"
     v = "exp_avg_sq"
     step = "step"
+    [target.deviations]   # clause = the deviation it declares (cautious.conformance.profile.CLAUSES)
+    nan = "NaN entries are masked (product mask)"
+
+Further keys: ``pin``, ``allow_nan``, ``max_examples``, ``seed``, ``setup``, ``load_state``,
+``dump_state``, ``requires``, ``source`` (docs/verify.md lists them all).
 """
 
 from __future__ import annotations
