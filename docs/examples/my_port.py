@@ -47,7 +47,7 @@ CLAUSE = {
     "eps_moved": "eps_placement",
     "masked_decay": "weight_decay",
     "state_masked": "state_untouched",
-    "empty_last_skipped": "random",
+    "empty_last_skipped": "trajectory",
     "nan_masked": "nan",
     "signbit": "mask_boundary",
     "flag_lost_on_load": "resume_plain_checkpoint",
