@@ -690,7 +690,8 @@ def conformance_profile(
     rule); the other clauses run fixed, small inputs. ``deviations`` maps clause
     names to the port's declared deviation; ``declared`` (the options it claims) is
     carried into the report. ``allow_nan=False`` leaves the ``nan`` clause untested
-    and admits a masked NaN wherever one arises inside (0 / 0), as if ``nan`` were declared. ``clauses`` restricts the run.
+    and admits a masked NaN wherever one arises inside (0 / 0), as if ``nan`` were declared.
+    ``clauses`` restricts the run.
     """
     rules = tuple(rules or spec.RULES)
     deviations = dict(deviations or {})
