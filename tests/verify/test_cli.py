@@ -168,10 +168,9 @@ def test_verify_native_optax_and_keras_as_caution_off(tmp_path):
                  "--hparam", "weight_decay=weight_decay", "--option", "caution=false", *no_errors,
                  "--deviation", "bias_correction=float32 bias corrections", "--dtypes", "float32"]  # fmt: skip
         for seed in ("0", "1", "2"):
-            out = _run([*keras, "--option", 'eps_placement="uncorrected"', "--seed", seed], cwd=tmp_path)
+            out = _run([*keras, "--option", 'eps_placement="uncorrected"', "--seed", seed,
+                        "--json", str(tmp_path / f"k{seed}.json")], cwd=tmp_path)  # fmt: skip
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        # and the same optimizer is NOT the spec's corrected eps placement: the profile detects which it is
-        bad = _run([*keras, "--json", str(tmp_path / "k.json")], cwd=tmp_path)
-        assert bad.returncode == 1 and "--- eps_placement deviates" in bad.stdout
-        prof = json.loads((tmp_path / "k.json").read_text())["targets"][0]
+        # Keras is NOT the spec's corrected eps placement: the profile detects which one it is
+        prof = json.loads((tmp_path / "k0.json").read_text())["targets"][0]
         assert prof["profile"]["eps_placement"]["detected"] == ["uncorrected"]

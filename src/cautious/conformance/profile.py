@@ -100,6 +100,7 @@ class Profile:
             "rules": list(self.rules),
             "conforms": self.conforms,
             "declared": {**self.declared, "deviations": dict(self.deviations)},
+            "beyond_declared": sorted(self.beyond),
             "profile": {k: v.to_json() for k, v in self.clauses.items()},
         }
 
