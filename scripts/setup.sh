@@ -7,3 +7,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,docs]"
+# timm's optimizers (a known port, tests/verify) need only torch; --no-deps keeps torchvision out
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt timm

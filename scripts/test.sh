@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The test command: set up the pinned environment, then run each test group in its own process
 # (TensorFlow must not share a process with triton / torch.compile / JAX).
+# Deterministic by default: Hypothesis runs its derandomized `ci` profile unless HYPOTHESIS_PROFILE is set.
+# Random exploration is opt-in: HYPOTHESIS_PROFILE=dev (100 examples) or thorough (1000) bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider)
 status=0
 passed=0; failed=0; skipped=0

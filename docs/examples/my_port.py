@@ -29,13 +29,47 @@ BUGS = (
     "flag_lost_on_load",  # load_state_dict of a plain checkpoint turns caution off
     "f32_bias_correction",  # bias correction computed in float32
     "off_by_one_step",  # bias correction uses step + 1
+    "cancelled_zero_kept",  # an update that is exactly zero by cancellation is counted as kept
+    "wrong_floor",  # mean_clamp floor 1e-2 where 1e-3 is claimed (shows only with < 1 % kept)
+    "unmapped_state",  # mask from a gradient kept in an extra state key (`last_grad`) nobody maps
+    "group_keys_required",  # a plain checkpoint's param groups lose `floor`: the step raises KeyError
 )
+
+#: the clause of cautious.conformance.profile that must report each bug (docs/mutation.md)
+CLAUSE = {
+    "ge_boundary": "mask_boundary",
+    "product_mask": "sign_vs_underflow",
+    "m_times_m": "mask_boundary",
+    "old_momentum": "mask_boundary",
+    "global_scale": "trajectory",
+    "bf16_mean": "normalization",
+    "wrong_normalization": "normalization",
+    "eps_moved": "eps_placement",
+    "masked_decay": "weight_decay",
+    "state_masked": "state_untouched",
+    "empty_last_skipped": "trajectory",
+    "nan_masked": "nan",
+    "signbit": "mask_boundary",
+    "flag_lost_on_load": "resume_plain_checkpoint",
+    "f32_bias_correction": "bias_correction",
+    "off_by_one_step": "step_counting",
+    "cancelled_zero_kept": "mask_boundary",
+    "wrong_floor": "normalization",
+    "unmapped_state": "trajectory",
+    "group_keys_required": "resume_plain_checkpoint",
+}
 
 
 class _Cautious(torch.optim.Optimizer):
     bug: str | None = None
 
     def __init__(self, params, defaults, caution: bool, floor: float = 1e-3):
+        for key in ("lr", "eps", "weight_decay", "momentum"):
+            if key in defaults and not defaults[key] >= 0:
+                raise ValueError(f"{key} must be >= 0, got {defaults[key]!r}")
+        for i, beta in enumerate(defaults.get("betas", ())):
+            if not 0 <= beta < 1:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
         super().__init__(params, {**defaults, "caution": caution, "floor": floor})
         self._extra = {"caution": caution, "floor": floor}
 
@@ -46,6 +80,8 @@ class _Cautious(torch.optim.Optimizer):
             for key, value in self._extra.items():
                 if self.bug == "flag_lost_on_load" and key == "caution":
                     group.setdefault(key, False)  # timm-style: a plain checkpoint turns caution off
+                elif self.bug == "group_keys_required":
+                    continue  # the checkpoint's groups are trusted as they are
                 else:
                     group[key] = value
 
@@ -56,6 +92,8 @@ class _Cautious(torch.optim.Optimizer):
             return u * g > 0
         elif self.bug == "signbit":
             keep = torch.signbit(u) == torch.signbit(g)
+        elif self.bug == "cancelled_zero_kept":
+            keep = (((u >= 0) & (g > 0)) | ((u <= 0) & (g < 0))) & (g != 0)
         else:
             keep = ((u > 0) & (g > 0)) | ((u < 0) & (g < 0))
         if self.bug == "nan_masked":
@@ -72,6 +110,8 @@ class _Cautious(torch.optim.Optimizer):
         k = mask.sum(dtype=torch.int64).double()
         if self.bug == "wrong_normalization":
             return n / (k + 1)
+        if self.bug == "wrong_floor":
+            floor = 1e-2
         return 1.0 / torch.clamp(k / n, min=floor)
 
     def _apply(self, p, u, g, group, total=None, u_sign=None):
@@ -138,6 +178,11 @@ class CautiousAdamW(_Cautious):
                     u = (m / bc1) / ((v.sqrt() + group["eps"]) / math.sqrt(bc2))
                 else:
                     u = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
+                if self.bug == "unmapped_state":
+                    # the mask compares u with the gradient remembered from the previous step
+                    prev = st.get("last_grad", g)
+                    st["last_grad"] = g.clone()
+                    g = prev
                 if self.bug == "m_times_m":
                     u_sign = m * m
                 elif self.bug == "old_momentum":

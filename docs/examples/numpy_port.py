@@ -8,6 +8,12 @@ import numpy as np
 
 
 def cautious_lion_step(params, grads, state, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0):
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     moms = state.get("exp_avg") or [np.zeros_like(p) for p in params]
     new_params, new_moms = [], []
     for p, g, m in zip(params, grads, moms):

@@ -15,6 +15,7 @@ from cautious.conformance import (
     run_conformance,
     spec_optimizer,
 )
+from cautious.conformance.bounds import tensor_terms
 from cautious.conformance.check import repro_snippet
 
 
@@ -58,26 +59,64 @@ def test_state_and_step_are_compared():
 
 
 def test_undecided_entry_either_way_but_scale_must_follow():
-    # m' = 0.5*m + 0.5*g lands within float32 rounding of zero for entry 0: m = -g exactly, but
-    # an implementation computing (1-b1)*g + b1*m in another order may get a tiny nonzero.
+    # m' = b1*m + (1-b1)*g lands within float32 rounding of zero for entry 0 (b1 = 0.9 is not a
+    # power of two, so the evaluation order changes the rounding): either decision is admitted.
+    b1 = float(np.float32(0.9))
+    case = _case(rule="adamw", betas=(b1, 0.999), weight_decay=0.0, caution=cautious.Caution("exact"))
+    g = np.array([3e-7, 1.0, 1.0, -1.0], np.float32)
+    m = np.array([np.float32(-3e-7 * (1 - b1) / b1), 1.0, -1.0, -1.0], np.float32)
+    state = spec.State(3, (spec.AdamState(m, np.ones(4, np.float32)),))
+    params = [np.ones(4, np.float32)]
+    ref, st = _ref(case, params, [g], state)
+    terms = tensor_terms(case, params[0], g, tuple(state.leaves[0]), 4)
+    assert terms.undecided[0] and not terms.undecided[1:].any()
+    terms_u = terms.u
+    k_ref = int(spec.cautious_mask(terms_u, g.astype(np.float64)).sum())
+    other = 3 if k_ref == 2 else 2  # the other admissible decision for entry 0
+    alt = ref[0].copy()
+    alt[0] = np.float32(1 - 0.1 * (4 / other) * terms_u[0]) if other == 3 else np.float32(1.0)
+    for i in (1, 3):
+        alt[i] = np.float32(1 - 0.1 * (4 / other) * terms_u[i])
+    assert check_step(case, params, [g], state, [alt], st).ok
+    # ... while a scale that no admissible count explains (k = 4/3 of 4) fails:
+    wrong_scale = ref[0].copy()
+    wrong_scale[1] = np.float32(1 - 0.1 * 3 * terms_u[1])
+    assert not check_step(case, params, [g], state, [wrong_scale], st).ok
+
+
+def test_exact_zero_by_cancellation_is_decided():
+    # b1 = 0.5 and m = -g: every evaluation order computes m' = 0 exactly, so entry 0 is masked
+    # (k = 2, scale 2) and an implementation that keeps it (u * g >= 0: k = 3, scale 4/3) is caught.
     case = _case(rule="adamw", betas=(0.5, 0.999), weight_decay=0.0, caution=cautious.Caution("exact"))
     g = np.array([3e-7, 1.0, 1.0, -1.0], np.float32)
     m = np.array([-3e-7, 1.0, -1.0, -1.0], np.float32)
     state = spec.State(3, (spec.AdamState(m, np.ones(4, np.float32)),))
     params = [np.ones(4, np.float32)]
     ref, st = _ref(case, params, [g], state)
-    terms_u = spec.adam_direction(g.astype(np.float64), state.leaves[0], 4, beta1=0.5, beta2=0.999, eps=1e-8)[0]
-    # reference: entry 0 has u == 0 (masked), entries 1 and 3 kept: k = 2, scale 2.
-    assert terms_u[0] == 0
-    # an implementation that kept entry 0 (with its tiny u) must use k = 3, scale 4/3:
+    terms = tensor_terms(case, params[0], g, tuple(state.leaves[0]), 4)
+    assert terms.u[0] == 0 and not terms.undecided.any()
+    assert check_step(case, params, [g], state, ref, st).ok
     kept3 = ref[0].copy()
     for i in (1, 3):
-        kept3[i] = np.float32(1 - 0.1 * (4 / 3) * terms_u[i])
-    assert check_step(case, params, [g], state, [kept3], st).ok
-    # ... while a scale that no admissible count explains (k = 4/3 of 4) fails:
-    wrong_scale = ref[0].copy()
-    wrong_scale[1] = np.float32(1 - 0.1 * 3 * terms_u[1])
-    assert not check_step(case, params, [g], state, [wrong_scale], st).ok
+        kept3[i] = np.float32(1 - 0.1 * (4 / 3) * terms.u[i])
+    assert not check_step(case, params, [g], state, [kept3], st).ok
+
+
+def test_decay_at_an_infinite_parameter():
+    # multiplicative decay keeps +inf; the additive form's NaN is admitted; a finite value is not.
+    case = _case(rule="adamw", dtype="float64", lr=0.1, weight_decay=0.1, caution=False)
+    params = [np.array([np.inf, 1.0])]
+    grads = [np.array([1.0, 1.0])]
+    state = spec_optimizer(case).init(params)
+    ref, st = _ref(case, params, grads, state)
+    assert ref[0][0] == np.inf
+    assert check_step(case, params, grads, state, ref, st).ok
+    nan = ref[0].copy()
+    nan[0] = np.nan
+    assert check_step(case, params, grads, state, [nan], st).ok
+    finite = ref[0].copy()
+    finite[0] = 1e300
+    assert not check_step(case, params, grads, state, [finite], st).ok
 
 
 def test_nan_must_propagate():

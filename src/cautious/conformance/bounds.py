@@ -8,7 +8,8 @@ smallest normal of the compute dtype (flush-to-zero slack):
 .. math::
 
     \text{err}(a x + b y) &= e\,(|a x| + |b y|) + |a|\,\text{err}(x) + |b|\,\text{err}(y) + tn \\
-    \text{err}(\sqrt{x}) &= \text{err}(x) / \big(\sqrt{x} + \sqrt{\max(x - \text{err}(x), 0)}\big) + e\sqrt{x} \\
+    \text{err}(\sqrt{x}) &= \min\Big(\text{err}(x) / \big(\sqrt{x} + \sqrt{\max(x - \text{err}(x), 0)}\big),
+    \sqrt{\text{err}(x)}\Big) + e\sqrt{x} \\
     \text{err}(x / y) &= e\,|x/y| + \text{err}(x)/y_{lo} + |x/y|\,\text{err}(y)/y_{lo},
     \quad y_{lo} = y - \text{err}(y) > 0
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -126,7 +128,8 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             r = np.sqrt(q)
             # |sqrt(q') - sqrt(q)| <= d / (sqrt(q) + sqrt(max(q - d, 0))) for |q' - q| <= d (exact, any d)
             lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
-            err_r = np.where(lo > 0, err_q / lo, np.sqrt(err_q)) + e * r
+            # ... and |sqrt(a) - sqrt(b)| <= sqrt(|a - b|), tighter where q is far below its bound
+            err_r = np.minimum(np.where(lo > 0, err_q / lo, np.inf), np.sqrt(err_q)) + e * r
             den = r + eps
             err_den = err_r + e * den
             den_lo = den - err_den
@@ -134,7 +137,9 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             err_u = e * np.abs(u) + (err_num + np.abs(u) * err_den) / den_lo
             # 1 - b**t is computed in float64 by everyone (the reference too): cancellation leaves a
             # relative error of about eps64 * b**t / (1 - b**t) in each bias correction.
-            rel_bc = K * unit_roundoff("float64") * (b1**t / bc1 + 0.5 * b2**t / bc2)
+            # (declared deviation "bias_correction": computed in the compute dtype, as Keras does)
+            bc_dtype = cd if "bias_correction" in case.allow else "float64"
+            rel_bc = K * unit_roundoff(bc_dtype) * (b1**t / bc1 + 0.5 * b2**t / bc2)
             err_u = err_u + np.abs(u) * rel_bc
             err_u = np.where(den_lo > 0, err_u, np.inf)
         sign_err = err_m  # sign(u) == sign(m)
@@ -175,13 +180,83 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
                 u, err_u = m, err_m
         sign_val, sign_err = u, err_u
 
+    # an exactly-zero direction computed exactly by every admitted evaluation order is decided: masked.
+    exact0 = _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t)
+    sign_err = np.where(exact0, 0.0, sign_err)
+    lion_undecided &= ~exact0
     with np.errstate(invalid="ignore"):
         undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
     # a direction below the smallest normal may itself be flushed to zero (then masked); where
     # the direction's bound is infinite (a denominator within rounding of 0), it may even be NaN.
     undecided |= ((np.abs(u) < tn) & (u != 0)) | np.isinf(err_u)
-    undecided &= ~(np.isnan(u) | np.isnan(g))
+    # declared deviations (Case.allow) the port may take instead of the spec's decision
+    if "sign_vs_underflow" in case.allow:
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            undecided |= (np.abs(u) * np.abs(g) < tn) & (u != 0) & (g != 0)
+    if "mask_boundary" in case.allow:
+        undecided |= (u == 0) | (g == 0)
+    if "nan" in case.allow:
+        undecided |= np.isnan(u) | np.isnan(g)
+    else:
+        undecided &= ~(np.isnan(u) | np.isnan(g))
     return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
+
+
+def _representable(x: Fraction, cd: str) -> bool:
+    """``x`` is exactly a normal (or zero) value of the compute dtype ``cd``."""
+    if x == 0:
+        return True
+    f = float(x)
+    if not math.isfinite(f) or abs(f) < tiny(cd):
+        return False
+    if cd == "float32":
+        return Fraction(float(np.float32(f))) == x
+    return Fraction(f) == x
+
+
+def _exact_combo(a: float, x: float, c: float, y: float, cd: str) -> bool:
+    """Every admitted evaluation of ``a*x + c*y`` is exact in ``cd`` (and so agrees with the reference).
+
+    The forms: multiply-add, and when ``a + c == 1`` the lerps ``x + c*(y - x)`` and
+    ``y - (1 - c)*(y - x)`` (torch's ``lerp_`` picks the second for weights >= 0.5).
+    """
+    fa, fx, fc, fy = (Fraction(v) for v in (a, x, c, y))
+    parts = [fa * fx, fc * fy, fa * fx + fc * fy]
+    if fa + fc == 1:
+        d = fy - fx
+        parts += [d, fc * d, fx + fc * d, 1 - fc, (1 - fc) * d]
+    return all(_representable(v, cd) for v in parts)
+
+
+def _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t) -> np.ndarray:
+    """Entries whose direction is exactly zero in every correct implementation (so decided: masked)."""
+    cand = (sign_val == 0) & (sign_err > 0) & (err_g == 0) & (u == 0)
+    out = np.zeros(np.shape(sign_val), bool)
+    if not cand.any():
+        return out
+    hp = case.hparams
+    cd = compute_dtype(case.dtype)
+    flat_out = out.reshape(-1)
+    gf = np.asarray(g, np.float64).reshape(-1)
+    for i in np.flatnonzero(cand.reshape(-1)):
+        gi = float(gf[i])
+        if rule == "adam" or rule == "lion":
+            b1 = float(hp.get("betas", (0.9, 0.999 if rule == "adam" else 0.99))[0])
+            m0 = float(np.asarray(s[0]).reshape(-1)[i])
+            ok = _exact_combo(b1, m0, 1 - b1, gi, cd)
+        else:
+            mom, damp = float(hp.get("momentum", 0.0)), float(hp.get("dampening", 0.0))
+            if mom == 0 or t == 1:
+                ok = True  # u = g (or m = g): exact
+                m = gi
+            else:
+                m0 = float(np.asarray(s[0]).reshape(-1)[i])
+                ok = _exact_combo(mom, m0, 1 - damp, gi, cd)
+                m = float(Fraction(mom) * Fraction(m0) + Fraction(1 - damp) * Fraction(gi))
+            if ok and hp.get("nesterov", False) and mom != 0:
+                ok = _exact_combo(1.0, gi, mom, m, cd)
+        flat_out[i] = ok
+    return out
 
 
 def weight_decay(case: Case) -> float:

@@ -11,7 +11,10 @@ import numpy as np
 from cautious import spec
 from cautious.spec.dtypes import numpy_dtype
 
-__all__ = ["Case", "Adapter", "NumpyAdapter", "spec_optimizer"]
+__all__ = ["Case", "Adapter", "NumpyAdapter", "spec_optimizer", "MODELED_DEVIATIONS"]
+
+#: Declared deviations the checker can model exactly (others exempt their clause only).
+MODELED_DEVIATIONS = frozenset({"nan", "sign_vs_underflow", "mask_boundary", "bias_correction"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +29,18 @@ class Case:
         ``momentum``, ``dampening``, ``nesterov``, ``decoupled_weight_decay``).
       dtype: storage dtype of params and grads (see :mod:`cautious.spec.dtypes`).
       state_dtype: storage dtype of state tensors (None: same as ``dtype``).
+      allow: declared deviations the checker admits (:data:`MODELED_DEVIATIONS`): ``"nan"`` (an
+        entry with NaN in u or g may be masked), ``"sign_vs_underflow"`` (an agreeing pair whose
+        product underflows in the compute dtype may be masked), ``"mask_boundary"`` (an entry with
+        an exactly-zero u or g may be kept), ``"bias_correction"`` (bias corrections computed in the
+        compute dtype instead of float64).
     """
 
     rule: str
     hparams: Mapping[str, Any]
     dtype: str = "float32"
     state_dtype: str | None = None
+    allow: frozenset = frozenset()
 
     @property
     def caution(self) -> spec.Caution | None:

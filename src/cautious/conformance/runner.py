@@ -14,7 +14,7 @@ from hypothesis.errors import Unsatisfiable
 
 from cautious import spec
 from cautious.conformance.case import Adapter, Case, NumpyAdapter
-from cautious.conformance.check import StepReport, check_step, repro_snippet
+from cautious.conformance.check import StepReport, check_step, py_float, repro_snippet
 from cautious.conformance.strategies import cases, step_inputs
 
 __all__ = [
@@ -70,15 +70,25 @@ def check_trajectory(
     params = [np.asarray(p) for p in params]
     for step_i, grads in enumerate(grad_seq):
         repro = repro_snippet(case, params, grads, state)
-        got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        try:
+            got_params, got_state = adapter.step(case, [p.copy() for p in params], [g.copy() for g in grads], state)
+        except Exception as e:  # the port raised: its type, message and frame, with the inputs that made it
+            from cautious.conformance.profile import describe_exception
+
+            raise ConformanceError(
+                f"{adapter.name} raised at step {step_i + 1} of {len(grad_seq)} ({case.describe()}):\n"
+                f"  {describe_exception(e)}\nReproduce the reference step with:\n{repro}",
+                None,
+                repro,
+            ) from e
         report = check_step(case, params, grads, state, got_params, got_state)
         notes.update(report.notes)
         if not report.ok:
             first = report.mismatches[0]
             if first.what.startswith(("params[", "state.leaves[")) and not first.what.endswith(".shape"):
                 repro += (
-                    f"\nprint(new_{first.what}[{first.index!r}])  # reference: {first.expected!r}; "
-                    f"{adapter.name} gave {first.got!r} (allowed error {first.bound:.3g})"
+                    f"\nprint(new_{first.what}[{first.index!r}])  # reference: {py_float(first.expected)}; "
+                    f"{adapter.name} gave {py_float(first.got)} (allowed error {first.bound:.3g})"
                 )
             msg = (
                 f"{adapter.name} disagrees with the reference at step {step_i + 1} of {len(grad_seq)} "
@@ -104,6 +114,7 @@ def run_conformance(
     seed: int | None = None,
     pin: dict | None = None,
     shrink: bool = True,
+    allow: frozenset = frozenset(),
 ) -> ConformanceResult:
     """Check ``adapter`` against the reference on Hypothesis-generated cases.
 
@@ -114,7 +125,8 @@ def run_conformance(
     Hypothesis profile (``ci`` in CI) unless ``max_examples`` is given. An adapter may pin hyperparameters it does not
     vary with a ``fixed_hparams(rule) -> dict`` method; ``pin`` pins more for
     this run (``pin={"caution": Caution("exact")}``). ``shrink=False`` reports the
-    first failing example as found (faster; for mutation testing). On failure,
+    first failing example as found (faster; for mutation testing). ``allow`` names
+    declared deviations the checker admits (:attr:`Case.allow`). On failure,
     Hypothesis shrinks the example and a :class:`ConformanceError` with a runnable
     repro is raised.
     """
@@ -143,6 +155,8 @@ def run_conformance(
         @given(data=st.data())
         def run(data: st.DataObject) -> None:
             case = data.draw(cases((rule,), dtypes, fixed), label="case")
+            if allow:
+                case = dataclasses.replace(case, allow=frozenset(allow))
             reason = adapter.supports(case)
             assume(reason is None)
             params, grad_seq, state = data.draw(

@@ -163,6 +163,9 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) ->
         if m.size:
             flat = m.reshape(-1)
             flat[draw(st.integers(0, m.size - 1))] = 0.0
+    elif pattern == "cancel":
+        # m = -g: with beta1 = 0.5 the new momentum is exactly zero (decided: masked) on these entries
+        m = np.where(draw(hnp.arrays(bool, shape)), -np.nan_to_num(g), any_arr())
     else:
         m = any_arr()
     m = round_to(m, sd).reshape(shape)
@@ -204,7 +207,7 @@ def step_inputs(
         opt = _spec_opt(case)
         state = opt.init([np.zeros(s, sd) for s in shape_list])
     else:
-        pattern = draw(st.sampled_from(["random", "agree", "disagree", "single"]))
+        pattern = draw(st.sampled_from(["random", "agree", "disagree", "single", "cancel"]))
         step = draw(st.sampled_from([1, 2, 3, 10, 100, 1000]))
         leaves = tuple(_state_leaf(case, p, g, pattern, draw) for p, g in zip(params, grad_seq[0]))
         state = spec.State(step, leaves)

@@ -6,9 +6,11 @@ parent streams their progress lines and prints one table at the end::
     implementation     rule   option          dtype    result  examples  worst/bound
     torch/foreach      adamw  mean_clamp      float32  pass          10   0.12
 
-For every failure it prints Hypothesis's shrunk example as a runnable snippet
-(inputs, expected, got, the first diverging tensor and index). ``--json FILE``
-writes the same as JSON. The exit code is 0 only when every cell passed.
+A third-party target (``--target``, ``--config``, ``--known``) gets a conformance
+profile instead: one verdict per clause of the spec (:mod:`cautious.conformance.profile`),
+each deviation with its own runnable example. ``--json FILE`` writes
+``{"targets": [{name, conforms, declared, profile: {clause: {status, example}}}], "cells": [...]}``.
+The exit code is 0 exactly when every target conforms and every cell passed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 from cautious import spec
@@ -44,6 +45,20 @@ LANES: dict[str, list[tuple[str, str, dict[str, Any], dict[str, str]]]] = {
         ("xla", "cautious.conformance.adapters.tensorflow:TFAdapter", {"mode": "xla"}, {}),
     ],
 }
+
+EPILOG = """\
+TOML keys of a [[target]] table (docs/verify.md has the full reference):
+  name, kind (torch|optax|keras|numpy), path ("module:Name"), rule, dtypes, sys_path,
+  [hparams] spec name = port name, [fixed] constructor arguments as is,
+  [options] what it implements (caution = {normalize, floor} or false, eps_placement, decay_masked),
+  [state] spec field = port state name (step = "group:step" for a counter in the param group),
+  [deviations] clause = declared deviation, [pin] spec hyperparameter = value,
+  allow_nan, max_examples, seed, setup ("module:function"), load_state / dump_state hooks,
+  requires (distributions), source.
+Clauses: mask_boundary nan sign_vs_underflow normalization eps_placement bias_correction
+  state_untouched weight_decay step_counting dtype errors trajectory resume_plain_checkpoint random.
+Known ports and their profiles: docs/ports.md (cautious verify --known).
+"""
 
 OPTIONS = ("off", "mean_clamp", "count_plus_one", "exact", "none")
 
@@ -83,9 +98,10 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
                 except ConformanceError as e:
                     skipped = "no example ran" in str(e)
                     cell = Cell(name, rule, option, dtype, "skip" if skipped else "fail", detail=str(e))
-                except Exception as e:  # the implementation raised: a failure, with Hypothesis's notes
-                    text = "".join(traceback.format_exception(e)[-3:]) + "\n".join(getattr(e, "__notes__", []))
-                    cell = Cell(name, rule, option, dtype, "fail", detail=f"{name} raised:\n{text}")
+                except Exception as e:  # the implementation raised outside a step: type, message, its frame
+                    from cautious.conformance.profile import describe_exception
+
+                    cell = Cell(name, rule, option, dtype, "fail", detail=f"{name} raised {describe_exception(e)}")
                 cell.seconds = time.perf_counter() - t0
                 print(
                     f"[{name}] {rule:<6} {option:<15} {dtype:<8} {cell.result.upper():<4} "
@@ -96,17 +112,26 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
     return cells
 
 
-def worker(job: dict[str, Any]) -> list[Cell]:
-    """Run one job (a backend, or a third-party target) in this process."""
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job (a backend, or a third-party target) in this process: ``{"cells": [...], "profiles": [...]}``."""
+    import warnings
+
+    import numpy as np
+
     from cautious.conformance import register_profiles
+    from cautious.conformance.profile import CLAUSES, ClauseResult, conformance_profile, describe_exception
     from cautious.conformance.targets import Target, load_adapter, resolve
 
+    # the suite feeds infinities, NaN and subnormals on purpose: numpy's warnings about them are noise
+    np.seterr(all="ignore")
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     register_profiles()
     from hypothesis import settings
 
     settings.load_profile("ci")
     dtypes = tuple(job["dtypes"])
     cells: list[Cell] = []
+    profiles: list[dict[str, Any]] = []
     if job["kind"] == "backend":
         for lane, path, kwargs, _ in LANES[job["backend"]]:
             name = f"{job['backend']}/{lane}"
@@ -116,18 +141,72 @@ def worker(job: dict[str, Any]) -> list[Cell]:
                 cells.append(Cell(name, "-", "-", "-", "fail", detail=f"cannot build adapter: {e!r}"))
                 print(f"[{name}] cannot build adapter: {e!r}", flush=True)
                 continue
-            cells += _run_cells(name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"])
+            lane_cells = _run_cells(
+                name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"]
+            )
+            cells += lane_cells
+            prof = conformance_profile(
+                adapter,
+                rules=job["rules"],
+                dtypes=dtypes,
+                seed=job["seed"],
+                clauses=[c for c in CLAUSES if c != "random"],
+            )
+            bad = [c for c in lane_cells if c.result == "fail"]
+            prof.clauses["random"] = (
+                ClauseResult("deviates", None, bad[0].detail)
+                if bad
+                else ClauseResult("matches", detail="see the cells")
+            )
+            profiles.append({**prof.to_json(), "name": name})
     else:
         target = Target(**job["target"])
-        adapter = load_adapter(target)
+        try:
+            adapter = load_adapter(target)
+        except Exception as e:
+            text = describe_exception(e)
+            print(f"[{target.name}] cannot load the target: {text}", flush=True)
+            return {"cells": [dataclasses.asdict(Cell(target.name, target.rule, "declared", "-", "fail", detail=text))],
+                    "profiles": []}  # fmt: skip
         for note in target.notes():
             print(f"[{target.name}] note: {note}", flush=True)
         dts = tuple(d for d in dtypes if d in target.dtypes) or target.dtypes
-        cells += _run_cells(target.name, adapter, [target.rule], ["declared"], dts, job["max_examples"], job["seed"])
-    return cells
+        t0 = time.perf_counter()
+        prof = conformance_profile(
+            adapter,
+            rules=(target.rule,),
+            dtypes=dts,
+            budget=target.max_examples or job["max_examples"],
+            seed=job["seed"] if target.seed is None else target.seed,
+            deviations=target.deviations,
+            declared=target.declared(),
+            allow_nan=target.allow_nan and job.get("allow_nan", True),
+        )
+        out = prof.to_json()
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        out["notes"] = target.notes() + list(getattr(adapter, "notes", lambda: [])())
+        out["source"] = target.source
+        out["versions"] = _versions(target)
+        profiles.append(out)
+        print(f"[{target.name}] profile in {out['seconds']}s:\n{prof.table()}", flush=True)
+    return {"cells": [dataclasses.asdict(c) for c in cells], "profiles": profiles}
 
 
-def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> list[Cell]:
+def _versions(target) -> dict[str, str]:
+    """Installed versions of the target's distributions and of torch/jax/keras."""
+    from importlib import metadata
+
+    out = {}
+    for dist in (*target.requires, {"torch": "torch", "optax": "optax", "keras": "keras"}.get(target.kind, "")):
+        if dist:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+    return out
+
+
+def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> tuple[list[Cell], list[dict[str, Any]]]:
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = os.path.join(tmp, "job.json"), os.path.join(tmp, "cells.json")
         with open(inp, "w") as f:
@@ -136,9 +215,10 @@ def _spawn(job: dict[str, Any], env_extra: dict[str, str]) -> list[Cell]:
         proc = subprocess.run([sys.executable, "-m", "cautious.conformance.verify", "--worker", inp, out], env=env)
         if proc.returncode != 0 or not os.path.exists(out):
             label = job.get("backend") or job["target"]["name"] or job["target"]["path"]
-            return [Cell(str(label), "-", "-", "-", "fail", detail=f"worker exited with status {proc.returncode}")]
+            return [Cell(str(label), "-", "-", "-", "fail", detail=f"worker exited with status {proc.returncode}")], []
         with open(out) as f:
-            return [Cell(**c) for c in json.load(f)]
+            data = json.load(f)
+        return [Cell(**c) for c in data["cells"]], data["profiles"]
 
 
 def _table(cells: list[Cell]) -> str:
@@ -152,6 +232,8 @@ def _table(cells: list[Cell]) -> str:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="cautious verify", description=__doc__.split("\n")[0])
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--backend", action="append", default=[], help="one of ours: numpy, torch, jax, tensorflow")
     p.add_argument("--target", help="a third-party implementation: 'package.module:Name'")
     p.add_argument("--kind", choices=("torch", "optax", "keras", "numpy"), help="what --target is")
@@ -161,11 +243,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="implemented option")
     p.add_argument("--state", action="append", default=[], metavar="FIELD=NAME", help="state mapping")
     p.add_argument("--path", action="append", default=[], help="add a directory to sys.path for --target")
-    p.add_argument("--config", help="a TOML file describing one or more targets")
+    p.add_argument("--config", action="append", default=[], help="a TOML file describing targets (docs/verify.md)")
+    p.add_argument(
+        "--known",
+        action="store_true",
+        help="verify the known public ports that are installed (docs/ports.md); "
+        "--path DIR adds a directory holding the paper's c_adamw.py / c_lion.py",
+    )
+    p.add_argument("--pin", action="append", default=[], metavar="SPEC=JSON", help="pin a spec hyperparameter")
+    p.add_argument("--deviation", action="append", default=[], metavar="CLAUSE=TEXT", help="a declared deviation")
+    p.add_argument("--no-nan", action="store_true", help="no NaN/inf inputs (the nan clause is untested)")
+    p.add_argument("--setup", default="", metavar="MODULE:FUNCTION", help="called before --target is imported")
     p.add_argument("--rules", nargs="+", default=list(spec.RULES), help="rules to check for our backends")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     p.add_argument("--options", nargs="+", default=list(OPTIONS), help="caution settings for our backends")
-    p.add_argument("--max-examples", type=int, default=10, help="examples per cell")
+    p.add_argument("--max-examples", type=int, default=10, help="examples per cell (the budget)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report as JSON to this file")
     return p
@@ -186,11 +278,20 @@ def jobs_from_args(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[
     from cautious.backends import BACKENDS, available
     from cautious.conformance.targets import Target
 
-    common = {"dtypes": args.dtypes, "max_examples": args.max_examples, "seed": args.seed}
+    common = {"dtypes": args.dtypes, "max_examples": args.max_examples, "seed": args.seed, "allow_nan": not args.no_nan}
     jobs = []
     targets: list[Target] = []
-    if args.config:
-        targets += Target.from_toml(args.config)
+    for path in args.config:
+        targets += Target.from_toml(path)
+    if args.known:
+        from cautious.conformance.known import installed_known
+
+        found, skipped = installed_known(tuple(os.path.abspath(p) for p in args.path))
+        for t, why in skipped:
+            print(f"== {t.name}: skipped ({why})", flush=True)
+        targets += found
+        if not found:
+            raise SystemExit("--known: none of the known ports is installed (docs/ports.md)")
     if args.target:
         if not (args.kind and args.rule):
             raise SystemExit("--target needs --kind and --rule")
@@ -204,6 +305,9 @@ def jobs_from_args(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[
                 options=_pairs(args.option, True),
                 state=_pairs(args.state, False) or None,
                 sys_path=tuple(os.path.abspath(p) for p in args.path),
+                deviations=_pairs(args.deviation, False),
+                pin=_pairs(args.pin, True),
+                setup=args.setup,
             )
         )
     for t in targets:
@@ -225,23 +329,40 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     args = build_parser(parser).parse_args(argv)
     jobs = jobs_from_args(args)
     cells: list[Cell] = []
+    profiles: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for job, env in jobs:
         label = job.get("backend") or job["target"]["name"]
         print(f"== {label} (own process)", flush=True)
-        cells += _spawn(job, env)
-    print()
-    print(_table(cells))
+        c, p = _spawn(job, env)
+        cells += c
+        profiles += p
+    if cells:
+        print()
+        print(_table(cells))
     failed = [c for c in cells if c.result == "fail"]
     for c in failed:
         print(f"\n--- FAIL {c.implementation} {c.rule} {c.option} {c.dtype}\n{c.detail}")
+    for prof in profiles:
+        print(f"\n=== {prof['name']}: {'conforms' if prof['conforms'] else 'DOES NOT CONFORM'}")
+        for clause, r in prof["profile"].items():
+            declared = clause in prof["declared"].get("deviations", {})
+            if r["status"] == "deviates":
+                print(f"--- {clause} deviates{' (declared)' if declared else ''}: {r.get('detail', '')}")
+                if r["example"]:
+                    print(f"```python\n{r['example']}\n```")
     passed = sum(c.result == "pass" for c in cells)
     skipped = sum(c.result == "skip" for c in cells)
-    print(f"\n{passed} passed, {len(failed)} failed, {skipped} skipped in {time.perf_counter() - t0:.0f}s")
+    conform = sum(p["conforms"] for p in profiles)
+    print(
+        f"\n{passed} passed, {len(failed)} failed, {skipped} skipped; "
+        f"{conform} of {len(profiles)} conform in {time.perf_counter() - t0:.0f}s"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(c) for c in cells], f, indent=1)
-    return 0 if cells and not failed and passed else 1
+            json.dump({"targets": profiles, "cells": [dataclasses.asdict(c) for c in cells]}, f, indent=1)
+    ok = (cells or profiles) and not failed and all(p["conforms"] for p in profiles)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
@@ -250,6 +371,6 @@ if __name__ == "__main__":
             job = json.load(f)
         result = worker(job)
         with open(sys.argv[3], "w") as f:
-            json.dump([dataclasses.asdict(c) for c in result], f)
+            json.dump(result, f)
         sys.exit(0)
     sys.exit(main())

@@ -8,8 +8,14 @@ Every optimizer here is the same generic step around a base :class:`~cautious.sp
     g &\leftarrow g + \lambda p \quad\text{(coupled L2 decay, when decay is coupled)} \\
     u, s' &= \text{rule.direction}(g, s, t) \\
     u &\leftarrow \text{mask}(u, g)\cdot\text{scale}\cdot u \quad\text{(when caution is on)} \\
-    p' &= p - \eta\,\lambda\, d \odot p - \eta\, u
+    p' &= p \odot (1 - \eta\,\lambda\, d) - \eta\, u
     \quad\text{(decoupled decay; } d = [u \cdot p \ge 0] \text{ if cautious\_weight\_decay else } 1)
+
+Decoupled decay is computed in the multiplicative form ``p * (1 - lr*wd)``, as
+torch, timm and heavyball do: it equals ``p - lr*wd*p`` for finite ``p`` and keeps
+an infinite parameter infinite, where the additive form (optax) gives NaN. The
+conformance checker admits either value at a non-finite parameter
+(docs/conformance.md, "Non-finite parameters").
 
 ``g`` in the mask is the gradient the rule consumed: after the maximize
 negation and after coupled decay. Decoupled decay is never masked by caution.
@@ -152,8 +158,9 @@ def make_optimizer(
             u, s_new = inner.direction(g64, s64, t)
             lr_u = lr * u
         if wd != 0 and decoupled:
-            d = p64 if not cautious_weight_decay else np.where(decay_mask(u, p64), p64, 0.0)
-            p_new = p64 - (lr * wd) * d - lr_u
+            # multiplicative form p * (1 - lr*wd): an infinite parameter stays infinite (p - lr*wd*p is NaN)
+            shrunk = p64 * (1.0 - lr * wd)
+            p_new = (shrunk if not cautious_weight_decay else np.where(decay_mask(u, p64), shrunk, p64)) - lr_u
         else:
             p_new = p64 - lr_u
         return np.asarray(p_new, dtype=p.dtype), _cast_like(s_new, s)

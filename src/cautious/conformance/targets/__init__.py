@@ -36,10 +36,15 @@ A target can be written in TOML::
     caution = true
     [target.options]      # what it implements
     caution = { normalize = "mean_clamp", floor = 1e-3 }
-    [target.state]        # spec field = the target's state name
+    [target.state]        # spec field = the target's state name ("group:step": a counter in the param group)
     m = "exp_avg"
     v = "exp_avg_sq"
     step = "step"
+    [target.deviations]   # clause = the deviation it declares (cautious.conformance.profile.CLAUSES)
+    nan = "NaN entries are masked (product mask)"
+
+Further keys: ``pin``, ``allow_nan``, ``max_examples``, ``seed``, ``setup``, ``load_state``,
+``dump_state``, ``requires``, ``source`` (docs/verify.md lists them all).
 """
 
 from __future__ import annotations
@@ -88,6 +93,18 @@ class Target:
     state: Mapping[str, str] | None = None
     dtypes: tuple[str, ...] = ("float32", "float64")
     sys_path: tuple[str, ...] = ()
+    #: clause -> the deviation the port declares (``nan = "NaN handled as torch.sign"``)
+    deviations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: spec hyperparameters pinned for this run (``pin = {lr = 0.1}``)
+    pin: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    allow_nan: bool = True  # False: no NaN/inf inputs anywhere (the nan clause is untested)
+    max_examples: int | None = None  # the random clause's budget (the CLI's --max-examples otherwise)
+    seed: int | None = None
+    setup: str = ""  # "module:function" called before the target is imported
+    load_state: str = ""  # "module:function(optimizer, spec_state)" loading state itself (torch)
+    dump_state: str = ""  # "module:function(optimizer) -> {'step': int, 'leaves': [{field: array}]}" (torch)
+    requires: tuple[str, ...] = ()  # distributions that must be installed (--known skips the target otherwise)
+    source: str = ""  # where the port comes from (a URL or a package==version)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,6 +115,12 @@ class Target:
             raise ValueError(f"path must look like 'package.module:Name', got {self.path!r}")
         self.name = self.name or self.path
         self.dtypes = tuple(self.dtypes)
+        self.requires = tuple(self.requires)
+        from cautious.conformance.profile import CLAUSES
+
+        bad = set(self.deviations) - set(CLAUSES)
+        if bad:
+            raise ValueError(f"deviations names unknown clauses {sorted(bad)}; expected some of {', '.join(CLAUSES)}")
         unknown = set(self.hparams) - set(_spec_defaults(self.rule))
         if unknown:
             raise ValueError(f"hparams maps unknown spec names {sorted(unknown)} for rule {self.rule!r}")
@@ -122,7 +145,8 @@ class Target:
                     **t,
                     "dtypes": tuple(t.get("dtypes", ("float32", "float64"))),
                     # sys_path entries are relative to the TOML file
-                    "sys_path": tuple(os.path.join(here, p) for p in t.get("sys_path", ())),
+                    "sys_path": tuple(os.path.join(here, os.path.expanduser(p)) for p in t.get("sys_path", ())),
+                    "requires": tuple(t.get("requires", ())),
                 }
             )
             for t in tables
@@ -150,7 +174,13 @@ class Target:
                 out[key] = default
         if self.options.get("decay_masked"):
             out["weight_decay"] = 0.0  # masked decay is not the spec's: only decay-free cases apply
+        for key, value in self.pin.items():
+            out[key] = _spec_value(key, value)
         return out
+
+    def declared(self) -> dict[str, Any]:
+        """What the target claims, for the report: its rule, options and pinned hyperparameters."""
+        return {"rule": self.rule, "options": dict(self.options), "pin": dict(self.pin), "fixed": dict(self.fixed)}
 
     def notes(self) -> list[str]:
         out = []
@@ -159,6 +189,15 @@ class Target:
         if not self.state_names():
             out.append("no state mapping: checked from fresh states, parameters only")
         return out
+
+
+def _spec_value(key: str, value: Any) -> Any:
+    """A TOML/JSON value as the spec takes it (betas as a tuple, caution as a Caution)."""
+    if key == "betas":
+        return tuple(value)
+    if key == "caution":
+        return spec.Caution(**value) if isinstance(value, Mapping) else spec.as_caution(value) or False
+    return value
 
 
 def _spec_defaults(rule: str) -> dict[str, Any]:
@@ -182,6 +221,8 @@ class TargetAdapterBase:
     """What every third-party adapter shares: pinning, support checks, constructor kwargs."""
 
     def __init__(self, target: Target) -> None:
+        if target.setup:
+            resolve(target.setup, target.sys_path)()
         self.target = target
         self.name = target.name
         self.fresh_only = not target.state_names()
@@ -201,10 +242,15 @@ class TargetAdapterBase:
         return None
 
     def kwargs(self, case: Case) -> dict[str, Any]:
+        """Constructor arguments: ``fixed``, then every mapped hyperparameter (the spec default where
+        the case leaves it unset, never the port's own default)."""
         out = dict(self.target.fixed)
+        defaults = _spec_defaults(self.target.rule)
         for key, name in self.target.hparams.items():
-            if key in case.hparams:
-                value = case.hparams[key]
+            value = case.hparams.get(key, defaults.get(key))
+            if key == "caution" and not isinstance(value, bool):
+                value = value is not False and value is not None
+            if value is not None:
                 if isinstance(name, (list, tuple)):  # betas -> (b1, b2) as separate arguments
                     out.update(zip(name, value))
                 else:
