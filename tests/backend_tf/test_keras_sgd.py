@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 import cautious.spec as spec  # noqa: E402
 import cautious.tensorflow as ctf  # noqa: E402
 from cautious import Caution  # noqa: E402
-from cautious.backends.tensorflow._conformance import TFAdapter  # noqa: E402
+from cautious.conformance.adapters.tensorflow import TFAdapter  # noqa: E402
 from cautious.conformance.case import Case, spec_optimizer  # noqa: E402
 
 SHAPES = [(6, 5), (7,), ()]

@@ -54,7 +54,7 @@ def test_torch_optim_natives_conform_with_caution_off(target):
 
 @pytest.mark.parametrize("impl", ["single", "foreach"])
 def test_our_torch_backend_conforms_on_every_clause(impl):
-    from cautious.backends.torch._conformance import TorchAdapter
+    from cautious.conformance.adapters.torch import TorchAdapter
 
     adapter = TorchAdapter(impl)
     prof = _quiet(lambda: conformance_profile(adapter, seed=0, clauses=[c for c in CLAUSES if c != "random"]))
