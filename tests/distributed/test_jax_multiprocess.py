@@ -14,14 +14,15 @@ import scenarios as S
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
 
 WORLD = 2
-_launch: list = []
 
 
-def record(sid: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not _launch:
-        out = tmp_path_factory.mktemp("jax") / "records.jsonl"
-        _launch.append(S.run_workers("jax_workers.py", ["--world", str(WORLD)], out, timeout=400))
-    records, tail = _launch[0]
+def start() -> S.Launch:
+    """The processes of this module (started by conftest.py at collection, to run in the background)."""
+    return S.launch("jax", "jax_workers.py", ["--world", str(WORLD)], timeout=400)
+
+
+def record(sid: str) -> dict:
+    records, tail = start().records()
     if sid not in records:
         pytest.fail(f"no record for {sid}: the processes stopped early\n{tail}")
     rec = records[sid]
@@ -31,14 +32,14 @@ def record(sid: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("sid", [i for i in W.ids() if i.startswith("steps-")])
-def test_sharded_over_processes_equals_unsharded(sid, tmp_path_factory):
+def test_sharded_over_processes_equals_unsharded(sid):
     """Every normalization, rows / columns / replicated, exact and fast counts: 5 steps agree (float32)."""
-    rec = record(sid, tmp_path_factory)
+    rec = record(sid)
     assert set(rec["max_diff"]) == set(S.NORMALIZATIONS)
 
 
 @pytest.mark.parametrize("sid", [i for i in W.ids() if i.startswith("count-")])
-def test_count_is_global_over_processes(sid, tmp_path_factory):
+def test_count_is_global_over_processes(sid):
     """All kept entries on one device of process 0: the scale is n / k over the whole tensor."""
-    rec = record(sid, tmp_path_factory)
+    rec = record(sid)
     assert rec["scale"] == pytest.approx(rec["global_scale"], rel=1e-6)

@@ -14,14 +14,15 @@ import tf_workers as W
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs tensorflow")
 
 WORLD = 2
-_launch: list = []
 
 
-def record(sid: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not _launch:
-        out = tmp_path_factory.mktemp("tf") / "records.jsonl"
-        _launch.append(S.run_workers("tf_workers.py", ["--world", str(WORLD)], out, timeout=400))
-    records, tail = _launch[0]
+def start() -> S.Launch:
+    """The processes of this module (started by conftest.py at collection, to run in the background)."""
+    return S.launch("tf", "tf_workers.py", ["--world", str(WORLD)], timeout=400)
+
+
+def record(sid: str) -> dict:
+    records, tail = start().records()
     if sid not in records:
         pytest.fail(f"no record for {sid}: the workers stopped early\n{tail}")
     rec = records[sid]
@@ -31,9 +32,9 @@ def record(sid: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("sid", W.ids())
-def test_multi_worker_equals_one_process(sid, tmp_path_factory):
+def test_multi_worker_equals_one_process(sid):
     """8 steps on 2 workers (each on half of every batch) agree with one process, and the workers agree."""
-    rec = record(sid, tmp_path_factory)
+    rec = record(sid)
     assert rec["moved"] > 1e-3, "the optimizer did not move the weights: the comparison would be vacuous"
     assert rec["max_diff"] <= 1e-5
     checksums = rec["worker_checksums"]
