@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import scenarios as S
@@ -18,20 +17,6 @@ pytest.importorskip("torch")
 
 LAUNCH_TIMEOUT = 600  # seconds for one world size, every scenario included
 MAX_DIFF = 1e-13  # sharded vs unsharded float64 parameters (values of order 1), same gradients
-
-
-def known_failures() -> dict[str, str]:
-    """``test_name[cell]`` -> reason, from torch_known_failures.txt: paths not supported yet (strict xfails)."""
-    path = Path(__file__).with_name("torch_known_failures.txt")
-    out = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        if line.strip() and not line.startswith("#"):
-            test_id, _, reason = line.partition("  # ")
-            out[test_id.strip()] = reason.strip()
-    return out
-
-
-KNOWN = known_failures()
 
 
 def record(world: int, sid: str, triton: bool = False) -> dict:
@@ -47,21 +32,12 @@ def record(world: int, sid: str, triton: bool = False) -> dict:
     return rec
 
 
-def cells(test: str, ids) -> list:
-    """``(world, scenario)`` parameters for ``test``; ``ids(world)`` lists the scenarios at ``world`` processes."""
-    out = []
-    for w in S.WORLD_SIZES:
-        for sid in ids(w):
-            cell = f"{w}procs-{sid}"
-            reason = KNOWN.get(f"{test}[{cell}]")
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            out.append(pytest.param(w, sid, id=cell, marks=marks))
-    return out
+def cells(ids) -> list:
+    """``(world, scenario)`` parameters; ``ids(world)`` lists the scenarios at ``world`` processes."""
+    return [pytest.param(w, sid, id=f"{w}procs-{sid}") for w in S.WORLD_SIZES for sid in ids(w)]
 
 
-@pytest.mark.parametrize(
-    ("world", "sid"), cells("test_sharded_trajectory_matches_spec_and_unsharded", S.trajectory_ids)
-)
+@pytest.mark.parametrize(("world", "sid"), cells(S.trajectory_ids))
 def test_sharded_trajectory_matches_spec_and_unsharded(world, sid):
     """20 steps equal to the unsharded optimizer's; the checked ones within the conformance bounds of the spec."""
     rec = record(world, sid)
@@ -74,7 +50,7 @@ def _all_reduces(comm: dict[str, int]) -> int:
     return sum(v for k, v in comm.items() if "all_reduce" in k or "allreduce" in k)
 
 
-@pytest.mark.parametrize(("world", "sid"), cells("test_one_count_all_reduce_per_step", S.trajectory_ids))
+@pytest.mark.parametrize(("world", "sid"), cells(S.trajectory_ids))
 def test_one_count_all_reduce_per_step(world, sid):
     """``step()`` communicates once (the stacked counts) when a parameter is sharded, else not at all."""
     rec = record(world, sid)
@@ -83,14 +59,14 @@ def test_one_count_all_reduce_per_step(world, sid):
     assert sum(comm.values()) == _all_reduces(comm), f"a collective other than the count all-reduce: {comm}"
 
 
-@pytest.mark.parametrize(("world", "sid"), cells("test_count_is_global_not_per_shard", S.global_count_ids))
+@pytest.mark.parametrize(("world", "sid"), cells(S.global_count_ids))
 def test_count_is_global_not_per_shard(world, sid):
     """The sharded step passes the spec check where the same step counted per shard fails it."""
     rec = record(world, sid)
     assert rec["per_shard_detected"], "the crafted data does not tell per-shard counts from global ones"
 
 
-@pytest.mark.parametrize(("world", "sid"), cells("test_ddp_and_zero_equal_one_process", S.wrapper_ids))
+@pytest.mark.parametrize(("world", "sid"), cells(S.wrapper_ids))
 def test_ddp_and_zero_equal_one_process(world, sid):
     """DDP and ZeroRedundancyOptimizer(optimizer_class=cautious.torch.*) step as one process would."""
     rec = record(world, sid)
@@ -100,7 +76,7 @@ def test_ddp_and_zero_equal_one_process(world, sid):
         assert 0 < rec["owned_fraction"] < 1, "ZeRO did not partition the parameters"
 
 
-@pytest.mark.parametrize(("world", "sid"), cells("test_2d_mesh_is_refused", S.refusal_ids))
+@pytest.mark.parametrize(("world", "sid"), cells(S.refusal_ids))
 def test_2d_mesh_is_refused(world, sid):
     """HSDP / 2-D meshes are not supported yet: a clear error, nothing updated (checked in the worker)."""
     assert "not supported yet" in record(world, sid)["message"]
