@@ -19,11 +19,19 @@ LAUNCH_TIMEOUT = 600  # seconds for one world size, every scenario included
 MAX_DIFF = 1e-13  # sharded vs unsharded float64 parameters (values of order 1), same gradients
 
 
+def start(world: int, triton: bool = False) -> S.Launch:
+    """The processes of one world size (or of the Triton scenarios), started unless they run already.
+
+    conftest.py starts the 2-process and Triton launches at collection, next to the JAX and
+    TensorFlow ones; the 4-process launch starts when its first test asks for it.
+    """
+    args = ["--world", str(world)] + (["--triton"] if triton else [])
+    return S.launch("torch" + "-".join(args), "torch_workers.py", args, LAUNCH_TIMEOUT)
+
+
 def record(world: int, sid: str, triton: bool = False) -> dict:
     """The record of scenario ``sid`` at ``world`` processes (launching them on first use)."""
-    args = ["--world", str(world)] + (["--triton"] if triton else [])
-    key = "torch" + "-".join(args)
-    records, tail = S.launch(key, "torch_workers.py", args, LAUNCH_TIMEOUT).records()
+    records, tail = start(world, triton).records()
     if sid not in records:
         pytest.fail(f"no record for {sid}: the worker processes stopped early\n{tail}")
     rec = records[sid]
