@@ -21,6 +21,12 @@ device: there is no host-device synchronisation and no loop over elements.
 
 Without caution, the Adam and SGD paths run exactly torch.optim's operations, so
 ``caution=False`` reproduces ``torch.optim.Adam``/``AdamW``/``SGD`` bit for bit.
+
+DTensor parameters (FSDP2, ``distribute_tensor``): the dispatchers run on the local shards
+(:func:`cautious.backends.torch._distributed.on_local_shards`), and
+:func:`_mask_and_scales` sums each tensor's count over its shards with one all-reduce per
+group before :func:`_scales`, which divides by the whole tensor's size. Shards group by
+device and dtype on every path, so that a step's counts are reduced together.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor
 
 from cautious._caution import Caution
+from cautious.backends.torch import _distributed
 
 __all__ = ["adam", "lion", "sgd", "default_foreach"]
 
@@ -71,10 +78,14 @@ def _step_value(step_t: Tensor) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: torch.device) -> Tensor:
-    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`)."""
-    k = torch.stack(counts).to(torch.float64)
-    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+def _scales(counts: Tensor, sizes: list[int], caution: Caution) -> Tensor:
+    """Per-tensor scales from integer counts (int64, 1-d): float64 on their device (see :class:`cautious.Caution`).
+
+    The one place where the single-tensor and foreach paths (and the fused path for DTensor
+    shards) turn counts into scales; ``sizes`` are the whole tensors' sizes.
+    """
+    k = counts.to(torch.float64)
+    n = torch.tensor(sizes, dtype=torch.float64, device=counts.device)
     if caution.normalize == "mean_clamp":
         return (k / n).clamp_min_(caution.floor).reciprocal_()
     if caution.normalize == "count_plus_one":
@@ -85,7 +96,13 @@ def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: to
 
 
 def _mask_and_scales(
-    xs: list[Tensor], signs: list[Tensor], grads: list[Tensor], caution: Caution, *, foreach: bool
+    xs: list[Tensor],
+    signs: list[Tensor],
+    grads: list[Tensor],
+    caution: Caution,
+    *,
+    foreach: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
     r"""Mask a list of directions: ``x^c = where(mask(u, g), x, 0)``, and compute the scales.
 
@@ -102,6 +119,9 @@ def _mask_and_scales(
       grads: the gradients the rule consumed (after maximize and coupled decay).
       caution: the normalization.
       foreach: use ``torch._foreach_*`` ops for the elementwise passes.
+      shardings: for local shards of DTensors (:mod:`._distributed`), how each tensor's count
+        adds up over its shards: the counts are then summed over the shards (one all-reduce)
+        and the scales use the whole tensors' sizes.
 
     Returns:
       ``(masked xs, scales)``: ``scales`` is a 1-d float64 tensor on the device,
@@ -133,7 +153,8 @@ def _mask_and_scales(
         ]
     if caution.normalize == "none" or not xs:
         return masked, None
-    return masked, _scales(counts, [x.numel() for x in xs], caution, xs[0].device)
+    counts = _distributed.global_counts(torch.stack(counts), shardings)
+    return masked, _scales(counts, _distributed.global_sizes(xs, shardings), caution)
 
 
 def _apply_scales_(xs: list[Tensor], scales: Tensor | None, *, foreach: bool) -> None:
@@ -208,10 +229,14 @@ def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr:
     return "foreach" if foreach else "single"
 
 
-def _groups(params: list[Tensor], impl: str, *keys: list[Any]) -> list[list[int]]:
+def _groups(params: list[Tensor], impl: str, *keys: list[Any], shards: bool = False) -> list[list[int]]:
     """Indices of ``params`` that run together: one per tensor (``"single"``), else one per
-    device, dtype and the extra per-tensor ``keys`` (list order kept inside a group)."""
-    if impl == "single":
+    device, dtype and the extra per-tensor ``keys`` (list order kept inside a group).
+
+    Local shards of DTensors (``shards``) group by device and dtype on every path, so that
+    their counts are reduced together; ``"single"`` still runs per-tensor operations.
+    """
+    if impl == "single" and not shards:
         return [[i] for i in range(len(params))]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -276,6 +301,7 @@ def _adam_tensors(
     caution: Caution | None,
     eps_placement: str,
     cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """One Adam step on tensors of one device and dtype; ``foreach`` picks the op flavour only."""
     if foreach:
@@ -323,7 +349,7 @@ def _adam_tensors(
         # u may be infinite here: sign(g) * inf is NaN where g == 0, so decide from clamp(u, -1, 1)
         # (same signs, NaN kept) and select from u.
         signs = [u.clamp(-1.0, 1.0) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, shardings=shardings)
         _apply_scales_(us, scales, foreach=foreach)
         if weight_decay != 0 and decoupled_weight_decay:
             _decay_(
@@ -341,7 +367,7 @@ def _adam_tensors(
     numerators, scales = exp_avgs, None
     if caution is not None:
         # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).
-        numerators, scales = _mask_and_scales(exp_avgs, exp_avgs, grads, caution, foreach=foreach)
+        numerators, scales = _mask_and_scales(exp_avgs, exp_avgs, grads, caution, foreach=foreach, shardings=shardings)
     if scales is None:
         # torch.optim's own operations: bitwise parity with torch.optim.Adam/AdamW when caution is off.
         _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
@@ -379,6 +405,7 @@ def _adam_tensors(
             p.addcdiv_(n, d, value=s)
 
 
+@_distributed.on_local_shards
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -400,6 +427,7 @@ def adam(
     caution: Caution | None,
     eps_placement: str = "corrected",
     cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`.
 
@@ -429,13 +457,14 @@ def adam(
             launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
             lists.append(_pick(vmax, idx) if amsgrad else [None] * len(idx))
-            fused_kernels.run(launch, lists, lr)
+            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None)
         return
-    for idx in _groups(params, impl):
+    for idx in _groups(params, impl, shards=bool(shardings)):
         _adam_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, vmax, state_steps)),
             foreach=impl == "foreach",
             lr=lr,
+            shardings=_pick(shardings, idx) or None,
             decoupled_weight_decay=decoupled_weight_decay,
             **hyper,
         )
@@ -460,6 +489,7 @@ def _lion_tensors(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """One Lion step: ``c = lerp(m, g, 1-b1)``, ``u = sign(c)`` (NaN kept), ``m <- lerp(m, g, 1-b2)``."""
     if foreach:
@@ -478,7 +508,7 @@ def _lion_tensors(
             m.lerp_(g, 1 - beta2)
     us = [_nan_sign(c) for c in cs]
     if caution is not None:
-        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach, shardings=shardings)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0:
         _decay_(
@@ -496,6 +526,7 @@ def _descend_(params: list[Tensor], us: list[Tensor], lr: Any, *, foreach: bool)
             p.add_(u, alpha=-lr)
 
 
+@_distributed.on_local_shards
 def lion(
     params: list[Tensor],
     grads: list[Tensor],
@@ -511,6 +542,7 @@ def lion(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
     impl = _resolve(params, foreach, fused, lr)
@@ -531,13 +563,19 @@ def lion(
         launch = fused_kernels.lion_launch(**hyper)
         for idx in _groups(params, impl):
             nones = [None] * len(idx)
-            fused_kernels.run(launch, [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), nones, nones], lr)
+            fused_kernels.run(
+                launch,
+                [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), nones, nones],
+                lr,
+                shardings=_pick(shardings, idx) or None,
+            )
         return
-    for idx in _groups(params, impl):
+    for idx in _groups(params, impl, shards=bool(shardings)):
         _lion_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, state_steps or None)),
             foreach=impl == "foreach",
             lr=lr,
+            shardings=_pick(shardings, idx) or None,
             **hyper,
         )
 
@@ -562,6 +600,7 @@ def _sgd_tensors(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """One SGD step; new momentum buffers are written into ``momentum_buffer_list``."""
     if foreach:
@@ -603,7 +642,7 @@ def _sgd_tensors(
     if caution is not None:
         # SGD's u can be +-inf where g == 0 (after an inf gradient): clamp to keep the sign test exact.
         signs = [u.clamp(-1, 1) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, shardings=shardings)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0 and decoupled_weight_decay:
         _decay_(
@@ -612,6 +651,7 @@ def _sgd_tensors(
     _descend_(params, us, lr, foreach=foreach)
 
 
+@_distributed.on_local_shards
 def sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -628,6 +668,7 @@ def sgd(
     decoupled_weight_decay: bool = False,
     caution: Caution | None,
     cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`.
 
@@ -657,9 +698,14 @@ def sgd(
             launch = fused_kernels.sgd_launch(first_step=first[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             bufs = _pick(momentum_buffer_list, idx) if momentum != 0 else [None] * len(idx)
             nones = [None] * len(idx)
-            fused_kernels.run(launch, [_pick(params, idx), _pick(grads, idx), bufs, nones, nones], lr)
+            fused_kernels.run(
+                launch,
+                [_pick(params, idx), _pick(grads, idx), bufs, nones, nones],
+                lr,
+                shardings=_pick(shardings, idx) or None,
+            )
         return
-    for idx in _groups(params, impl):
+    for idx in _groups(params, impl, shards=bool(shardings)):
         bufs = _pick(momentum_buffer_list, idx)
         _sgd_tensors(
             _pick(params, idx),
@@ -667,6 +713,7 @@ def sgd(
             bufs,
             foreach=impl == "foreach",
             lr=lr,
+            shardings=_pick(shardings, idx) or None,
             decoupled_weight_decay=decoupled_weight_decay,
             **hyper,
         )

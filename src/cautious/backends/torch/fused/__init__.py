@@ -44,6 +44,7 @@ can differ by one count.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 from collections.abc import Sequence
@@ -170,11 +171,15 @@ def run(
     *,
     backend: str | None = None,
     check_lr: bool = False,
+    shardings: list | None = None,
 ) -> None:
     """Group by dtypes, make contiguous, and hand each group to the chosen implementation.
 
     ``lists`` is ``[params, grads, s1, s2, s3]`` (state lists of None where a rule has none),
-    already checked. Tensors that had to be made contiguous are copied back.
+    already checked. Tensors that had to be made contiguous are copied back. With
+    ``shardings`` (:mod:`cautious.backends.torch._distributed`) the tensors are local shards of
+    DTensors: each group runs the count pass alone, sums the counts over the shards (one
+    all-reduce), then runs the update pass with the whole tensors' scales.
     """
     params = lists[0]
     if len(params) == 0:
@@ -203,11 +208,22 @@ def run(
         if impl == "triton":
             from cautious.backends.torch.fused import triton_kernels
 
-            triton_kernels.run(launch, *cols, lr_tensor=lr_t)
+            kernel = functools.partial(triton_kernels.run, launch, *cols, lr_tensor=lr_t)
         else:
             from cautious.backends.torch.fused import cpu
 
-            cpu.run(launch, *cols, native=impl == "cpu")
+            kernel = functools.partial(cpu.run, launch, *cols, native=impl == "cpu")
+        if shardings and launch.caution is not None and launch.counts:
+            from cautious.backends.torch import _distributed, _functional
+
+            sharded = [shardings[i] for i in idx]
+            counts = torch.zeros(len(idx), dtype=torch.int64, device=device)
+            kernel(counts_out=counts)  # the count pass alone
+            counts = _distributed.global_counts(counts, sharded)
+            sizes = _distributed.global_sizes(cols[0], sharded)
+            kernel(scales=_functional._scales(counts, sizes, launch.caution))
+        else:
+            kernel()
         for x, y in writeback:
             x.copy_(y)
 

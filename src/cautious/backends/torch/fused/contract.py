@@ -192,6 +192,8 @@ class CpuArgs(ctypes.Structure):
         ("seed", ctypes.c_uint64),
         ("nthreads", ctypes.c_int64),
         ("piece", ctypes.c_int64),
+        ("counts_out", ctypes.c_int64),  # address of int64 per row: the count pass alone (0: off)
+        ("scales_in", ctypes.c_int64),  # address of float64 per row: the update pass with these scales (0: off)
         ("lr", ctypes.c_double),
         ("hp", ctypes.c_double * len(Slot)),
     ]

@@ -193,8 +193,13 @@ def native_available(dtype: torch.dtype = torch.float32, state_dtype: torch.dtyp
     return _native(STORAGE[dtype], STORAGE[state_dtype or dtype]) is not None
 
 
-def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True) -> None:
-    """One step over one dtype group of contiguous CPU tensors (``launch.hp[Slot.LR]`` is the lr)."""
+def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, counts_out=None, scales=None) -> None:
+    """One step over one dtype group of contiguous CPU tensors (``launch.hp[Slot.LR]`` is the lr).
+
+    Sharded tensors take two calls: with ``counts_out`` (int64 zeros, one per tensor) only the
+    count pass runs and writes the kept counts there; with ``scales`` (float64, one per tensor,
+    from the global counts) the update pass runs with them instead of counting.
+    """
     numels = [int(p.numel()) for p in params]
     total = sum(numels)
     if total == 0:
@@ -228,6 +233,8 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True) -> No
             seed=int(launch.seed) & 0x7FFFFFFFFFFFFFFF,
             nthreads=max(1, min(torch.get_num_threads(), total // PIECE)),
             piece=PIECE,
+            counts_out=0 if counts_out is None else counts_out.data_ptr(),
+            scales_in=0 if scales is None else scales.data_ptr(),
             lr=launch.hp[Slot.LR],
         )
         args.hp[:] = launch.hp
@@ -242,5 +249,10 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True) -> No
             stacklevel=4,
         )
     for i in range(len(params)):
-        if numels[i]:
-            eager.step(launch, params[i], grads[i], s1[i], s2[i], s3[i], index=i)
+        if not numels[i]:
+            continue
+        if counts_out is not None:
+            counts_out[i] = eager.count(launch, params[i], grads[i], s1[i], s2[i], s3[i])
+        else:
+            scale = None if scales is None else float(scales[i])
+            eager.step(launch, params[i], grads[i], s1[i], s2[i], s3[i], index=i, scale=scale)

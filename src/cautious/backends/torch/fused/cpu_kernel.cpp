@@ -67,6 +67,8 @@ struct CpuArgs {
   uint64_t seed;
   int64_t nthreads;
   int64_t piece;
+  int64_t counts_out;  // address of int64[rows], or 0: run the count pass only, write the counts there
+  int64_t scales_in;   // address of double[rows], or 0: the update pass alone, with these scales
   double lr;
   double hp[N_SLOTS];
 };
@@ -301,14 +303,24 @@ struct Barrier {  // spin briefly, then yield: the machine may be shared
 };
 
 template <class K, typename CT> void drive(std::vector<Task>& tasks, const CpuArgs& c) {
-  const bool need_count = c.caution && c.norm != NONE;
+  // Sharded tensors (DTensor) take two calls: the count pass alone (counts_out), then, once the
+  // caller has summed each tensor's counts over its shards, the update pass with the scales.
+  int64_t* counts_out = reinterpret_cast<int64_t*>(c.counts_out);
+  const double* scales_in = reinterpret_cast<const double*>(c.scales_in);
+  const bool need_count = c.caution && c.norm != NONE && scales_in == nullptr;
   const double floor_ = c.hp[FLOOR], lr_wd = c.lr * c.hp[DECOUPLED_DECAY];
   const int nthreads = c.nthreads < 1 ? 1 : (int)c.nthreads;
   const int T = (int)tasks.size();
+  if (counts_out) {
+    for (int i = 0; i < T; ++i) counts_out[tasks[i].index] = K::count(tasks[i], 0, tasks[i].n, c);
+    return;
+  }
   std::vector<std::atomic<int64_t>> counts(tasks.size());
   for (auto& x : counts) x.store(0);
   auto step_of = [&](int i) {
-    double s = need_count ? scale_of(counts[i].load(std::memory_order_relaxed), tasks[i].n, c.norm, floor_) : 1.0;
+    double s = scales_in    ? scales_in[tasks[i].index]
+               : need_count ? scale_of(counts[i].load(std::memory_order_relaxed), tasks[i].n, c.norm, floor_)
+                            : 1.0;
     return (CT)(c.lr * s);
   };
   if (nthreads <= 1) {  // one thread: each tensor counted then updated at once (its g, m still cached)

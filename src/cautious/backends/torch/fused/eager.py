@@ -13,7 +13,7 @@ import torch
 
 from cautious.backends.torch.fused.contract import Launch, Rule, Slot
 
-__all__ = ["step", "keep", "round_store"]
+__all__ = ["step", "count", "keep", "round_store"]
 
 
 def round_store(dst: torch.Tensor, x: torch.Tensor, sr: bool, gen: torch.Generator | None) -> None:
@@ -64,26 +64,44 @@ def _direction(launch: Launch, g, s1, s2, s3, ct):
     return u, u, [(s1, b)]
 
 
-def step(launch: Launch, p, g, s1, s2, s3, *, index: int) -> None:
-    """One step on one tensor (compute float32, or float64 if any storage is float64)."""
+def _inputs(launch: Launch, p, g, s1, s2, s3):
+    """``(compute dtype, p, g)``: ``p`` and ``g`` in the compute dtype, ``g`` after maximize and coupled decay."""
     dts = [x.dtype for x in (p, g, s1, s2, s3) if x is not None]
     ct = torch.float64 if torch.float64 in dts else torch.float32
-    gen = None
-    if launch.stochastic_rounding:
-        gen = torch.Generator().manual_seed((int(launch.seed) * 1000003 + index) & 0x7FFFFFFFFFFFFFFF)
-    hp = launch.hp
     pp = p.to(ct)
     gg = g.to(ct)
     if launch.maximize:
         gg = -gg
     if launch.coupled:
-        gg = gg + hp[Slot.COUPLED_DECAY] * pp
+        gg = gg + launch.hp[Slot.COUPLED_DECAY] * pp
+    return ct, pp, gg
+
+
+def count(launch: Launch, p, g, s1, s2, s3) -> int:
+    """The count pass alone: the kept entries of one tensor (nothing is stored)."""
+    ct, _, gg = _inputs(launch, p, g, s1, s2, s3)
+    _, test, _ = _direction(launch, gg, s1, s2, s3, ct)
+    return int(keep(test, gg).sum())
+
+
+def step(launch: Launch, p, g, s1, s2, s3, *, index: int, scale: float | None = None) -> None:
+    """One step on one tensor (compute float32, or float64 if any storage is float64).
+
+    ``scale``: given instead of counted (a sharded tensor's, from its global count).
+    """
+    ct, pp, gg = _inputs(launch, p, g, s1, s2, s3)
+    gen = None
+    if launch.stochastic_rounding:
+        gen = torch.Generator().manual_seed((int(launch.seed) * 1000003 + index) & 0x7FFFFFFFFFFFFFFF)
+    hp = launch.hp
     u, test, news = _direction(launch, gg, s1, s2, s3, ct)
     lr = hp[Slot.LR]
     step_size = lr
     if launch.caution is not None:
         kept = keep(test, gg)
-        if launch.counts:
+        if scale is not None:
+            step_size = lr * scale
+        elif launch.counts:
             step_size = lr * launch.caution.scale(int(kept.sum()), int(p.numel()))
         u = torch.where(kept, u, torch.zeros((), dtype=ct))
     if launch.decoupled:

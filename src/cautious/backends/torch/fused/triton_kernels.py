@@ -243,6 +243,7 @@ def _update_kernel(
     meta,
     chunks,
     counts,
+    scales,
     hp,
     lr_ptr,
     seed,
@@ -258,6 +259,7 @@ def _update_kernel(
     CAUTION: tl.constexpr,
     EXACT_U: tl.constexpr,
     NORM: tl.constexpr,
+    GIVEN_SCALES: tl.constexpr,
     LR_TENSOR: tl.constexpr,
     SR: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -277,7 +279,9 @@ def _update_kernel(
     s2 = tl.load(row + 3)
     s3 = tl.load(row + 4)
     lr = _lr(hp, lr_ptr, LR_TENSOR)
-    if CAUTION:
+    if CAUTION and GIVEN_SCALES:  # a sharded tensor: the scale of its global count
+        step = (lr * tl.load(scales + t)).to(CT)
+    elif CAUTION:
         step = (lr * _scale(counts, t, n, hp, NORM)).to(CT)  # lr * scale, one rounding
     else:
         step = lr.to(CT)
@@ -387,12 +391,14 @@ def _hp_tensor(device, values):
     return _cached(key, lambda: torch.tensor(values, dtype=torch.float64).to(device))
 
 
-def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None) -> None:
+def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None, counts_out=None, scales=None) -> None:
     """Launch the count pass (when needed) and the update pass over one dtype group.
 
     ``params``, ``grads``, ``s1``/``s2``/``s3`` (state; lists of None when absent) are
     parallel lists of contiguous tensors on one device with one storage dtype each.
     ``lr_tensor``: a 0-d device tensor read by the kernel instead of ``launch.hp[Slot.LR]``.
+    Sharded tensors take two calls: with ``counts_out`` (int64 zeros, one per tensor) only the
+    count pass runs; with ``scales`` (float64, one per tensor) the update pass uses them.
     """
     numels = tuple(int(p.numel()) for p in params)
     if sum(numels) == 0:
@@ -406,7 +412,7 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None) -> None:
     ct = tl.float64 if 1 in (pc, gc, sc) else tl.float32
     hp_t = _hp_tensor(device, launch.hp)
     meta, chunks, nchunks = _tables(device, (params, grads, s1, s2, s3), numels, block * iters)
-    counts = torch.zeros(len(numels), dtype=torch.int64, device=device)
+    counts = counts_out if counts_out is not None else torch.zeros(len(numels), dtype=torch.int64, device=device)
     flags = dict(
         RULE=int(launch.rule),
         PC=pc,
@@ -424,13 +430,16 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None) -> None:
         ITERS=iters,
     )
     grid = (nchunks,)
-    if launch.caution is not None and launch.counts:
+    if launch.caution is not None and launch.counts and scales is None:
         _count_kernel[grid](meta, chunks, counts, hp_t, num_warps=_NUM_WARPS, **flags)
+    if counts_out is not None:
+        return
     lr_arg = lr_tensor if lr_tensor is not None else hp_t
     _update_kernel[grid](
         meta,
         chunks,
         counts,
+        scales if scales is not None else hp_t,
         hp_t,
         lr_arg,
         int(launch.seed) & 0x7FFFFFFF,
@@ -438,6 +447,7 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None) -> None:
         CWD=launch.cwd,
         CAUTION=launch.caution is not None,
         NORM=int(launch.norm),
+        GIVEN_SCALES=scales is not None,
         LR_TENSOR=lr_tensor is not None,
         SR=launch.stochastic_rounding,
         num_warps=_NUM_WARPS,
