@@ -59,6 +59,29 @@ def test_compiled_step_is_one_graph_without_recompiles(rule, foreach, caution):
     assert counter.op_count > 0
 
 
+@pytest.mark.parametrize("rule", list(RULES))
+def test_compiled_fused_step_runs_eagerly_like_torch_optims_fused(rule):
+    # torch.optim does not trace its fused steps (torch.compiler.disable): neither do we, so nothing recompiles
+    from cautious.backends.torch import fused
+
+    if not fused.is_available(torch.device("cpu")):
+        pytest.skip("no fused CPU kernel")
+    torch._dynamo.reset()
+    m1, m2 = _model(), _model()
+    o1, o2 = RULES[rule](m1.parameters(), fused=True), RULES[rule](m2.parameters(), fused=True)
+    counter = CompileCounter()
+    step = torch.compile(o1.step, backend=counter)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(21):
+        for model, run in ((m1, step), (m2, o2.step)):
+            model.zero_grad()
+            model(x).square().mean().backward()
+            run()
+    assert counter.frame_count == 0
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rule", ["AdamW", "Lion"])
 def test_compiled_full_training_step_matches_eager(rule):
     torch._dynamo.reset()

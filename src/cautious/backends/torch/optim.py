@@ -68,6 +68,15 @@ def _caution_of(data: dict[str, Any] | None) -> Caution | None:
     return None if data is None else Caution(**data)
 
 
+#: The functional steps as torch.compile runs ``fused=True``: not traced (as torch.optim's fused steps), so a
+#: compiled step runs the fused kernels eagerly instead of tracing their host-side launch (one graph break).
+_UNTRACED_FUSED = {f: torch.compiler.disable(f) for f in (functional.adam, functional.lion, functional.sgd)}
+
+
+def _step_fn(f: Callable, group: dict[str, Any]) -> Callable:
+    return _UNTRACED_FUSED[f] if group["fused"] else f
+
+
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
@@ -318,7 +327,7 @@ class Adam(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.adam(
+            _step_fn(functional.adam, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -464,7 +473,8 @@ class Lion(_CautiousOptimizer):
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state.setdefault("step", torch.tensor(0.0, dtype=_scalar_dtype()))
+            if "step" not in state:  # (not setdefault: its default would be built, and traced, every step)
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             exp_avgs.append(state["exp_avg"])
             state_steps.append(state["step"])
 
@@ -481,7 +491,7 @@ class Lion(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.lion(
+            _step_fn(functional.lion, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -593,7 +603,7 @@ class SGD(_CautiousOptimizer):
             params, grads, momentum_buffer_list = [], [], []
             self._init_group(group, params, grads, momentum_buffer_list)
             self._check_fused(group, params)
-            functional.sgd(
+            _step_fn(functional.sgd, group)(
                 params,
                 grads,
                 momentum_buffer_list,
