@@ -252,10 +252,12 @@ def _adam_bias(step: int, *, lr: Any, beta1: float, beta2: float, eps_placement:
     return lr * bc2_sqrt / bc1, bc2_sqrt
 
 
-def _adam_bias_tensor(step_t: Tensor, *, lr: Any, beta1: float, beta2: float, eps_placement: str) -> tuple[Any, Any]:
-    """:func:`_adam_bias` as 0-d float64 tensors from the step tensor, on its device (the spec computes bias
-    corrections in float64: a float32 ``1 - beta2**t`` is 1.7e-4 off at ``beta2 = 0.9999``)."""
-    step_t = step_t.to(torch.float64)
+def _adam_bias_tensor(
+    step_t: Tensor, *, device: torch.device, lr: Any, beta1: float, beta2: float, eps_placement: str
+) -> tuple[Any, Any]:
+    """:func:`_adam_bias` as 0-d float64 tensors from the step tensor, on the parameters' ``device`` (the spec
+    computes bias corrections in float64: a float32 ``1 - beta2**t`` is 1.7e-4 off at ``beta2 = 0.9999``)."""
+    step_t = step_t.to(device=device, dtype=torch.float64)
     bc1 = 1.0 - torch.pow(beta1, step_t)
     bc2_sqrt = (1.0 - torch.pow(beta2, step_t)).sqrt()
     if eps_placement == "corrected":
@@ -337,11 +339,11 @@ def _adam_tensors(
         denoms = [v.sqrt() for v in (max_exp_avg_sqs if amsgrad else exp_avg_sqs)]
 
     tensor_steps = _tensor_steps(capturable)
-    bias = _adam_bias_tensor if tensor_steps else _adam_bias
-    biases = [
-        bias(st if tensor_steps else _step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
-        for st in state_steps
-    ]
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
+    if tensor_steps:
+        biases = [_adam_bias_tensor(st, device=params[0].device, **hp) for st in state_steps]
+    else:
+        biases = [_adam_bias(_step_value(st), **hp) for st in state_steps]
     neg_step_sizes = [-s for s, _ in biases]
 
     if caution is not None and eps == 0:
