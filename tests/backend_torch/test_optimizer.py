@@ -5,6 +5,7 @@ import io
 import pickle
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_param_groups_have_their_own_caution_options():
     w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     opt = ct.SGD([{"params": [w]}, {"params": [b], "caution": False, "lr": 0.5}], lr=1.0)
-    assert opt.param_groups[0]["caution"] == Caution()
+    assert opt.param_groups[0]["caution"] == asdict(Caution())
     assert opt.param_groups[1]["caution"] is None  # "off" is spelled None inside
     g = torch.tensor([1.0, -1.0, 2.0, 0.0], dtype=torch.float64)
     w.grad, b.grad = g.clone(), g.clone()
@@ -76,7 +77,7 @@ def test_add_param_group_validates_its_options():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "caution": "yes"})
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "caution": Caution("exact")})
-    assert opt.param_groups[1]["caution"] == Caution("exact")
+    assert opt.param_groups[1]["caution"] == asdict(Caution("exact"))
 
 
 def test_state_names_are_torchs():
@@ -110,7 +111,7 @@ def test_torch_checkpoint_loads_into_ours_and_back(ours, theirs, kw):
     m2 = copy.deepcopy(model)
     our = ours(m2.parameters(), **kw)
     our.load_state_dict(copy.deepcopy(sd))
-    assert our.param_groups[0]["caution"] == Caution()
+    assert our.param_groups[0]["caution"] == asdict(Caution())
     for k, v in our.state_dict()["state"].items():
         for name, t in v.items():
             torch.testing.assert_close(t, sd["state"][k][name])
@@ -139,7 +140,7 @@ def test_loading_a_checkpoint_never_changes_caution():
     b = ct.AdamW(model.parameters(), caution=Caution("exact"), cautious_weight_decay=True)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     g = b.param_groups[0]
-    assert g["caution"] == Caution("exact")
+    assert g["caution"] == asdict(Caution("exact"))
     assert g["eps_placement"] == "corrected"
     assert g["cautious_weight_decay"] is True
 
@@ -250,13 +251,6 @@ def test_non_contiguous_params():
         torch.testing.assert_close(a, b)
 
 
-def test_complex_params_are_rejected_with_the_parameter_named():
-    with pytest.raises(ValueError, match=r"complex.*param_groups\[0\]\['params'\]\[1\]"):
-        ct.AdamW([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
-    with pytest.raises(ValueError, match="'w'"):
-        ct.Lion([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.complex128)))])
-
-
 def test_integer_params_are_rejected():
     with pytest.raises(ValueError, match="floating-point"):
         ct.SGD([torch.zeros(2, dtype=torch.int64)])
@@ -323,12 +317,12 @@ def test_pickle_and_deepcopy(cls):
     _train(model, opt, 2)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert type(clone) is cls
-        assert clone.param_groups[0]["caution"] == Caution("count_plus_one")
+        assert clone.param_groups[0]["caution"] == asdict(Caution("count_plus_one"))
         assert set(map(str, clone.state_dict()["state"])) == set(map(str, opt.state_dict()["state"]))
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    assert torch.load(buf, weights_only=True)["param_groups"][0]["caution"] == Caution("count_plus_one")
+    assert torch.load(buf, weights_only=True)["param_groups"][0]["caution"] == asdict(Caution("count_plus_one"))
 
 
 def test_fused_and_foreach_together_is_an_error():
@@ -336,9 +330,9 @@ def test_fused_and_foreach_together_is_an_error():
         ct.AdamW([torch.nn.Parameter(torch.zeros(2))], foreach=True, fused=True)
 
 
-def test_capturable_and_differentiable_are_declined():
-    with pytest.raises(ValueError, match="capturable"):
-        ct.AdamW([torch.nn.Parameter(torch.zeros(2))], capturable=True)
+def test_capturable_with_fused_and_differentiable_are_declined():
+    with pytest.raises(ValueError, match="capturable=True with fused=True"):
+        ct.AdamW([torch.nn.Parameter(torch.zeros(2))], capturable=True, fused=True)
     with pytest.raises(ValueError, match="differentiable"):
         ct.SGD([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
 

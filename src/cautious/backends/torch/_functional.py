@@ -73,6 +73,12 @@ def _step_value(step_t: Tensor) -> int:
     return int(step_t.item()) if isinstance(step_t, Tensor) else int(step_t)
 
 
+def _tensor_steps(capturable: bool) -> bool:
+    """Whether steps (and the bias corrections from them) stay tensors: under ``torch.compile`` (no
+    ``.item()`` graph break, no recompile per step) and with ``capturable=True`` (no host sync)."""
+    return capturable or torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The cautious mask, written once.
 # ----------------------------------------------------------------------------------------------------------
@@ -244,6 +250,14 @@ def _groups(params: list[Tensor], impl: str, *keys: list[Any], shards: bool = Fa
     return list(groups.values())
 
 
+def _as_real(tensors: list[Tensor | None] | None) -> list[Tensor | None] | None:
+    """Complex tensors as their real views (``torch.view_as_real``, as torch.optim): the spec's entries
+    of a complex parameter are its real and imaginary parts (docs/spec.md), updated in place through the view."""
+    if tensors is None:
+        return None
+    return [torch.view_as_real(t) if t is not None and t.is_complex() else t for t in tensors]
+
+
 def _pick(lst: list[Any] | None, idx: list[int]) -> list[Any]:
     return [] if lst is None else [lst[i] for i in idx]
 
@@ -258,6 +272,19 @@ def _adam_bias(step: int, *, lr: Any, beta1: float, beta2: float, eps_placement:
     bc1 = 1.0 - float(beta1) ** step
     bc2 = 1.0 - float(beta2) ** step
     bc2_sqrt = bc2**0.5
+    if eps_placement == "corrected":
+        return lr / bc1, bc2_sqrt
+    return lr * bc2_sqrt / bc1, bc2_sqrt
+
+
+def _adam_bias_tensor(
+    step_t: Tensor, *, device: torch.device, lr: Any, beta1: float, beta2: float, eps_placement: str
+) -> tuple[Any, Any]:
+    """:func:`_adam_bias` as 0-d float64 tensors from the step tensor, on the parameters' ``device`` (the spec
+    computes bias corrections in float64: a float32 ``1 - beta2**t`` is 1.7e-4 off at ``beta2 = 0.9999``)."""
+    step_t = step_t.to(device=device, dtype=torch.float64)
+    bc1 = 1.0 - torch.pow(beta1, step_t)
+    bc2_sqrt = (1.0 - torch.pow(beta2, step_t)).sqrt()
     if eps_placement == "corrected":
         return lr / bc1, bc2_sqrt
     return lr * bc2_sqrt / bc1, bc2_sqrt
@@ -301,6 +328,7 @@ def _adam_tensors(
     caution: Caution | None,
     eps_placement: str,
     cautious_weight_decay: bool,
+    capturable: bool,
     shardings: list[_distributed.Sharding | None] | None = None,
 ) -> None:
     """One Adam step on tensors of one device and dtype; ``foreach`` picks the op flavour only."""
@@ -336,9 +364,12 @@ def _adam_tensors(
                 torch.maximum(vmax, v, out=vmax)
         denoms = [v.sqrt() for v in (max_exp_avg_sqs if amsgrad else exp_avg_sqs)]
 
-    biases = [
-        _adam_bias(_step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement) for st in state_steps
-    ]
+    tensor_steps = _tensor_steps(capturable)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
+    if tensor_steps:
+        biases = [_adam_bias_tensor(st, device=params[0].device, **hp) for st in state_steps]
+    else:
+        biases = [_adam_bias(_step_value(st), **hp) for st in state_steps]
     neg_step_sizes = [-s for s, _ in biases]
 
     if caution is not None and eps == 0:
@@ -378,11 +409,15 @@ def _adam_tensors(
     else:
         # Fold the scale into the denominator: denom / scale = sqrt(v) * (a / scale) + eps / scale,
         # a = 1 / bc2_sqrt ("corrected") or 1 ("uncorrected"): one pass, as many as without caution.
-        a = torch.tensor(
-            [1.0 / b if eps_placement == "corrected" else 1.0 for _, b in biases],
-            dtype=torch.float64,
-            device=scales.device,
-        )
+        if tensor_steps:
+            a = torch.stack([(1.0 / b if eps_placement == "corrected" else torch.ones_like(b)) for _, b in biases])
+            a = a.to(device=scales.device, dtype=torch.float64)
+        else:
+            a = torch.tensor(
+                [1.0 / b if eps_placement == "corrected" else 1.0 for _, b in biases],
+                dtype=torch.float64,
+                device=scales.device,
+            )
         muls = (a / scales).to(denoms[0].dtype).unbind()
         adds = (eps / scales).to(denoms[0].dtype).unbind()
         for d, mul, add in zip(denoms, muls, adds, strict=False):
@@ -398,7 +433,15 @@ def _adam_tensors(
             foreach=foreach,
         )
 
-    if foreach and not isinstance(lr, Tensor):
+    if tensor_steps:
+        # step sizes are tensors: fold them into the denominators (as torch.optim's capturable path)
+        if foreach:
+            torch._foreach_div_(denoms, neg_step_sizes)
+            torch._foreach_addcdiv_(params, numerators, denoms)
+        else:
+            for p, n, d, s in zip(params, numerators, denoms, neg_step_sizes, strict=False):
+                p.addcdiv_(n, d.div_(s))
+    elif foreach and not isinstance(lr, Tensor):
         torch._foreach_addcdiv_(params, numerators, denoms, neg_step_sizes)
     else:
         for p, n, d, s in zip(params, numerators, denoms, neg_step_sizes, strict=False):
@@ -428,10 +471,13 @@ def adam(
     eps_placement: str = "corrected",
     cautious_weight_decay: bool = False,
     shardings: list[_distributed.Sharding | None] | None = None,
+    capturable: bool = False,
 ) -> None:
     """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`.
 
     Hyperparameters are taken as validated (the optimizer classes validate them once, at construction).
+    With ``capturable=True`` (as torch.optim) the steps, ``lr`` (if a tensor) and the bias corrections stay
+    tensors on the device: no host synchronisation; under ``torch.compile`` they are tensors as well.
     """
     impl = _resolve(params, foreach, fused, lr)
     hyper = dict(
@@ -445,8 +491,10 @@ def adam(
         eps_placement=eps_placement,
         cautious_weight_decay=cautious_weight_decay,
     )
-    lr = _scalar(lr)
-    vmax = max_exp_avg_sqs if amsgrad else None
+    if not (capturable and isinstance(lr, Tensor)):
+        lr = _scalar(lr)
+    params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    vmax = _as_real(max_exp_avg_sqs) if amsgrad else None
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
@@ -466,6 +514,7 @@ def adam(
             lr=lr,
             shardings=_pick(shardings, idx) or None,
             decoupled_weight_decay=decoupled_weight_decay,
+            capturable=capturable,
             **hyper,
         )
 
@@ -555,6 +604,7 @@ def lion(
         cautious_weight_decay=cautious_weight_decay,
     )
     lr = _scalar(lr)
+    params, grads, exp_avgs = (_as_real(x) for x in (params, grads, exp_avgs))
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
@@ -687,6 +737,23 @@ def sgd(
     lr = _scalar(lr)
     if momentum == 0:  # torch.optim passes an empty list then
         momentum_buffer_list = [None] * len(params)
+    complex_at = [i for i, p in enumerate(params) if p.is_complex()]
+    if complex_at:  # new buffers of complex parameters are stored complex (state as torch.optim.SGD's)
+        params, grads = _as_real(params), _as_real(grads)
+        real_bufs = _as_real(momentum_buffer_list)
+        sgd(
+            params,
+            grads,
+            real_bufs,
+            foreach=foreach,
+            fused=fused,
+            lr=lr,
+            decoupled_weight_decay=decoupled_weight_decay,
+            **hyper,
+        )
+        for i, b in enumerate(real_bufs):
+            momentum_buffer_list[i] = torch.view_as_complex(b) if i in complex_at and b is not None else b
+        return
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 

@@ -16,15 +16,22 @@ arXiv:2411.16085):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cautious._caution import Caution, as_caution
+from cautious._caution import Caution, as_caution, caution_arg
 from cautious.backends.torch import _functional as functional
-from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
+from cautious.spec.errors import (
+    check_cautious_weight_decay,
+    check_nesterov,
+    check_param_dtype,
+    split_betas,
+    validate,
+)
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
 
@@ -38,10 +45,36 @@ except ImportError:  # pragma: no cover - older/newer torch
         return torch.no_grad()(func)
 
 
-try:  # let torch.load(weights_only=True) read checkpoints whose param groups hold a Caution
+try:  # let torch.load(weights_only=True) read older checkpoints whose param groups hold a Caution
     torch.serialization.add_safe_globals([Caution])
 except AttributeError:  # pragma: no cover - torch < 2.4
     pass
+
+
+def _caution_data(caution: Any) -> dict[str, Any] | None:
+    """What a param group stores: the caution options as plain data (``{"normalize": ..., "floor": ...}``),
+    ``None`` when off, so that a checkpoint loads with plain ``torch.load`` in a process without cautious.
+
+    Accepts what older checkpoints and pickles hold as well: a :class:`Caution`, ``False`` or ``None``.
+    """
+    if isinstance(caution, dict):
+        caution = Caution(**caution)
+    caution = as_caution(caution)
+    return None if caution is None else dataclasses.asdict(caution)
+
+
+def _caution_of(data: dict[str, Any] | None) -> Caution | None:
+    """The :class:`Caution` the functional code receives for a group's stored ``caution`` (``None``: off)."""
+    return None if data is None else Caution(**data)
+
+
+#: The functional steps as torch.compile runs ``fused=True``: not traced (as torch.optim's fused steps), so a
+#: compiled step runs the fused kernels eagerly instead of tracing their host-side launch (one graph break).
+_UNTRACED_FUSED = {f: torch.compiler.disable(f) for f in (functional.adam, functional.lion, functional.sgd)}
+
+
+def _step_fn(f: Callable, group: dict[str, Any]) -> Callable:
+    return _UNTRACED_FUSED[f] if group["fused"] else f
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -55,13 +88,18 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     _CAUTION_KEYS: tuple[str, ...] = ("caution", "cautious_weight_decay")
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        if defaults.get("capturable"):
-            raise ValueError(f"capturable=True is not supported by cautious.torch.{type(self).__name__}")
+        if defaults.get("capturable") and defaults.get("fused"):
+            raise ValueError(
+                f"capturable=True with fused=True is not supported by cautious.torch.{type(self).__name__} "
+                "(the fused kernels take the step on the host): use foreach or the single-tensor path"
+            )
         if defaults.get("differentiable"):
             raise ValueError(f"differentiable=True is not supported by cautious.torch.{type(self).__name__}")
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(defaults)
+        if "caution" in defaults:  # the user's argument: True, False or a Caution (None is an error)
+            caution_arg(defaults["caution"])
         defaults["caution"] = self._validate(defaults)
         if defaults.get("fused"):
             try:
@@ -74,13 +112,18 @@ class _CautiousOptimizer(torch.optim.Optimizer):
 
     # -- validation ---------------------------------------------------------------------------------------
 
-    def _validate(self, group: dict[str, Any]) -> Caution | None:
-        """Check a group's hyperparameters (spec.errors messages); return its caution, ``None`` when off.
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """Check a group's hyperparameters (spec.errors messages); return its caution as stored.
 
-        This is the only validation: steps take the group's hyperparameters as checked. Inside
-        the backend "caution off" is spelled ``None`` (the group stores it so).
+        This is the only validation: steps take the group's hyperparameters as checked. A group
+        stores its caution as plain data (:func:`_caution_data`), ``None`` when off; the step
+        hands the functional code a :class:`Caution` or ``None``.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def _check_caution(group: dict[str, Any]) -> dict[str, Any] | None:
+        return _caution_data(group["caution"])
 
     @staticmethod
     def _check_cwd(group: dict[str, Any], decoupled: bool) -> None:
@@ -88,6 +131,8 @@ class _CautiousOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its own hyperparameters (caution options included) are validated like the defaults."""
+        if isinstance(param_group, dict) and not isinstance(param_group.get("caution", {}), dict):
+            caution_arg(param_group["caution"])  # the user's own option: True, False or a Caution, never None
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
@@ -96,16 +141,8 @@ class _CautiousOptimizer(torch.optim.Optimizer):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 name = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
-                if torch.is_complex(p):
-                    raise ValueError(
-                        f"cautious.torch.{type(self).__name__} does not support complex parameters: "
-                        f"parameter {name} has dtype {p.dtype} (use torch.view_as_real)"
-                    )
-                if not torch.is_floating_point(p):
-                    raise ValueError(
-                        f"cautious.torch.{type(self).__name__} needs floating-point parameters: "
-                        f"parameter {name} has dtype {p.dtype}"
-                    )
+                # a complex parameter is its real view (docs/spec.md): its real dtype is checked
+                check_param_dtype(f"parameter {name}", torch.view_as_real(p).dtype if p.is_complex() else p.dtype)
         except Exception:
             self.param_groups.pop()
             raise
@@ -137,7 +174,7 @@ class _CautiousOptimizer(torch.optim.Optimizer):
             for k, v in self.defaults.items():
                 if k != "params":
                     group.setdefault(k, v)
-            group["caution"] = as_caution(group["caution"])  # older pickles spell "off" False
+            group["caution"] = _caution_data(group["caution"])  # older pickles hold a Caution, or False for off
 
     # -- step helpers -------------------------------------------------------------------------------------
 
@@ -175,7 +212,8 @@ class Adam(_CautiousOptimizer):
     Args:
       params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
         differentiable, fused, decoupled_weight_decay: as ``torch.optim.Adam``
-        (``capturable`` and ``differentiable`` must stay False).
+        (``differentiable`` must stay False; ``capturable=True`` keeps ``step``, a tensor ``lr`` and
+        the bias corrections on the device, with no host sync, and is not available with ``fused=True``).
       caution: ``True`` (``Caution()``), ``False`` (plain Adam) or a :class:`cautious.Caution`.
       eps_placement: ``"corrected"`` (torch/optax) or ``"uncorrected"`` (Keras/TF/HF).
       cautious_weight_decay: decay only where the cautious update and the parameter
@@ -228,7 +266,7 @@ class Adam(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | None:
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         b1, b2 = split_betas(group["betas"])
         validate(
             dict(
@@ -249,7 +287,7 @@ class Adam(_CautiousOptimizer):
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
         )
-        c = as_caution(group["caution"])
+        c = self._check_caution(group)
         self._check_cwd(group, group["decoupled_weight_decay"])
         return c
 
@@ -261,7 +299,9 @@ class Adam(_CautiousOptimizer):
             grads.append(p.grad)
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                # capturable: the step lives on the parameter's device (as torch.optim), else on the CPU
+                device = p.device if group["capturable"] else None
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device=device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
@@ -287,7 +327,7 @@ class Adam(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.adam(
+            _step_fn(functional.adam, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -304,9 +344,10 @@ class Adam(_CautiousOptimizer):
                 eps=group["eps"],
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                caution=group["caution"],
+                caution=_caution_of(group["caution"]),
                 eps_placement=group["eps_placement"],
                 cautious_weight_decay=group["cautious_weight_decay"],
+                capturable=group["capturable"],
             )
         return loss
 
@@ -416,11 +457,11 @@ class Lion(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | None:
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         b1, b2 = split_betas(group["betas"])
         validate(dict(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"]), BETA_NAMES)
         validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
-        return as_caution(group["caution"])
+        return self._check_caution(group)
 
     def _init_group(self, group, params, grads, exp_avgs, state_steps):
         for p in group["params"]:
@@ -432,7 +473,8 @@ class Lion(_CautiousOptimizer):
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state.setdefault("step", torch.tensor(0.0, dtype=_scalar_dtype()))
+            if "step" not in state:  # (not setdefault: its default would be built, and traced, every step)
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             exp_avgs.append(state["exp_avg"])
             state_steps.append(state["step"])
 
@@ -449,7 +491,7 @@ class Lion(_CautiousOptimizer):
             self._init_group(group, params, grads, exp_avgs, state_steps)
             self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.lion(
+            _step_fn(functional.lion, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -461,7 +503,7 @@ class Lion(_CautiousOptimizer):
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
-                caution=group["caution"],
+                caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
         return loss
@@ -518,7 +560,7 @@ class SGD(_CautiousOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _validate(self, group: dict[str, Any]) -> Caution | None:
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         validate(
             dict(
                 lr=group["lr"],
@@ -535,7 +577,7 @@ class SGD(_CautiousOptimizer):
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
         )
-        c = as_caution(group["caution"])
+        c = self._check_caution(group)
         check_nesterov(group["nesterov"], group["momentum"], group["dampening"])
         self._check_cwd(group, group["decoupled_weight_decay"])
         return c
@@ -561,7 +603,7 @@ class SGD(_CautiousOptimizer):
             params, grads, momentum_buffer_list = [], [], []
             self._init_group(group, params, grads, momentum_buffer_list)
             self._check_fused(group, params)
-            functional.sgd(
+            _step_fn(functional.sgd, group)(
                 params,
                 grads,
                 momentum_buffer_list,
@@ -574,7 +616,7 @@ class SGD(_CautiousOptimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                caution=group["caution"],
+                caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
             )
             if group["momentum"] != 0:
