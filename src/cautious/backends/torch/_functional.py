@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from cautious._caution import Caution
+from cautious.spec.mask import CautionStats
 
 __all__ = ["adam", "lion", "sgd", "default_foreach"]
 
@@ -71,21 +72,42 @@ def _step_value(step_t: Tensor) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: torch.device) -> Tensor:
-    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`)."""
+def _denominators(xs: list[Tensor], grads: list[Tensor], caution: Caution) -> list[int] | list[Tensor]:
+    """The ``n`` of each scale: the sizes, or with ``denominator="nonzero"`` the gradients' entries that are
+    not 0 (int64 tensors: nothing leaves the device; +0/-0 are zero, NaN is not)."""
+    if caution.denominator == "size":
+        return [x.numel() for x in xs]
+    return [torch.count_nonzero(g) for g in grads]
+
+
+def _scales(counts: list[Tensor], sizes: list[int] | list[Tensor], caution: Caution, device: torch.device) -> Tensor:
+    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`).
+
+    ``sizes`` are Python ints, or count tensors (``denominator="nonzero"``: a zero ``n`` gives scale 1).
+    """
     k = torch.stack(counts).to(torch.float64)
-    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    counted = bool(sizes) and isinstance(sizes[0], Tensor)
+    n = torch.stack(sizes).to(torch.float64) if counted else torch.tensor(sizes, dtype=torch.float64, device=device)
     if caution.normalize == "mean_clamp":
-        return (k / n).clamp_min_(caution.floor).reciprocal_()
-    if caution.normalize == "count_plus_one":
-        return n / (k + 1.0)
-    if caution.normalize == "exact":
-        return n / k.clamp_min_(1.0)
-    return torch.ones_like(k)
+        scale = (k / n).clamp_min_(caution.floor).reciprocal_()
+    elif caution.normalize == "count_plus_one":
+        scale = n / (k + 1.0)
+    elif caution.normalize == "exact":
+        scale = n / k.clamp_min_(1.0)
+    else:
+        return torch.ones_like(k)
+    return torch.where(n > 0, scale, torch.ones_like(scale)) if counted else scale
 
 
 def _mask_and_scales(
-    xs: list[Tensor], signs: list[Tensor], grads: list[Tensor], caution: Caution, *, foreach: bool
+    xs: list[Tensor],
+    signs: list[Tensor],
+    grads: list[Tensor],
+    caution: Caution,
+    *,
+    foreach: bool,
+    stats: dict[Tensor, CautionStats] | None = None,
+    params: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
     r"""Mask a list of directions: ``x^c = where(mask(u, g), x, 0)``, and compute the scales.
 
@@ -102,6 +124,10 @@ def _mask_and_scales(
       grads: the gradients the rule consumed (after maximize and coupled decay).
       caution: the normalization.
       foreach: use ``torch._foreach_*`` ops for the elementwise passes.
+      stats: the telemetry record (``caution_stats=True``): ``stats[p]`` is set to
+        ``CautionStats(count, n, scale)`` (device tensors, no synchronisation) for each
+        parameter ``p`` of ``params``.
+      params: the parameters of ``xs``, in order (with ``stats``).
 
     Returns:
       ``(masked xs, scales)``: ``scales`` is a 1-d float64 tensor on the device,
@@ -123,7 +149,7 @@ def _mask_and_scales(
     else:
         ts = [torch.sign(g).mul_(s).clamp_min_(0.0) for g, s in zip(grads, signs, strict=False)]
     # count_nonzero on bool is vectorised (on float it is not); NaN -> True, +0/-0 -> False
-    counts = [torch.count_nonzero(t.bool()) for t in ts] if caution.normalize != "none" else []
+    counts = [torch.count_nonzero(t.bool()) for t in ts] if caution.normalize != "none" or stats is not None else []
     if xs is signs:
         masked = [t.copysign_(g) for t, g in zip(ts, grads, strict=False)]
     else:
@@ -131,9 +157,24 @@ def _mask_and_scales(
             torch.where(t.ne(0), x, torch.zeros((), dtype=x.dtype, device=x.device))
             for x, t in zip(xs, ts, strict=False)
         ]
-    if caution.normalize == "none" or not xs:
+    if not xs:
         return masked, None
-    return masked, _scales(counts, [x.numel() for x in xs], caution, xs[0].device)
+    scales = _scales(counts, _denominators(xs, grads, caution), caution, xs[0].device) if counts else None
+    if stats is not None:
+        for i, (p, k) in enumerate(zip(params, counts, strict=True)):
+            stats[p] = CautionStats(k, p.numel(), scales[i])
+    return masked, None if caution.normalize == "none" else scales
+
+
+def _fused_supports(caution: Caution | None, stats: dict | None) -> None:
+    """The fused kernels have neither the ``nonzero`` denominator nor telemetry yet: refuse, never ignore."""
+    if caution is not None and caution.denominator != "size":
+        raise ValueError(
+            f"the fused path does not support Caution(denominator={caution.denominator!r}) yet; "
+            "use foreach=True (or foreach=False)"
+        )
+    if stats is not None:
+        raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
 
 
 def _apply_scales_(xs: list[Tensor], scales: Tensor | None, *, foreach: bool) -> None:
@@ -276,6 +317,7 @@ def _adam_tensors(
     caution: Caution | None,
     eps_placement: str,
     cautious_weight_decay: bool,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One Adam step on tensors of one device and dtype; ``foreach`` picks the op flavour only."""
     if foreach:
@@ -323,7 +365,7 @@ def _adam_tensors(
         # u may be infinite here: sign(g) * inf is NaN where g == 0, so decide from clamp(u, -1, 1)
         # (same signs, NaN kept) and select from u.
         signs = [u.clamp(-1.0, 1.0) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, stats=stats, params=params)
         _apply_scales_(us, scales, foreach=foreach)
         if weight_decay != 0 and decoupled_weight_decay:
             _decay_(
@@ -341,7 +383,9 @@ def _adam_tensors(
     numerators, scales = exp_avgs, None
     if caution is not None:
         # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).
-        numerators, scales = _mask_and_scales(exp_avgs, exp_avgs, grads, caution, foreach=foreach)
+        numerators, scales = _mask_and_scales(
+            exp_avgs, exp_avgs, grads, caution, foreach=foreach, stats=stats, params=params
+        )
     if scales is None:
         # torch.optim's own operations: bitwise parity with torch.optim.Adam/AdamW when caution is off.
         _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
@@ -400,6 +444,7 @@ def adam(
     caution: Caution | None,
     eps_placement: str = "corrected",
     cautious_weight_decay: bool = False,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`.
 
@@ -422,6 +467,8 @@ def adam(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
+        _fused_supports(caution, stats)
+
         for st in state_steps:
             st += 1
         steps = [_step_value(st) for st in state_steps]
@@ -435,6 +482,7 @@ def adam(
         _adam_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, vmax, state_steps)),
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             decoupled_weight_decay=decoupled_weight_decay,
             **hyper,
@@ -460,6 +508,7 @@ def _lion_tensors(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One Lion step: ``c = lerp(m, g, 1-b1)``, ``u = sign(c)`` (NaN kept), ``m <- lerp(m, g, 1-b2)``."""
     if foreach:
@@ -478,7 +527,7 @@ def _lion_tensors(
             m.lerp_(g, 1 - beta2)
     us = [_nan_sign(c) for c in cs]
     if caution is not None:
-        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach, stats=stats, params=params)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0:
         _decay_(
@@ -511,6 +560,7 @@ def lion(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool = False,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
     impl = _resolve(params, foreach, fused, lr)
@@ -526,6 +576,8 @@ def lion(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
+        _fused_supports(caution, stats)
+
         for st in state_steps:
             st += 1
         launch = fused_kernels.lion_launch(**hyper)
@@ -537,6 +589,7 @@ def lion(
         _lion_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, state_steps or None)),
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             **hyper,
         )
@@ -562,6 +615,7 @@ def _sgd_tensors(
     maximize: bool,
     caution: Caution | None,
     cautious_weight_decay: bool,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One SGD step; new momentum buffers are written into ``momentum_buffer_list``."""
     if foreach:
@@ -603,7 +657,7 @@ def _sgd_tensors(
     if caution is not None:
         # SGD's u can be +-inf where g == 0 (after an inf gradient): clamp to keep the sign test exact.
         signs = [u.clamp(-1, 1) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach)
+        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, stats=stats, params=params)
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0 and decoupled_weight_decay:
         _decay_(
@@ -628,6 +682,7 @@ def sgd(
     decoupled_weight_decay: bool = False,
     caution: Caution | None,
     cautious_weight_decay: bool = False,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`.
 
@@ -649,6 +704,8 @@ def sgd(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
+        _fused_supports(caution, stats)
+
         first = [momentum != 0 and b is None for b in momentum_buffer_list]
         for i, p in enumerate(params):
             if first[i]:
@@ -666,6 +723,7 @@ def sgd(
             _pick(grads, idx),
             bufs,
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             decoupled_weight_decay=decoupled_weight_decay,
             **hyper,

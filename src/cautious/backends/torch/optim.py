@@ -25,6 +25,7 @@ from torch import Tensor
 from cautious._caution import Caution, as_caution
 from cautious.backends.torch import _functional as functional
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, split_betas, validate
+from cautious.spec.mask import CautionStats
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
 
@@ -54,7 +55,11 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     #: Group keys that come from the constructor/current groups, never from a loaded state dict.
     _CAUTION_KEYS: tuple[str, ...] = ("caution", "cautious_weight_decay")
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], caution_stats: bool = False) -> None:
+        if not isinstance(caution_stats, bool):
+            raise TypeError(f"caution_stats must be a bool, got {caution_stats!r}")
+        if caution_stats and defaults.get("fused"):
+            raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
         if defaults.get("capturable"):
             raise ValueError(f"capturable=True is not supported by cautious.torch.{type(self).__name__}")
         if defaults.get("differentiable"):
@@ -63,6 +68,10 @@ class _CautiousOptimizer(torch.optim.Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(defaults)
         defaults["caution"] = self._validate(defaults)
+        if caution_stats and defaults["caution"] is None:
+            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        #: Telemetry of the last step per parameter (``caution_stats=True``); never in the state dict.
+        self._caution_stats: dict[Tensor, CautionStats] | None = {} if caution_stats else None
         if defaults.get("fused"):
             try:
                 from cautious.backends.torch import fused  # noqa: F401
@@ -71,6 +80,18 @@ class _CautiousOptimizer(torch.optim.Optimizer):
                     f"fused=True needs cautious.backends.torch.fused, which cannot be imported: {e}"
                 ) from e
         super().__init__(params, defaults)
+
+    def caution_stats(self) -> list[CautionStats | None]:
+        """Per parameter (in ``param_groups`` order): ``CautionStats(count, n, scale)`` of its last step.
+
+        ``count`` is an int64 tensor and ``scale`` a float64 tensor on the parameter's device (reading them
+        is the only synchronisation); ``None`` for a parameter that has not stepped with caution. Needs the
+        optimizer built with ``caution_stats=True``.
+        """
+        stats = getattr(self, "_caution_stats", None)
+        if stats is None:
+            raise ValueError("caution_stats() needs the optimizer built with caution_stats=True")
+        return [stats.get(p) for group in self.param_groups for p in group["params"]]
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -207,6 +228,7 @@ class Adam(_CautiousOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         eps_placement: str = "corrected",
         cautious_weight_decay: bool = False,
     ) -> None:
@@ -226,7 +248,7 @@ class Adam(_CautiousOptimizer):
             eps_placement=eps_placement,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> Caution | None:
         b1, b2 = split_betas(group["betas"])
@@ -307,6 +329,7 @@ class Adam(_CautiousOptimizer):
                 caution=group["caution"],
                 eps_placement=group["eps_placement"],
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
             )
         return loss
 
@@ -347,6 +370,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         eps_placement: str = "corrected",
         cautious_weight_decay: bool = False,
     ) -> None:
@@ -364,6 +388,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             caution=caution,
+            caution_stats=caution_stats,
             eps_placement=eps_placement,
             cautious_weight_decay=cautious_weight_decay,
         )
@@ -399,6 +424,7 @@ class Lion(_CautiousOptimizer):
         *,
         maximize: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         cautious_weight_decay: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -414,7 +440,7 @@ class Lion(_CautiousOptimizer):
             caution=caution,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> Caution | None:
         b1, b2 = split_betas(group["betas"])
@@ -463,6 +489,7 @@ class Lion(_CautiousOptimizer):
                 maximize=group["maximize"],
                 caution=group["caution"],
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
             )
         return loss
 
@@ -500,6 +527,7 @@ class SGD(_CautiousOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         cautious_weight_decay: bool = False,
     ) -> None:
         defaults = dict(
@@ -516,7 +544,7 @@ class SGD(_CautiousOptimizer):
             caution=caution,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> Caution | None:
         validate(
@@ -576,6 +604,7 @@ class SGD(_CautiousOptimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 caution=group["caution"],
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
             )
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffer_list, strict=False):
