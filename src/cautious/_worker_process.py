@@ -28,7 +28,7 @@ ONE_THREAD = {
 }
 
 
-def worker_env(framework: str, dtype: str, *, one_thread: bool = False) -> dict[str, str]:
+def worker_env(framework: str, dtype: str | None, *, one_thread: bool = False) -> dict[str, str]:
     """The environment a worker for ``framework`` runs in (float64 JAX needs ``JAX_ENABLE_X64``)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if one_thread:
@@ -48,7 +48,7 @@ def start_worker(
     inp, out = os.path.join(tmp, f"{name}.job.json"), os.path.join(tmp, f"{name}.out.json")
     with open(inp, "w") as f:
         json.dump(job, f)
-    env = worker_env(job["framework"], job["dtype"], one_thread=one_thread)
+    env = worker_env(job.get("framework", name), job.get("dtype"), one_thread=one_thread)
     proc = subprocess.Popen([sys.executable, "-m", module, "--worker", inp, out], env=env, **popen)
     return proc, out
 
