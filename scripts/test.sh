@@ -30,6 +30,7 @@ run verify   # cautious verify, the pytest plugin, and the mutation tests (torch
 run docs     # every Python block in README.md and docs/ runs
 run compare  # cautious compare across every installed framework
 run distributed  # multi-process PyTorch (gloo), JAX (jax.distributed) and TensorFlow (multi-worker)
+run research # cautious research --quick: the language-model experiment in every installed framework
 for path in tests/backend_*/; do
   [ -d "$path" ] || continue
   group=$(basename "$path")

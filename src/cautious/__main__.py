@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     from cautious.compare import build_parser as compare_parser
 
     compare_parser(compare)
+    research = sub.add_parser("research", help="train a small language model with and without caution, everywhere")
+    from cautious.research import build_parser as research_parser
+
+    research_parser(research)
     args, _ = parser.parse_known_args(argv)
     if args.command == "verify":
         from cautious.conformance.verify import main as verify_main
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from cautious.compare import main as compare_main
 
         return compare_main(sys.argv[2:] if argv is None else argv[1:])
+    if args.command == "research":
+        from cautious.research import main as research_main
+
+        return research_main(sys.argv[2:] if argv is None else argv[1:])
     if args.command == "demo":
         from cautious._demo import main as demo_main
 

@@ -6,13 +6,16 @@ import dataclasses
 
 NORMALIZATIONS = ("mean_clamp", "count_plus_one", "exact", "none")
 
+#: What ``n`` counts: every entry of the tensor, or the entries whose gradient is not exactly zero.
+DENOMINATORS = ("size", "nonzero")
+
 
 @dataclasses.dataclass(frozen=True)
 class Caution:
     r"""How the cautious mask rescales the kept coordinates of a tensor.
 
-    With ``n`` entries in a tensor and ``k`` of them kept by the mask, the kept
-    entries of the base direction ``u`` are multiplied by ``scale``:
+    With ``n`` entries in a tensor (see ``denominator``) and ``k`` of them kept by
+    the mask, the kept entries of the base direction ``u`` are multiplied by ``scale``:
 
     .. math::
 
@@ -28,6 +31,14 @@ class Caution:
       floor: the lower clamp on the kept fraction ``k/n`` used by
         ``"mean_clamp"``; must lie in ``(0, 1]``. The other normalizations have
         no floor: setting one with them is an error, not silently ignored.
+      denominator: what ``n`` counts: ``"size"`` (default) every entry of the
+        tensor; ``"nonzero"`` only the entries whose gradient (the one the mask
+        compares with) is not exactly zero (``+0`` and ``-0`` are zero, NaN is not).
+        For sparse gradients (embedding rows absent from a batch): with ``"size"``,
+        a tensor whose gradient is mostly exact zeros keeps few entries and
+        ``mean_clamp`` rescales them by up to ``1 / floor``; ``"nonzero"`` measures
+        the kept fraction among the entries the batch touched. A tensor whose
+        gradient is all zeros has ``n = 0`` and scale 1.
 
     Passing ``caution=True`` to any optimizer means ``Caution()``;
     ``caution=False`` turns the mask off and reproduces the base optimizer.
@@ -35,11 +46,12 @@ class Caution:
 
     normalize: str = "mean_clamp"
     floor: float = 1e-3
+    denominator: str = "size"
 
     def __post_init__(self) -> None:
         from cautious.spec.errors import validate
 
-        validate({"normalize": self.normalize, "floor": self.floor})
+        validate({"normalize": self.normalize, "floor": self.floor, "denominator": self.denominator})
         object.__setattr__(self, "floor", float(self.floor))
         if self.normalize != "mean_clamp" and self.floor != 1e-3:
             raise ValueError(

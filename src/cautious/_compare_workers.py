@@ -17,7 +17,6 @@ with parameters in the order ``W1, b1, W2, b2, W3, b3`` (Keras ``Dense`` layout:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,13 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from cautious._worker_process import caution_from, framework_version, serve
+
 N_PARAMS = 6
-
-
-def _caution(c: Any) -> Any:
-    from cautious._caution import Caution
-
-    return Caution(**c) if c else False
 
 
 class _Progress:
@@ -82,6 +77,99 @@ def _loop(
     return losses
 
 
+# -- The optimizers of a job entry ({"rule": "adamw" | "lion", "hparams": {...}, "caution": {...} | None}) --------
+# An entry with "caution_stats": True also turns on the opt-in caution telemetry where a backend has one.
+
+
+def _telemetry(opt_cfg: dict[str, Any]) -> dict[str, bool]:
+    return {"caution_stats": True} if opt_cfg.get("caution_stats") and opt_cfg["caution"] else {}
+
+
+def spec_optimizer(opt_cfg: dict[str, Any]) -> Any:
+    """The :mod:`cautious.spec` reference optimizer of a job entry."""
+    from cautious import spec
+
+    return getattr(spec, opt_cfg["rule"])(**opt_cfg["hparams"], caution=caution_from(opt_cfg["caution"]))
+
+
+def torch_optimizer(params: list, opt_cfg: dict[str, Any]) -> Any:
+    """The :mod:`cautious.torch` optimizer of a job entry over ``params``."""
+    import cautious.torch as ct
+
+    hp = opt_cfg["hparams"]
+    caution = caution_from(opt_cfg["caution"])
+    if opt_cfg["rule"] == "adamw":
+        return ct.AdamW(
+            params,
+            lr=hp["lr"],
+            betas=tuple(hp["betas"]),
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            eps_placement=hp["eps_placement"],
+            caution=caution,
+            **_telemetry(opt_cfg),
+        )
+    return ct.Lion(
+        params,
+        lr=hp["lr"],
+        betas=tuple(hp["betas"]),
+        weight_decay=hp["weight_decay"],
+        caution=caution,
+        **_telemetry(opt_cfg),
+    )
+
+
+def optax_optimizer(opt_cfg: dict[str, Any]) -> Any:
+    """The :mod:`cautious.jax` gradient transformation of a job entry."""
+    import cautious.jax as cj
+
+    hp = opt_cfg["hparams"]
+    caution = caution_from(opt_cfg["caution"])
+    b1, b2 = hp["betas"]
+    if opt_cfg["rule"] == "adamw":
+        return cj.adamw(
+            learning_rate=hp["lr"],
+            b1=b1,
+            b2=b2,
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            eps_placement=hp["eps_placement"],
+            caution=caution,
+            **_telemetry(opt_cfg),
+        )
+    return cj.lion(
+        learning_rate=hp["lr"], b1=b1, b2=b2, weight_decay=hp["weight_decay"], caution=caution, **_telemetry(opt_cfg)
+    )
+
+
+def keras_optimizer(opt_cfg: dict[str, Any]) -> Any:
+    """The :mod:`cautious.tensorflow` Keras optimizer of a job entry."""
+    import cautious.tensorflow as ctf
+
+    hp = opt_cfg["hparams"]
+    caution = caution_from(opt_cfg["caution"])
+    b1, b2 = hp["betas"]
+    if opt_cfg["rule"] == "adamw":
+        return ctf.AdamW(
+            learning_rate=hp["lr"],
+            weight_decay=hp["weight_decay"],
+            beta_1=b1,
+            beta_2=b2,
+            epsilon=hp["eps"],
+            eps_placement=hp["eps_placement"],
+            caution=caution,
+            **_telemetry(opt_cfg),
+        )
+    return ctf.Lion(
+        learning_rate=hp["lr"],
+        beta_1=b1,
+        beta_2=b2,
+        weight_decay=hp["weight_decay"],
+        caution=caution,
+        **_telemetry(opt_cfg),
+    )
+
+
 # -- NumPy (the reference: hand-written forward/backward, cautious.spec optimizers) -------------------------
 
 
@@ -103,13 +191,10 @@ def numpy_loss_and_grads(params: list[np.ndarray], X: np.ndarray, y: np.ndarray)
 
 
 def _train_numpy(job: dict[str, Any], data: dict[str, np.ndarray], name: str, opt_cfg: dict) -> tuple:
-    from cautious import spec
-
     dt = np.dtype(job["dtype"])
     X, y = data["X"].astype(dt), data["y"].astype(dt)
     params = [data[f"w{i}"].astype(dt) for i in range(N_PARAMS)]
-    hp = dict(opt_cfg["hparams"])
-    opt = getattr(spec, opt_cfg["rule"])(**hp, caution=_caution(opt_cfg["caution"]))
+    opt = spec_optimizer(opt_cfg)
     state = opt.init(params)
     batches = data.get("batches")
     box = {"params": params, "state": state}
@@ -133,26 +218,11 @@ def _train_numpy(job: dict[str, Any], data: dict[str, np.ndarray], name: str, op
 def _train_torch(job: dict[str, Any], data: dict[str, np.ndarray], name: str, opt_cfg: dict) -> tuple:
     import torch
 
-    import cautious.torch as ct
-
     dt = getattr(torch, job["dtype"])
     X = torch.tensor(data["X"], dtype=dt)
     y = torch.tensor(data["y"], dtype=dt)
     params = [torch.tensor(data[f"w{i}"], dtype=dt, requires_grad=True) for i in range(N_PARAMS)]
-    hp = opt_cfg["hparams"]
-    caution = _caution(opt_cfg["caution"])
-    if opt_cfg["rule"] == "adamw":
-        opt = ct.AdamW(
-            params,
-            lr=hp["lr"],
-            betas=tuple(hp["betas"]),
-            eps=hp["eps"],
-            weight_decay=hp["weight_decay"],
-            eps_placement=hp["eps_placement"],
-            caution=caution,
-        )
-    else:
-        opt = ct.Lion(params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"], caution=caution)
+    opt = torch_optimizer(params, opt_cfg)
     batches = data.get("batches")
 
     def loss_fn(Xb: Any, yb: Any) -> Any:
@@ -185,28 +255,12 @@ def _train_jax(job: dict[str, Any], data: dict[str, np.ndarray], name: str, opt_
     import jax.numpy as jnp
     import optax
 
-    import cautious.jax as cj
-
     if job["dtype"] == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 in JAX needs JAX_ENABLE_X64=1 (cautious compare sets it for its worker)")
     dt = jnp.dtype(job["dtype"])
     X, y = jnp.asarray(data["X"], dt), jnp.asarray(data["y"], dt)
     params = [jnp.asarray(data[f"w{i}"], dt) for i in range(N_PARAMS)]
-    hp = opt_cfg["hparams"]
-    caution = _caution(opt_cfg["caution"])
-    b1, b2 = hp["betas"]
-    if opt_cfg["rule"] == "adamw":
-        opt = cj.adamw(
-            learning_rate=hp["lr"],
-            b1=b1,
-            b2=b2,
-            eps=hp["eps"],
-            weight_decay=hp["weight_decay"],
-            eps_placement=hp["eps_placement"],
-            caution=caution,
-        )
-    else:
-        opt = cj.lion(learning_rate=hp["lr"], b1=b1, b2=b2, weight_decay=hp["weight_decay"], caution=caution)
+    opt = optax_optimizer(opt_cfg)
 
     def loss_fn(p: list, Xb: Any, yb: Any) -> Any:
         W1, bb1, W2, bb2, W3, bb3 = p
@@ -244,8 +298,6 @@ def _train_tensorflow(job: dict[str, Any], data: dict[str, np.ndarray], name: st
     import keras
     import tensorflow as tf
 
-    import cautious.tensorflow as ctf
-
     dt = job["dtype"]
     keras.config.set_floatx(dt)  # the optimizer's learning-rate variable uses floatx
     X, y = tf.constant(data["X"], dt), tf.constant(data["y"], dt)
@@ -257,21 +309,7 @@ def _train_tensorflow(job: dict[str, Any], data: dict[str, np.ndarray], name: st
         + [keras.layers.Dense(widths[-1], dtype=dt)]
     )
     model.set_weights([data[f"w{i}"].astype(dt) for i in range(N_PARAMS)])
-    hp = opt_cfg["hparams"]
-    caution = _caution(opt_cfg["caution"])
-    b1, b2 = hp["betas"]
-    if opt_cfg["rule"] == "adamw":
-        opt = ctf.AdamW(
-            learning_rate=hp["lr"],
-            weight_decay=hp["weight_decay"],
-            beta_1=b1,
-            beta_2=b2,
-            epsilon=hp["eps"],
-            eps_placement=hp["eps_placement"],
-            caution=caution,
-        )
-    else:
-        opt = ctf.Lion(learning_rate=hp["lr"], beta_1=b1, beta_2=b2, weight_decay=hp["weight_decay"], caution=caution)
+    opt = keras_optimizer(opt_cfg)
     variables = model.trainable_variables
     opt.build(variables)
 
@@ -305,11 +343,6 @@ def _train_tensorflow(job: dict[str, Any], data: dict[str, np.ndarray], name: st
 TRAINERS = {"numpy": _train_numpy, "torch": _train_torch, "jax": _train_jax, "tensorflow": _train_tensorflow}
 
 
-def _version(framework: str) -> str:
-    mod = {"numpy": "numpy", "torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}[framework]
-    return str(getattr(sys.modules.get(mod), "__version__", "?"))
-
-
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Train every optimizer of ``job`` in this process's framework; return the results."""
     framework = job["framework"]
@@ -325,20 +358,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         out["optimizers"][name] = {"losses": [float(v) for v in losses], "seconds": seconds}
         for i, p in enumerate(params):
             final[f"{name}/{i}"] = np.asarray(p, dtype=np.float64)
-    out["version"] = _version(framework)
+    out["version"] = framework_version(framework)
     np.savez(job["params_out"], **final)
     return out
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        with open(sys.argv[2]) as fh:
-            job_in = json.load(fh)
-        try:
-            result = worker(job_in)
-        except Exception as e:  # one line for the parent to print, not a traceback
-            result = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        with open(sys.argv[3], "w") as fh:
-            json.dump(result, fh)
-        sys.exit(1 if "error" in result else 0)
-    sys.exit("usage: python -m cautious._compare_workers --worker job.json out.json")
+    sys.exit(serve(worker))

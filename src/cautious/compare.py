@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from cautious._worker_process import run_worker
 from cautious.spec.dtypes import unit_roundoff
 
 __all__ = ["main", "build_parser", "make_data", "optimizers", "rounding_bound", "analyse", "FRAMEWORKS"]
@@ -317,23 +317,7 @@ def plot(path: str, results: dict[str, dict[str, Any]], meta: dict[str, Any]) ->
 
 
 def _spawn(framework: str, job: dict[str, Any], tmp: str) -> tuple[dict[str, Any] | None, str]:
-    inp, out = os.path.join(tmp, f"{framework}.job.json"), os.path.join(tmp, f"{framework}.out.json")
-    with open(inp, "w") as f:
-        json.dump(job, f)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if framework == "jax":
-        env["JAX_ENABLE_X64"] = "1" if job["dtype"] == "float64" else "0"
-    if framework == "tensorflow":
-        env["KERAS_BACKEND"] = "tensorflow"
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run([sys.executable, "-m", "cautious._compare_workers", "--worker", inp, out], env=env)
-    if not os.path.exists(out):
-        return None, f"worker exited with status {proc.returncode}"
-    with open(out) as f:
-        res = json.load(f)
-    if "error" in res or proc.returncode != 0:
-        return None, res.get("error", f"worker exited with status {proc.returncode}")
-    return res, ""
+    return run_worker("cautious._compare_workers", framework, job, tmp)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -239,7 +239,7 @@ def test_group_caution_is_plain_data_and_off_is_none():
     model = _model()
     opt = ct.AdamW(model.parameters(), caution=Caution("mean_clamp", 0.25))
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "caution": False})
-    assert opt.param_groups[0]["caution"] == {"normalize": "mean_clamp", "floor": 0.25}
+    assert opt.param_groups[0]["caution"] == {"normalize": "mean_clamp", "floor": 0.25, "denominator": "size"}
     assert opt.param_groups[1]["caution"] is None
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)

@@ -53,7 +53,7 @@ def test_factories_raise_table_errors(key, value, exc, msg):
                 getattr(spec, rule)(betas=tuple(betas))
             name = "betas[0]" if key == "beta1" else "betas[1]"
             assert str(info.value) == msg.replace(key, name, 1)
-    elif key in ("floor", "normalize"):
+    elif key in ("floor", "normalize", "denominator"):
         with pytest.raises(exc) as info:
             cautious.Caution(**{key: value})
         assert str(info.value) == msg

@@ -17,7 +17,16 @@ See ``docs/spec.md`` for the math and every decision.
 from cautious._caution import Caution, as_caution, caution_arg
 from cautious.spec.dtypes import STORAGE_DTYPES, compute_dtype, round_to
 from cautious.spec.errors import ERROR_TABLE, validate
-from cautious.spec.mask import apply_caution, cautious_mask, cautious_scale, decay_mask, kept_count, whole_update
+from cautious.spec.mask import (
+    CautionStats,
+    apply_caution,
+    caution_denominator,
+    cautious_mask,
+    cautious_scale,
+    decay_mask,
+    kept_count,
+    whole_update,
+)
 from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
 from cautious.spec.rules import (
     AdamState,
@@ -49,6 +58,8 @@ __all__ = [
     "ERROR_TABLE",
     "validate",
     "apply_caution",
+    "CautionStats",
+    "caution_denominator",
     "cautious_mask",
     "cautious_scale",
     "decay_mask",

@@ -114,6 +114,13 @@ ERROR_TABLE: tuple[Check, ...] = (
         choices=("mean_clamp", "count_plus_one", "exact", "none"),
     ),
     Check(
+        "denominator",
+        "one of 'size', 'nonzero'",
+        lambda x: False,
+        ("nnz", "SIZE", ""),
+        choices=("size", "nonzero"),
+    ),
+    Check(
         "eps_placement",
         "one of 'corrected', 'uncorrected'",
         lambda x: False,

@@ -8,7 +8,8 @@ and the gradient ``g`` that the rule consumed, for one tensor of ``n`` entries:
     \text{mask}_i &= [u_i > 0 \wedge g_i > 0] \vee [u_i < 0 \wedge g_i < 0]
                      \vee \operatorname{isnan}(u_i) \vee \operatorname{isnan}(g_i) \\
     \text{count} &= \textstyle\sum_i \text{mask}_i \quad (\text{an integer}) \\
-    \text{scale} &= \text{Caution.scale}(\text{count}, n) \\
+    \text{scale} &= \text{Caution.scale}(\text{count}, n), \quad
+        n = \text{size, or } \textstyle\sum_i [g_i \ne 0] \text{ with denominator="nonzero"} \\
     u^{c}_i &= \text{mask}_i \cdot \text{scale} \cdot u_i
 
 Notes:
@@ -26,11 +27,30 @@ Notes:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from cautious._caution import Caution
 
-__all__ = ["cautious_mask", "kept_count", "cautious_scale", "apply_caution", "whole_update", "decay_mask"]
+__all__ = [
+    "cautious_mask",
+    "kept_count",
+    "caution_denominator",
+    "cautious_scale",
+    "apply_caution",
+    "whole_update",
+    "CautionStats",
+    "decay_mask",
+]
+
+
+class CautionStats(NamedTuple):
+    """Telemetry of one tensor's caution in one step: ``count`` kept of ``n`` entries, and the ``scale``."""
+
+    count: int
+    n: int
+    scale: float
 
 
 def cautious_mask(u: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -50,6 +70,17 @@ def cautious_mask(u: np.ndarray, g: np.ndarray) -> np.ndarray:
 def kept_count(mask: np.ndarray) -> int:
     """The integer number of kept entries."""
     return int(np.count_nonzero(mask))
+
+
+def caution_denominator(g: np.ndarray, caution: Caution) -> int:
+    """The ``n`` of the scale: ``g``'s size, or with ``denominator="nonzero"`` its entries that are not 0.
+
+    >>> import numpy as np
+    >>> caution_denominator(np.array([0.0, -0.0, 2.0, np.nan]), Caution(denominator="nonzero"))
+    2
+    """
+    g = np.asarray(g)
+    return int(g.size) if caution.denominator == "size" else int(np.count_nonzero(g))
 
 
 def cautious_scale(count: int, n: int, caution: Caution) -> float:
@@ -73,7 +104,7 @@ def apply_caution(u: np.ndarray, g: np.ndarray, caution: Caution) -> tuple[np.nd
     u = np.asarray(u)
     mask = cautious_mask(u, g)
     count = kept_count(mask)
-    scale = cautious_scale(count, u.size, caution)
+    scale = cautious_scale(count, caution_denominator(g, caution), caution)
     u_c = np.where(mask, u * np.asarray(scale, dtype=u.dtype), np.zeros((), u.dtype))
     return u_c.astype(u.dtype, copy=False), mask, count, scale
 

@@ -50,7 +50,7 @@ from cautious.spec.errors import (
     split_betas,
     validate,
 )
-from cautious.spec.mask import decay_mask
+from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_update
 from cautious.spec.rules import (
     Rule,
     UpdateRule,
@@ -73,12 +73,18 @@ class State(NamedTuple):
 
 
 class Optimizer(NamedTuple):
-    """A reference optimizer: ``init``, ``step`` and the hyperparameters it was built with."""
+    """A reference optimizer: ``init``, ``step``, the hyperparameters it was built with, and ``stats``.
+
+    ``stats(params, grads, state)`` is the caution telemetry of the step
+    ``step(params, grads, state)`` takes: per tensor a :class:`~cautious.spec.mask.CautionStats`
+    (kept ``count``, size ``n``, ``scale``), or ``None`` for every tensor without caution.
+    """
 
     init: Any
     step: Any
     rule: str
     hparams: Mapping[str, Any]
+    stats: Any = None
 
 
 def _f64(x: Any) -> Any:
@@ -143,14 +149,37 @@ def make_optimizer(
                 new_leaves.append(s_new)
         return new_params, State(t, tuple(new_leaves))
 
-    def one(p: np.ndarray, g: np.ndarray, s: Any, t: int) -> tuple[np.ndarray, Any]:
-        p64 = _f64(p)
+    def consumed(p64: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """The gradient the rule consumes (and the mask compares with)."""
         g64 = _f64(g)
-        s64 = type(s)(*(_f64(x) for x in s))
         if maximize:
             g64 = -g64
         if wd != 0 and not decoupled:
             g64 = g64 + wd * p64
+        return g64
+
+    def stats(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple:
+        if caution is None:
+            return tuple(None for _ in params)
+        t = int(state.step) + 1
+        out = []
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for p, g, s in zip(params, grads, state.leaves, strict=True):
+                g64 = consumed(_f64(p), g)
+                s64 = type(s)(*(_f64(x) for x in s))
+                if isinstance(rule, UpdateRule):
+                    delta, _ = rule.update(g64, s64, t, lr)
+                    _, _, count, scale = whole_update(delta, g64, caution)
+                else:
+                    u, _ = rule.direction(g64, s64, t)
+                    _, _, count, scale = apply_caution(u, g64, caution)
+                out.append(CautionStats(count, int(np.size(p)), scale))
+        return tuple(out)
+
+    def one(p: np.ndarray, g: np.ndarray, s: Any, t: int) -> tuple[np.ndarray, Any]:
+        p64 = _f64(p)
+        g64 = consumed(p64, g)
+        s64 = type(s)(*(_f64(x) for x in s))
         if isinstance(inner, UpdateRule):  # update form: the learning rate is inside delta
             delta, s_new = inner.update(g64, s64, t, lr)
             u, lr_u = -delta, -delta
@@ -165,7 +194,7 @@ def make_optimizer(
             p_new = p64 - lr_u
         return np.asarray(p_new, dtype=p.dtype), _cast_like(s_new, s)
 
-    return Optimizer(init, step, rule.name, dict(hparams))
+    return Optimizer(init, step, rule.name, dict(hparams), stats)
 
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}

@@ -7,6 +7,8 @@ r"""Cautious optimizers for JAX, as optax ``GradientTransformation``\ s (public 
 * :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd` have optax's signatures and defaults
   plus the spec's keyword-only options (``caution=True``, ``cautious_weight_decay=False``,
   ``eps_placement="corrected"``, ...); ``caution=False`` reproduces optax.
+* ``caution_stats=True`` (opt-in: it changes the state's structure) records each tensor's kept
+  count, size and scale of the last step in the state; :func:`caution_stats` reads them.
 
 Everything composes with optax: schedules, :func:`optax.inject_hyperparams`,
 :func:`optax.chain` (e.g. with :func:`optax.clip_by_global_norm`), :class:`optax.MultiSteps`,
@@ -39,8 +41,10 @@ from cautious._caution import Caution
 from cautious.backends.jax._alias import adam, adamw, lion, sgd
 from cautious.backends.jax._core import (
     FORMS,
+    CautionStatsState,
     apply_caution,
     caution_scale,
+    caution_stats,
     cautious,
     cautious_mask,
     kept_count,
@@ -60,6 +64,8 @@ __all__ = [
     "Caution",
     "FORMS",
     "cautious",
+    "caution_stats",
+    "CautionStatsState",
     "adamw",
     "adam",
     "lion",

@@ -38,8 +38,12 @@ def _check(values: dict[str, Any]) -> None:
     validate(concrete, NAMES)
 
 
-def _direction(inner: optax.GradientTransformation, caution: Caution | None) -> Any:
-    return _cautious(inner, caution, form="direction", keep_dtype=False) if caution is not None else inner
+def _direction(inner: optax.GradientTransformation, caution: Caution | None, caution_stats: bool) -> Any:
+    if caution is None:
+        if caution_stats:
+            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        return inner
+    return _cautious(inner, caution, form="direction", keep_dtype=False, caution_stats=caution_stats)
 
 
 def _dtype(x: Any) -> Any:
@@ -80,6 +84,7 @@ def _chain(
     decoupled: bool,
     maximize: bool,
     cautious_weight_decay: bool,
+    caution_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     parts: list[Any] = []
@@ -90,7 +95,7 @@ def _chain(
     zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
     if not decoupled and not zero:
         parts.append(tf.add_decayed_weights(weight_decay, mask))
-    parts.append(_direction(direction, caution))
+    parts.append(_direction(direction, caution, caution_stats))
     if decoupled:
         parts.append(tf.add_decayed_weights(weight_decay, mask, cautious=cautious_weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -109,6 +114,7 @@ def adamw(
     *,
     nesterov: bool = False,
     caution: bool | Caution = True,
+    caution_stats: bool = False,
     cautious_weight_decay: bool = False,
     eps_placement: str = "corrected",
     amsgrad: bool = False,
@@ -145,6 +151,7 @@ def adamw(
         mu_dtype,
         nesterov=nesterov,
         caution=caution,
+        caution_stats=caution_stats,
         eps_placement=eps_placement,
         amsgrad=amsgrad,
         maximize=maximize,
@@ -165,6 +172,7 @@ def adam(
     *,
     nesterov: bool = False,
     caution: bool | Caution = True,
+    caution_stats: bool = False,
     eps_placement: str = "corrected",
     amsgrad: bool = False,
     maximize: bool = False,
@@ -208,6 +216,7 @@ def adam(
         decoupled=decoupled_weight_decay,
         maximize=maximize,
         cautious_weight_decay=cautious_weight_decay,
+        caution_stats=caution_stats,
     )
 
 
@@ -220,6 +229,7 @@ def lion(
     mask: Any = None,
     *,
     caution: bool | Caution = True,
+    caution_stats: bool = False,
     cautious_weight_decay: bool = False,
     maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -250,6 +260,7 @@ def lion(
         decoupled=True,
         maximize=maximize,
         cautious_weight_decay=cautious_weight_decay,
+        caution_stats=caution_stats,
     )
 
 
@@ -260,6 +271,7 @@ def sgd(
     accumulator_dtype: Any = None,
     *,
     caution: bool | Caution = True,
+    caution_stats: bool = False,
     maximize: bool = False,
     weight_decay: Any = 0.0,
     decoupled_weight_decay: bool = False,
@@ -301,4 +313,5 @@ def sgd(
         decoupled=decoupled_weight_decay,
         maximize=maximize,
         cautious_weight_decay=cautious_weight_decay,
+        caution_stats=caution_stats,
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,20 @@ import optax
 
 from cautious._caution import Caution, caution_arg
 from cautious.spec.errors import ERROR_TABLE, validate
+from cautious.spec.mask import CautionStats
 
-__all__ = ["FORMS", "cautious", "cautious_mask", "kept_count", "caution_scale", "apply_caution", "whole_update"]
+__all__ = [
+    "FORMS",
+    "cautious",
+    "caution_stats",
+    "CautionStatsState",
+    "cautious_mask",
+    "kept_count",
+    "caution_denominator",
+    "caution_scale",
+    "apply_caution",
+    "whole_update",
+]
 
 #: What :func:`cautious` wraps: a descent ``"direction"`` (before the learning rate) or a whole
 #: optimizer's ``"update"`` (the parameter delta, ``-lr`` and decay included).
@@ -124,8 +136,23 @@ def kept_count(a: jax.Array, g: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.isnan(total), lambda: _exact_count(a, g), lambda: total.astype(count_dtype()))
 
 
-def caution_scale(count: jax.Array, n: int, caution: Caution, dtype: Any) -> jax.Array:
-    """The per-tensor scale for ``count`` kept entries of ``n`` (see :meth:`cautious.Caution.scale`)."""
+def caution_scale(count: jax.Array, n: int | jax.Array, caution: Caution, dtype: Any) -> jax.Array:
+    """The per-tensor scale for ``count`` kept entries of ``n`` (see :meth:`cautious.Caution.scale`).
+
+    ``n`` is the tensor's size (a Python int) or, with ``denominator="nonzero"``, a count array
+    (then a zero ``n`` gives scale 1).
+    """
+    if not isinstance(n, int):
+        nn = n.astype(dtype)
+        if caution.normalize == "mean_clamp":
+            scale = jnp.where(count >= caution.floor * nn, nn / count.astype(dtype), 1.0 / caution.floor)
+        elif caution.normalize == "count_plus_one":
+            scale = nn / (count + 1).astype(dtype)
+        elif caution.normalize == "exact":
+            scale = nn / jnp.maximum(count, 1).astype(dtype)
+        else:
+            return jnp.asarray(1.0, dtype)
+        return jnp.where(n > 0, scale, jnp.asarray(1.0, dtype)).astype(dtype)
     nn = jnp.asarray(float(n), dtype)
     if caution.normalize == "mean_clamp":
         # 1 / max(k/n, floor): n/k when k/n >= floor, else 1/floor. thr = least integer k with k/n >= floor.
@@ -142,19 +169,63 @@ def caution_scale(count: jax.Array, n: int, caution: Caution, dtype: Any) -> jax
     return jnp.asarray(1.0, dtype)
 
 
+def caution_denominator(g: jax.Array, caution: Caution) -> int | jax.Array:
+    """The ``n`` of the scale: ``g``'s size, or with ``denominator="nonzero"`` its entries that are not 0."""
+    if caution.denominator == "size":
+        return int(g.size)
+    return jnp.count_nonzero(g).astype(count_dtype())  # +0/-0 are zero, NaN is not
+
+
+def _caution_parts(
+    u: jax.Array, g: jax.Array, caution: Caution, proxy: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(where(mask, scale * u, 0), count, scale)`` for one tensor (see :func:`apply_caution`)."""
+    cd = jnp.promote_types(u.dtype, jnp.float32)
+    if u.size == 0:
+        return u, jnp.zeros((), count_dtype()), jnp.ones((), cd)
+    a = u if proxy is None else proxy
+    mask = cautious_mask(a, g)
+    count = kept_count(a, g)
+    scale = caution_scale(count, caution_denominator(g, caution), caution, cd)
+    return jnp.where(mask, u.astype(cd) * scale, jnp.zeros((), cd)), count, scale
+
+
 def apply_caution(u: jax.Array, g: jax.Array, caution: Caution, proxy: jax.Array | None = None) -> jax.Array:
     """``where(mask, scale * u, 0)`` for one tensor; the mask from ``proxy`` (same signs as ``u``) if given.
 
     The result has ``u``'s dtype, or float32 when ``u`` is bfloat16/float16 (scaling in float32;
     :func:`cautious` rounds once to ``u``'s dtype, the aliases once into the update).
     """
-    if u.size == 0:
-        return u
-    a = u if proxy is None else proxy
-    mask = cautious_mask(a, g)
-    cd = jnp.promote_types(u.dtype, jnp.float32)
-    scale = caution_scale(kept_count(a, g), u.size, caution, cd)
-    return jnp.where(mask, u.astype(cd) * scale, jnp.zeros((), cd))
+    return _caution_parts(u, g, caution, proxy)[0]
+
+
+class CautionStatsState(NamedTuple):
+    """State of :func:`cautious` with ``caution_stats=True``: the wrapped state and, per leaf of the
+    parameters (in ``jax.tree.leaves`` order), the last step's kept ``counts``, ``sizes`` and ``scales``."""
+
+    inner_state: Any
+    counts: tuple[jax.Array, ...]
+    sizes: tuple[jax.Array, ...]
+    scales: tuple[jax.Array, ...]
+
+
+def caution_stats(state: Any) -> list[CautionStats]:
+    """The caution telemetry in an optimizer state built with ``caution_stats=True``.
+
+    Returns, per parameter leaf, ``CautionStats(count, n, scale)`` of the last step (arrays; reading
+    them is the only host transfer). Raises ``ValueError`` when ``state`` holds no telemetry.
+    """
+    found = [
+        x
+        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, CautionStatsState))
+        if isinstance(x, CautionStatsState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"caution_stats() needs a state built with caution_stats=True (found {len(found)} telemetry records)"
+        )
+    s = found[0]
+    return [CautionStats(c, n, sc) for c, n, sc in zip(s.counts, s.sizes, s.scales, strict=True)]
 
 
 def whole_update(update: jax.Array, g: jax.Array, caution: Caution) -> jax.Array:
@@ -164,7 +235,12 @@ def whole_update(update: jax.Array, g: jax.Array, caution: Caution) -> jax.Array
     update is kept where it has the sign of ``-g``:
     ``where(mask(update, -g), scale * update, 0)``.
     """
-    return apply_caution(update, -g, caution).astype(update.dtype)
+    return _whole_parts(update, g, caution)[0]
+
+
+def _whole_parts(update: jax.Array, g: jax.Array, caution: Caution) -> tuple[jax.Array, jax.Array, jax.Array]:
+    out, count, scale = _caution_parts(update, -g, caution)
+    return out.astype(update.dtype), count, scale
 
 
 def _leaves_like(treedef: Any, tree: Any) -> list:
@@ -172,7 +248,11 @@ def _leaves_like(treedef: Any, tree: Any) -> list:
 
 
 def cautious(
-    inner: optax.GradientTransformation, caution: bool | Caution = True, *, form: str | None = None
+    inner: optax.GradientTransformation,
+    caution: bool | Caution = True,
+    *,
+    form: str | None = None,
+    caution_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap a direction transformation, or a whole optimizer, with the cautious mask.
 
@@ -211,6 +291,9 @@ def cautious(
       inner: the direction transformation or the whole optimizer.
       caution: ``True`` (``Caution()``), ``False`` (no mask) or a :class:`cautious.Caution`.
       form: ``"direction"`` or ``"update"`` (required).
+      caution_stats: opt-in telemetry: the state becomes :class:`CautionStatsState`, which also
+        holds each leaf's kept count, size and scale of the last step (read them with
+        :func:`caution_stats`). Off by default, so the state keeps the inner structure.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -229,11 +312,16 @@ def cautious(
       >>> [round(x, 3) for x in updates.tolist()]
       [-0.1, 0.1]
     """
-    return _cautious(inner, caution, form=form, keep_dtype=True)
+    return _cautious(inner, caution, form=form, keep_dtype=True, caution_stats=caution_stats)
 
 
 def _cautious(
-    inner: optax.GradientTransformation, caution: bool | Caution, *, form: str | None, keep_dtype: bool
+    inner: optax.GradientTransformation,
+    caution: bool | Caution,
+    *,
+    form: str | None,
+    keep_dtype: bool,
+    caution_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`cautious`; ``keep_dtype=False`` leaves a low-precision direction in float32 (the
     aliases round once, into the update)."""
@@ -245,27 +333,50 @@ def _cautious(
         )
     validate({"form": form})
     c = caution_arg(caution)
+    if not isinstance(caution_stats, bool):
+        raise TypeError(f"caution_stats must be a bool, got {caution_stats!r}")
+    if caution_stats and c is None:
+        raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
     by_update = form == "update"
     proxy_update = None if by_update else _PROXY_UPDATES.get(inner.update)
     inner = optax.with_extra_args_support(inner)
 
+    def init_fn(params: Any) -> Any:
+        state = inner.init(params)
+        if not caution_stats:
+            return state
+        leaves = jax.tree.leaves(params)
+        return CautionStatsState(
+            state,
+            tuple(jnp.zeros((), count_dtype()) for _ in leaves),
+            tuple(jnp.asarray(x.size, count_dtype()) for x in leaves),
+            tuple(jnp.ones((), jnp.promote_types(x.dtype, jnp.float32)) for x in leaves),
+        )
+
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        inner_state = state.inner_state if caution_stats else state
         if proxy_update is not None and c is not None:
-            u, new_state, proxy = proxy_update(updates, state, params, **extra)
+            u, new_state, proxy = proxy_update(updates, inner_state, params, **extra)
         else:
-            u, new_state = inner.update(updates, state, params, **extra)
+            u, new_state = inner.update(updates, inner_state, params, **extra)
             proxy = None
         if c is None:
             return u, new_state
         u_leaves, treedef = jax.tree.flatten(u)
         g_leaves = _leaves_like(treedef, updates)
         if by_update:
-            out = [whole_update(o, g, c) for o, g in zip(u_leaves, g_leaves)]
+            parts = [_whole_parts(o, g, c) for o, g in zip(u_leaves, g_leaves)]
         else:
             p_leaves = _leaves_like(treedef, proxy) if proxy is not None else [None] * len(u_leaves)
-            out = [apply_caution(a, b, c, p) for a, b, p in zip(u_leaves, g_leaves, p_leaves)]
-            if keep_dtype:
-                out = [o.astype(a.dtype) for o, a in zip(out, u_leaves)]
-        return jax.tree.unflatten(treedef, out), new_state
+            parts = [_caution_parts(a, b, c, p) for a, b, p in zip(u_leaves, g_leaves, p_leaves)]
+        out = [o for o, _, _ in parts]
+        if keep_dtype and not by_update:
+            out = [o.astype(a.dtype) for o, a in zip(out, u_leaves)]
+        out_tree = jax.tree.unflatten(treedef, out)
+        if not caution_stats:
+            return out_tree, new_state
+        counts = tuple(k.astype(count_dtype()) for _, k, _ in parts)
+        scales = tuple(sc.astype(old.dtype) for (_, _, sc), old in zip(parts, state.scales))
+        return out_tree, CautionStatsState(new_state, counts, state.sizes, scales)
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn if caution_stats else inner.init, update_fn)

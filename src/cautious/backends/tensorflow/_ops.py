@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from cautious._caution import Caution
 
-__all__ = ["compute_dtype", "cautious_mask", "kept_count", "cautious_scale", "decay_keep"]
+__all__ = ["compute_dtype", "cautious_mask", "kept_count", "caution_denominator", "cautious_scale", "decay_keep"]
 
 _INT32_LIMIT = 2**31 - 1
 _ROWS = 8  # rows of the first-level (float32, exact) column sums
@@ -62,17 +62,26 @@ def kept_count(mask: tf.Tensor, n: int) -> tf.Tensor:
     return total
 
 
-def cautious_scale(count: tf.Tensor, n: int, caution: Caution) -> tf.Tensor:
-    """``Caution.scale(count, n)`` as a float64 scalar tensor (``n > 0``)."""
+def caution_denominator(g: tf.Tensor, n: int, caution: Caution) -> tf.Tensor | int:
+    """The ``n`` of the scale: the size ``n``, or with ``denominator="nonzero"`` the entries of ``g`` that are not 0."""
+    if caution.denominator == "size":
+        return n
+    return tf.math.count_nonzero(g, dtype=tf.int64)  # +0/-0 are zero, NaN is not
+
+
+def cautious_scale(count: tf.Tensor, n: tf.Tensor | int, caution: Caution) -> tf.Tensor:
+    """``Caution.scale(count, n)`` as a float64 scalar tensor (1 when ``n == 0``)."""
     k = tf.cast(count, tf.float64)
-    nf = float(n)
+    nf = tf.cast(n, tf.float64)
     if caution.normalize == "mean_clamp":
-        return 1.0 / tf.maximum(k / nf, tf.constant(caution.floor, tf.float64))
-    if caution.normalize == "count_plus_one":
-        return nf / (k + 1.0)
-    if caution.normalize == "exact":
-        return nf / tf.maximum(k, 1.0)
-    return tf.constant(1.0, tf.float64)
+        scale = 1.0 / tf.maximum(k / nf, tf.constant(caution.floor, tf.float64))
+    elif caution.normalize == "count_plus_one":
+        scale = nf / (k + 1.0)
+    elif caution.normalize == "exact":
+        scale = nf / tf.maximum(k, 1.0)
+    else:
+        return tf.constant(1.0, tf.float64)
+    return scale if isinstance(n, int) else tf.where(nf > 0, scale, tf.constant(1.0, tf.float64))
 
 
 def decay_keep(u: tf.Tensor, p: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:

@@ -62,6 +62,7 @@ import tensorflow as tf  # noqa: E402
 from cautious._caution import Caution, caution_arg  # noqa: E402
 from cautious.backends.tensorflow import _ops  # noqa: E402
 from cautious.spec.errors import check_nesterov, check_param_dtype, validate  # noqa: E402
+from cautious.spec.mask import CautionStats  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -83,7 +84,10 @@ _BASE_KWARGS_DOC = """Every other keyword of ``keras.optimizers.Optimizer`` is a
 def _caution_to_config(caution: Caution | None) -> dict[str, Any] | bool:
     if caution is None:
         return False
-    return {"normalize": caution.normalize, "floor": caution.floor}
+    config = {"normalize": caution.normalize, "floor": caution.floor}
+    if caution.denominator != "size":  # written only when set: older configs and readers stay valid
+        config["denominator"] = caution.denominator
+    return config
 
 
 def _caution_from_config(value: Any) -> Any:
@@ -108,6 +112,7 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         cautious_weight_decay: bool,
         maximize: bool,
         spec_values: dict[str, Any],
+        caution_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         # Validate everything before any state exists (the spec's one error table). A schedule
@@ -133,6 +138,42 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         self.caution = caution_obj
         self.cautious_weight_decay = bool(cautious_weight_decay)
         self.maximize = bool(maximize)
+        if not isinstance(caution_stats, bool):
+            raise TypeError(f"caution_stats must be a bool, got {caution_stats!r}")
+        if caution_stats and caution_obj is None:
+            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        self.caution_stats_enabled = caution_stats
+        self._caution_counts: list[Any] = []
+        self._caution_scales: list[Any] = []
+
+    def _build_caution_stats(self, var_list: list[Any]) -> None:
+        """With ``caution_stats=True``: two scalar variables per variable (count, scale of the last step)."""
+        if self.caution_stats_enabled:
+            for v in var_list:
+                name = (getattr(v, "path", None) or v.name).replace("/", "_")
+                self._caution_counts.append(self.add_variable((), "zeros", "int64", name=f"{name}_caution_count"))
+                self._caution_scales.append(self.add_variable((), "ones", "float64", name=f"{name}_caution_scale"))
+
+    def _caution_scale(self, mask: tf.Tensor, g: tf.Tensor, n: int, variable: Any) -> tf.Tensor:
+        """The float64 scale of one variable's step (kept count, denominator); recorded with caution_stats."""
+        count = _ops.kept_count(mask, n)
+        scale = _ops.cautious_scale(count, _ops.caution_denominator(g, n, self.caution), self.caution)
+        if self._caution_counts:
+            i = self._get_variable_index(variable)
+            self._caution_counts[i].assign(tf.cast(count, tf.int64))
+            self._caution_scales[i].assign(scale)
+        return scale
+
+    def caution_stats(self) -> list[CautionStats]:
+        """Per built variable: ``CautionStats(count, n, scale)`` of its last step (Keras variables; read
+        with ``.numpy()``). Needs ``caution_stats=True``."""
+        if not self.caution_stats_enabled:
+            raise ValueError("caution_stats() needs the optimizer built with caution_stats=True")
+        variables = self._trainable_variables
+        return [
+            CautionStats(c, v.shape.num_elements(), s)
+            for v, c, s in zip(variables, self._caution_counts, self._caution_scales, strict=True)
+        ]
 
     # -- Keras hooks ------------------------------------------------------------------------
     def build(self, var_list: list[Any]) -> None:
@@ -140,6 +181,7 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         for v in var_list:
             check_param_dtype(f"variable {getattr(v, 'path', None) or v.name!r}", tf.as_dtype(v.dtype).name)
         super().build(var_list)
+        self._build_caution_stats(var_list)
 
     def _apply_weight_decay(self, variables: Any) -> None:
         # Decoupled decay is applied inside update_step, fused with the update, so that
@@ -177,9 +219,8 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         mask = None
         if self.caution is not None:
             mask = _ops.cautious_mask(sign, g)
-            if self.caution.normalize != "none":
-                count = _ops.kept_count(mask, n)
-                coef = coef * _ops.cautious_scale(count, n, self.caution)
+            if self.caution.normalize != "none" or self._caution_counts:
+                coef = coef * self._caution_scale(mask, g, n, variable)
         step = tf.cast(coef, cdt) * u
         if mask is not None:
             step = tf.where(mask, step, tf.zeros((), cdt))
@@ -199,6 +240,7 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
         config.update(
             {
                 "caution": _caution_to_config(self.caution),
+                "caution_stats": self.caution_stats_enabled,
                 "cautious_weight_decay": self.cautious_weight_decay,
                 "maximize": self.maximize,
             }
@@ -548,9 +590,8 @@ class SGD(CautiousOptimizer):
         mask = None
         if self.caution is not None:  # the whole update against the descent direction -g
             mask = _ops.cautious_mask(delta, -g)
-            if self.caution.normalize != "none":
-                scale = _ops.cautious_scale(_ops.kept_count(mask, n), n, self.caution)
-                delta = delta * tf.cast(scale, cdt)
+            if self.caution.normalize != "none" or self._caution_counts:
+                delta = delta * tf.cast(self._caution_scale(mask, g, n, variable), cdt)
             delta = tf.where(mask, delta, tf.zeros((), cdt))
         p = tf.cast(tf.convert_to_tensor(variable), cdt)
         if self.weight_decay and self._use_weight_decay(variable):

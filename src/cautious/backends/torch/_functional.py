@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cautious._caution import Caution
 from cautious.backends.torch import _distributed
+from cautious.spec.mask import CautionStats
 
 __all__ = ["adam", "lion", "sgd", "default_foreach"]
 
@@ -84,21 +85,45 @@ def _tensor_steps(capturable: bool) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _scales(counts: Tensor, sizes: list[int], caution: Caution) -> Tensor:
+def _denominators(
+    xs: list[Tensor], grads: list[Tensor], caution: Caution, shardings: list[_distributed.Sharding | None] | None
+) -> list[int] | list[Tensor]:
+    """The ``n`` of each scale: the whole tensors' sizes, or with ``denominator="nonzero"`` the gradients'
+    entries that are not 0 (int64 tensors, summed over shards with the counts: nothing leaves the device;
+    +0/-0 are zero, NaN is not)."""
+    if caution.denominator == "size":
+        return _distributed.global_sizes(xs, shardings)
+    return [torch.count_nonzero(g) for g in grads]
+
+
+def _scales(counts: Tensor, sizes: list[int] | Tensor, caution: Caution) -> Tensor:
     """Per-tensor scales from integer counts (int64, 1-d): float64 on their device (see :class:`cautious.Caution`).
 
     The one place where the single-tensor and foreach paths (and the fused path for DTensor
-    shards) turn counts into scales; ``sizes`` are the whole tensors' sizes.
+    shards) turn counts into scales. ``sizes`` are the whole tensors' sizes (Python ints), or
+    an int64 tensor of counted denominators (``denominator="nonzero"``: a zero ``n`` gives scale 1).
     """
     k = counts.to(torch.float64)
-    n = torch.tensor(sizes, dtype=torch.float64, device=counts.device)
+    counted = isinstance(sizes, Tensor)
+    n = sizes.to(torch.float64) if counted else torch.tensor(sizes, dtype=torch.float64, device=counts.device)
     if caution.normalize == "mean_clamp":
-        return (k / n).clamp_min_(caution.floor).reciprocal_()
-    if caution.normalize == "count_plus_one":
-        return n / (k + 1.0)
-    if caution.normalize == "exact":
-        return n / k.clamp_min_(1.0)
-    return torch.ones_like(k)
+        scale = (k / n).clamp_min_(caution.floor).reciprocal_()
+    elif caution.normalize == "count_plus_one":
+        scale = n / (k + 1.0)
+    elif caution.normalize == "exact":
+        scale = n / k.clamp_min_(1.0)
+    else:
+        return torch.ones_like(k)
+    return torch.where(n > 0, scale, torch.ones_like(scale)) if counted else scale
+    if caution.normalize == "mean_clamp":
+        scale = (k / n).clamp_min_(caution.floor).reciprocal_()
+    elif caution.normalize == "count_plus_one":
+        scale = n / (k + 1.0)
+    elif caution.normalize == "exact":
+        scale = n / k.clamp_min_(1.0)
+    else:
+        return torch.ones_like(k)
+    return torch.where(n > 0, scale, torch.ones_like(scale)) if counted else scale
 
 
 def _mask_and_scales(
@@ -109,6 +134,8 @@ def _mask_and_scales(
     *,
     foreach: bool,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+    params: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
     r"""Mask a list of directions: ``x^c = where(mask(u, g), x, 0)``, and compute the scales.
 
@@ -128,6 +155,10 @@ def _mask_and_scales(
       shardings: for local shards of DTensors (:mod:`._distributed`), how each tensor's count
         adds up over its shards: the counts are then summed over the shards (one all-reduce)
         and the scales use the whole tensors' sizes.
+      stats: the telemetry record (``caution_stats=True``): ``stats[p]`` is set to
+        ``CautionStats(count, n, scale)`` (device tensors, no synchronisation) for each
+        parameter ``p`` of ``params``.
+      params: the parameters of ``xs``, in order (with ``stats``).
 
     Returns:
       ``(masked xs, scales)``: ``scales`` is a 1-d float64 tensor on the device,
@@ -149,7 +180,7 @@ def _mask_and_scales(
     else:
         ts = [torch.sign(g).mul_(s).clamp_min_(0.0) for g, s in zip(grads, signs, strict=False)]
     # count_nonzero on bool is vectorised (on float it is not); NaN -> True, +0/-0 -> False
-    counts = [torch.count_nonzero(t.bool()) for t in ts] if caution.normalize != "none" else []
+    counts = [torch.count_nonzero(t.bool()) for t in ts] if caution.normalize != "none" or stats is not None else []
     if xs is signs:
         masked = [t.copysign_(g) for t, g in zip(ts, grads, strict=False)]
     else:
@@ -157,10 +188,32 @@ def _mask_and_scales(
             torch.where(t.ne(0), x, torch.zeros((), dtype=x.dtype, device=x.device))
             for x, t in zip(xs, ts, strict=False)
         ]
-    if caution.normalize == "none" or not xs:
+    if not xs or not counts:
         return masked, None
-    counts = _distributed.global_counts(torch.stack(counts), shardings)
-    return masked, _scales(counts, _distributed.global_sizes(xs, shardings), caution)
+    k = torch.stack(counts)
+    dens = _denominators(xs, grads, caution, shardings)
+    if dens and isinstance(dens[0], Tensor):  # counted denominators: reduced with the counts, one all-reduce
+        both = _distributed.global_counts(torch.cat([k, torch.stack(dens)]), list(shardings) * 2 if shardings else None)
+        k, n = both[: len(xs)], both[len(xs) :]
+    else:
+        k, n = _distributed.global_counts(k, shardings), dens
+    scales = _scales(k, n, caution)
+    if stats is not None:
+        sizes = _distributed.global_sizes(xs, shardings)
+        for i, p in enumerate(params):
+            stats[p] = CautionStats(k[i], sizes[i], scales[i])
+    return masked, None if caution.normalize == "none" else scales
+
+
+def _fused_supports(caution: Caution | None, stats: dict | None) -> None:
+    """The fused kernels have neither the ``nonzero`` denominator nor telemetry yet: refuse, never ignore."""
+    if caution is not None and caution.denominator != "size":
+        raise ValueError(
+            f"the fused path does not support Caution(denominator={caution.denominator!r}) yet; "
+            "use foreach=True (or foreach=False)"
+        )
+    if stats is not None:
+        raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
 
 
 def _apply_scales_(xs: list[Tensor], scales: Tensor | None, *, foreach: bool) -> None:
@@ -330,6 +383,7 @@ def _adam_tensors(
     cautious_weight_decay: bool,
     capturable: bool,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One Adam step on tensors of one device and dtype; ``foreach`` picks the op flavour only."""
     if foreach:
@@ -380,7 +434,9 @@ def _adam_tensors(
         # u may be infinite here: sign(g) * inf is NaN where g == 0, so decide from clamp(u, -1, 1)
         # (same signs, NaN kept) and select from u.
         signs = [u.clamp(-1.0, 1.0) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, shardings=shardings)
+        us, scales = _mask_and_scales(
+            us, signs, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
         _apply_scales_(us, scales, foreach=foreach)
         if weight_decay != 0 and decoupled_weight_decay:
             _decay_(
@@ -398,7 +454,9 @@ def _adam_tensors(
     numerators, scales = exp_avgs, None
     if caution is not None:
         # u = step_size * m' / denom with denom > 0, so sign(u) == sign(m'): the mask comes from (m', g).
-        numerators, scales = _mask_and_scales(exp_avgs, exp_avgs, grads, caution, foreach=foreach, shardings=shardings)
+        numerators, scales = _mask_and_scales(
+            exp_avgs, exp_avgs, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
     if scales is None:
         # torch.optim's own operations: bitwise parity with torch.optim.Adam/AdamW when caution is off.
         _adam_plain_denoms_(denoms, biases, eps=eps, eps_placement=eps_placement, foreach=foreach)
@@ -472,6 +530,7 @@ def adam(
     cautious_weight_decay: bool = False,
     shardings: list[_distributed.Sharding | None] | None = None,
     capturable: bool = False,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Adam/AdamW; see :class:`cautious.backends.torch.AdamW`.
 
@@ -498,6 +557,8 @@ def adam(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
+        _fused_supports(caution, stats)
+
         for st in state_steps:
             st += 1
         steps = [_step_value(st) for st in state_steps]
@@ -511,6 +572,7 @@ def adam(
         _adam_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, vmax, state_steps)),
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             shardings=_pick(shardings, idx) or None,
             decoupled_weight_decay=decoupled_weight_decay,
@@ -539,6 +601,7 @@ def _lion_tensors(
     caution: Caution | None,
     cautious_weight_decay: bool,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One Lion step: ``c = lerp(m, g, 1-b1)``, ``u = sign(c)`` (NaN kept), ``m <- lerp(m, g, 1-b2)``."""
     if foreach:
@@ -557,7 +620,9 @@ def _lion_tensors(
             m.lerp_(g, 1 - beta2)
     us = [_nan_sign(c) for c in cs]
     if caution is not None:
-        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach, shardings=shardings)
+        us, scales = _mask_and_scales(
+            us, us, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0:
         _decay_(
@@ -592,6 +657,7 @@ def lion(
     caution: Caution | None,
     cautious_weight_decay: bool = False,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
     impl = _resolve(params, foreach, fused, lr)
@@ -607,6 +673,8 @@ def lion(
     params, grads, exp_avgs = (_as_real(x) for x in (params, grads, exp_avgs))
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
+
+        _fused_supports(caution, stats)
 
         for st in state_steps:
             st += 1
@@ -624,6 +692,7 @@ def lion(
         _lion_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, state_steps or None)),
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             shardings=_pick(shardings, idx) or None,
             **hyper,
@@ -651,6 +720,7 @@ def _sgd_tensors(
     caution: Caution | None,
     cautious_weight_decay: bool,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """One SGD step; new momentum buffers are written into ``momentum_buffer_list``."""
     if foreach:
@@ -692,7 +762,9 @@ def _sgd_tensors(
     if caution is not None:
         # SGD's u can be +-inf where g == 0 (after an inf gradient): clamp to keep the sign test exact.
         signs = [u.clamp(-1, 1) for u in us]
-        us, scales = _mask_and_scales(us, signs, grads, caution, foreach=foreach, shardings=shardings)
+        us, scales = _mask_and_scales(
+            us, signs, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
         _apply_scales_(us, scales, foreach=foreach)
     if weight_decay != 0 and decoupled_weight_decay:
         _decay_(
@@ -719,6 +791,7 @@ def sgd(
     caution: Caution | None,
     cautious_weight_decay: bool = False,
     shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious SGD. See :class:`cautious.backends.torch.SGD` and :func:`cautious.spec.sgd`.
 
@@ -757,6 +830,8 @@ def sgd(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
+        _fused_supports(caution, stats)
+
         first = [momentum != 0 and b is None for b in momentum_buffer_list]
         for i, p in enumerate(params):
             if first[i]:
@@ -779,6 +854,7 @@ def sgd(
             _pick(grads, idx),
             bufs,
             foreach=impl == "foreach",
+            stats=stats,
             lr=lr,
             shardings=_pick(shardings, idx) or None,
             decoupled_weight_decay=decoupled_weight_decay,

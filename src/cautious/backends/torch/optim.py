@@ -32,6 +32,7 @@ from cautious.spec.errors import (
     split_betas,
     validate,
 )
+from cautious.spec.mask import CautionStats
 
 __all__ = ["AdamW", "Adam", "Lion", "SGD"]
 
@@ -87,7 +88,11 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     #: Group keys that come from the constructor/current groups, never from a loaded state dict.
     _CAUTION_KEYS: tuple[str, ...] = ("caution", "cautious_weight_decay")
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], caution_stats: bool = False) -> None:
+        if not isinstance(caution_stats, bool):
+            raise TypeError(f"caution_stats must be a bool, got {caution_stats!r}")
+        if caution_stats and defaults.get("fused"):
+            raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
         if defaults.get("capturable") and defaults.get("fused"):
             raise ValueError(
                 f"capturable=True with fused=True is not supported by cautious.torch.{type(self).__name__} "
@@ -101,6 +106,10 @@ class _CautiousOptimizer(torch.optim.Optimizer):
         if "caution" in defaults:  # the user's argument: True, False or a Caution (None is an error)
             caution_arg(defaults["caution"])
         defaults["caution"] = self._validate(defaults)
+        if caution_stats and defaults["caution"] is None:
+            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        #: Telemetry of the last step per parameter (``caution_stats=True``); never in the state dict.
+        self._caution_stats: dict[Tensor, CautionStats] | None = {} if caution_stats else None
         if defaults.get("fused"):
             try:
                 from cautious.backends.torch import fused  # noqa: F401
@@ -109,6 +118,18 @@ class _CautiousOptimizer(torch.optim.Optimizer):
                     f"fused=True needs cautious.backends.torch.fused, which cannot be imported: {e}"
                 ) from e
         super().__init__(params, defaults)
+
+    def caution_stats(self) -> list[CautionStats | None]:
+        """Per parameter (in ``param_groups`` order): ``CautionStats(count, n, scale)`` of its last step.
+
+        ``count`` is an int64 tensor and ``scale`` a float64 tensor on the parameter's device (reading them
+        is the only synchronisation); ``None`` for a parameter that has not stepped with caution. Needs the
+        optimizer built with ``caution_stats=True``.
+        """
+        stats = getattr(self, "_caution_stats", None)
+        if stats is None:
+            raise ValueError("caution_stats() needs the optimizer built with caution_stats=True")
+        return [stats.get(p) for group in self.param_groups for p in group["params"]]
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -245,6 +266,7 @@ class Adam(_CautiousOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         eps_placement: str = "corrected",
         cautious_weight_decay: bool = False,
     ) -> None:
@@ -264,7 +286,7 @@ class Adam(_CautiousOptimizer):
             eps_placement=eps_placement,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         b1, b2 = split_betas(group["betas"])
@@ -348,6 +370,7 @@ class Adam(_CautiousOptimizer):
                 eps_placement=group["eps_placement"],
                 cautious_weight_decay=group["cautious_weight_decay"],
                 capturable=group["capturable"],
+                stats=getattr(self, "_caution_stats", None),
             )
         return loss
 
@@ -388,6 +411,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         eps_placement: str = "corrected",
         cautious_weight_decay: bool = False,
     ) -> None:
@@ -405,6 +429,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             caution=caution,
+            caution_stats=caution_stats,
             eps_placement=eps_placement,
             cautious_weight_decay=cautious_weight_decay,
         )
@@ -440,6 +465,7 @@ class Lion(_CautiousOptimizer):
         *,
         maximize: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         cautious_weight_decay: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -455,7 +481,7 @@ class Lion(_CautiousOptimizer):
             caution=caution,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         b1, b2 = split_betas(group["betas"])
@@ -505,6 +531,7 @@ class Lion(_CautiousOptimizer):
                 maximize=group["maximize"],
                 caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
             )
         return loss
 
@@ -542,6 +569,7 @@ class SGD(_CautiousOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         caution: bool | Caution = True,
+        caution_stats: bool = False,
         cautious_weight_decay: bool = False,
     ) -> None:
         defaults = dict(
@@ -558,7 +586,7 @@ class SGD(_CautiousOptimizer):
             caution=caution,
             cautious_weight_decay=cautious_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, caution_stats=caution_stats)
 
     def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
         validate(
@@ -618,6 +646,7 @@ class SGD(_CautiousOptimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
             )
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffer_list, strict=False):
