@@ -115,15 +115,6 @@ def _scales(counts: Tensor, sizes: list[int] | Tensor, caution: Caution) -> Tens
     else:
         return torch.ones_like(k)
     return torch.where(n > 0, scale, torch.ones_like(scale)) if counted else scale
-    if caution.normalize == "mean_clamp":
-        scale = (k / n).clamp_min_(caution.floor).reciprocal_()
-    elif caution.normalize == "count_plus_one":
-        scale = n / (k + 1.0)
-    elif caution.normalize == "exact":
-        scale = n / k.clamp_min_(1.0)
-    else:
-        return torch.ones_like(k)
-    return torch.where(n > 0, scale, torch.ones_like(scale)) if counted else scale
 
 
 def _mask_and_scales(
