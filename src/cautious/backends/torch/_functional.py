@@ -66,13 +66,36 @@ def _step_value(step_t: Tensor) -> int:
     return int(step_t.item()) if isinstance(step_t, Tensor) else int(step_t)
 
 
+def _step_values(state_steps: list[Tensor]) -> list[int]:
+    """``[int(step) for step in state_steps]``, read with one ``stack`` (not one ``.item()`` per tensor)."""
+    if len(state_steps) > 1 and not torch.compiler.is_compiling():
+        try:
+            return [int(x) for x in torch.stack(state_steps).tolist()]
+        except (RuntimeError, TypeError):  # mixed devices or shapes: read one by one
+            pass
+    return [_step_value(st) for st in state_steps]
+
+
+def _increment_steps_(state_steps: list[Tensor]) -> None:
+    """``step += 1`` for every step tensor, in one foreach call (bitwise a loop of ``step += 1``)."""
+    if state_steps:
+        torch._foreach_add_(state_steps, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The cautious mask, written once.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _scales(counts: list[Tensor], sizes: list[int], caution: Caution, device: torch.device) -> Tensor:
-    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`)."""
+    """Per-tensor scales from integer counts: 1-d float64 on the device (see :class:`cautious.Caution`).
+
+    On the CPU the counts are read (no device to sync) and :meth:`cautious.Caution.scale` gives
+    the same float64 values with far fewer torch ops (what the single-tensor loop pays per tensor).
+    """
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        ks = [int(counts[0])] if len(counts) == 1 else torch.stack(counts).tolist()
+        return torch.tensor([caution.scale(k, n) for k, n in zip(ks, sizes, strict=True)], dtype=torch.float64)
     k = torch.stack(counts).to(torch.float64)
     n = torch.tensor(sizes, dtype=torch.float64, device=device)
     if caution.normalize == "mean_clamp":
@@ -185,26 +208,61 @@ def _check_no_fused_foreach(foreach: bool | None, fused: bool | None) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def _default_fused(params: list[Tensor]) -> bool:
-    """The default on CUDA when Triton is available: the fused kernels (issue: fused by default on GPU).
+def _torch_default_foreach(params: list[Tensor]) -> bool:
+    """torch.optim's own default: foreach on CUDA-like devices, the single-tensor loop on CPU."""
+    if torch.jit.is_scripting():
+        return False
+    devices = tuple(d for d in _foreach_devices() if d != "cpu")
+    return all(t is None or (type(t) in _NATIVE_TYPES and t.device.type in devices) for t in params)
 
-    On CPU the default stays foreach, as in torch.optim; ``fused=True`` selects the native CPU path.
+
+def _default_fused(params: list[Tensor], caution: Caution | None) -> bool:
+    """Whether the default is the fused path (see the table in docs/backends/torch.md).
+
+    Only with caution on (off, the default is torch.optim's, so ``caution=False`` reproduces
+    ``torch.optim`` bit for bit). CUDA: the Triton kernels when Triton imports. CPU: the native
+    C++ loop when the kernel is built or can be built for every parameter dtype (the first call
+    compiles it, once, into ``~/.cache/cautious``; :func:`cautious.torch.build_fused` prebuilds);
+    not under Triton's interpreter. Never while compiling.
     """
-    if not params or torch.compiler.is_compiling() or not all(p.device.type == "cuda" for p in params):
+    if not params or caution is None or torch.compiler.is_compiling():
+        return False
+    kind = params[0].device.type
+    if kind == "cuda":
+        if not all(p.device.type == "cuda" for p in params):
+            return False
+        from cautious.backends.torch import fused
+
+        return fused.is_available(params[0].device)
+    if kind != "cpu" or not all(p.device.type == "cpu" for p in params):
         return False
     from cautious.backends.torch import fused
 
-    return fused.is_available(params[0].device)
+    if fused.backend_for(params[0].device) != "cpu":
+        return False
+    from cautious.backends.torch.fused import cpu
+
+    return all(cpu.native_available(dtype) for dtype in {p.dtype for p in params})
 
 
-def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
+def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any, caution: Caution | None) -> str:
+    """The path a step runs: ``"fused"``, ``"foreach"`` or ``"single"``; an explicit choice wins.
+
+    Defaults, measured (docs/benchmarks.md): CUDA -> fused (Triton); CPU with caution -> the
+    native fused loop when available, else the single-tensor loop (on CPU the foreach ops make
+    one pass over memory per op; the loop works on one tensor while it is in cache); caution
+    off -> torch.optim's own choice. While compiling: foreach (the previous default).
+    """
     _check_no_fused_foreach(foreach, fused)
     if fused:
         return "fused"
     if foreach is None and fused is None:
-        if _default_fused(params):
+        if _default_fused(params, caution):
             return "fused"
-        foreach = default_foreach(params) and not (isinstance(lr, Tensor) and torch.compiler.is_compiling())
+        if torch.compiler.is_compiling():
+            foreach = default_foreach(params) and not isinstance(lr, Tensor)
+        else:
+            foreach = _torch_default_foreach(params)
     return "foreach" if foreach else "single"
 
 
@@ -213,6 +271,10 @@ def _groups(params: list[Tensor], impl: str, *keys: list[Any]) -> list[list[int]
     device, dtype and the extra per-tensor ``keys`` (list order kept inside a group)."""
     if impl == "single":
         return [[i] for i in range(len(params))]
+    if len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1:
+        keys = tuple(k for k in keys if len(set(k)) > 1)  # one device and dtype: group by varying keys only
+        if not keys:
+            return [list(range(len(params)))]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype, *(k[i] for k in keys))].append(i)
@@ -298,8 +360,7 @@ def _adam_tensors(
         denoms = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
     else:
         grads = [-g if maximize else g for g in grads]
-        for st in state_steps:
-            st += 1
+        _increment_steps_(state_steps)
         if weight_decay != 0 and not decoupled_weight_decay:
             grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
         for m, v, g in zip(exp_avgs, exp_avg_sqs, grads, strict=False):
@@ -311,7 +372,8 @@ def _adam_tensors(
         denoms = [v.sqrt() for v in (max_exp_avg_sqs if amsgrad else exp_avg_sqs)]
 
     biases = [
-        _adam_bias(_step_value(st), lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement) for st in state_steps
+        _adam_bias(step, lr=lr, beta1=beta1, beta2=beta2, eps_placement=eps_placement)
+        for step in _step_values(state_steps)
     ]
     neg_step_sizes = [-s for s, _ in biases]
 
@@ -405,7 +467,7 @@ def adam(
 
     Hyperparameters are taken as validated (the optimizer classes validate them once, at construction).
     """
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution)
     hyper = dict(
         amsgrad=amsgrad,
         beta1=float(beta1),
@@ -422,9 +484,10 @@ def adam(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        for st in state_steps:
-            st += 1
-        steps = [_step_value(st) for st in state_steps]
+        steps = fused_kernels.increment_steps_(state_steps)
+        if steps is None:
+            _increment_steps_(state_steps)
+            steps = _step_values(state_steps)
         for idx in _groups(params, impl, steps):
             launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
@@ -471,8 +534,7 @@ def _lion_tensors(
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
     else:
         grads = [-g if maximize else g for g in grads]
-        for st in state_steps:
-            st += 1
+        _increment_steps_(state_steps)
         cs = [m.lerp(g, 1 - beta1) for m, g in zip(exp_avgs, grads, strict=False)]
         for m, g in zip(exp_avgs, grads, strict=False):
             m.lerp_(g, 1 - beta2)
@@ -513,7 +575,7 @@ def lion(
     cautious_weight_decay: bool = False,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution)
     hyper = dict(
         beta1=float(beta1),
         beta2=float(beta2),
@@ -526,8 +588,8 @@ def lion(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        for st in state_steps:
-            st += 1
+        if fused_kernels.increment_steps_(state_steps) is None:
+            _increment_steps_(state_steps)
         launch = fused_kernels.lion_launch(**hyper)
         for idx in _groups(params, impl):
             nones = [None] * len(idx)
@@ -633,7 +695,7 @@ def sgd(
 
     New momentum buffers are written into ``momentum_buffer_list``.
     """
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution)
     hyper = dict(
         momentum=float(momentum),
         dampening=float(dampening),
