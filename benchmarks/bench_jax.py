@@ -99,7 +99,9 @@ def main() -> None:
         "cautious.jax.adamw": cj.adamw(lr),
         "cautious.jax.adamw(caution=False)": cj.adamw(lr, caution=False),
         "wrapper(optax.scale_by_adam)": optax.chain(
-            cj.cautious(optax.scale_by_adam(), form="direction"), optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(lr)
+            cj.cautious(optax.scale_by_adam(), form="direction"),
+            optax.add_decayed_weights(1e-4),
+            optax.scale_by_learning_rate(lr),
         ),
         "naive": naive_cautious_adamw(lr),
     }

@@ -4,7 +4,8 @@ Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) that splits
 tensors with :func:`_groups` (one per tensor for ``foreach=False``, one per device and
 dtype for ``foreach=True``) and runs the rule's one step function (``_adam_tensors``, ...)
 on each group with per-tensor or ``torch._foreach_*`` ops; ``fused=True`` hands the groups
-to :mod:`cautious.backends.torch.fused` (imported lazily). All of them update ``params``
+to :mod:`cautious.backends.torch.fused` (imported lazily). Without ``foreach``/``fused``,
+:func:`_resolve` picks the path per device (docs/backends/torch.md). All of them update ``params``
 and the state tensors in place. ``caution=None`` means caution off.
 
 The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
@@ -45,7 +46,7 @@ def _foreach_devices() -> tuple[str, ...]:
 
 
 def default_foreach(tensors: list[Tensor]) -> bool:
-    """torch.optim's ``_default_to_fused_or_foreach`` rule, with CPU added to the foreach devices."""
+    """torch.optim's ``_default_to_fused_or_foreach`` rule, with CPU added: the default while compiling."""
     if torch.jit.is_scripting():
         return False
     devices = _foreach_devices()
