@@ -195,6 +195,11 @@ def test_default_path_per_device(monkeypatch):
     monkeypatch.setattr(cpu, "native_available", lambda dtype, state_dtype=None: dtype == torch.float32)
     assert functional._resolve(cpu_params, None, None, 1e-3, on) == "single"  # no native float64: the loop
     assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "fused"
+
+    class Sub(torch.Tensor):  # a tensor subclass (DTensor is one) never defaults to the native kernel
+        pass
+
+    assert functional._resolve([torch.zeros(2).as_subclass(Sub)], None, None, 1e-3, on) == "single"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if fused.triton_importable():
         assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "single"  # never the interpreter

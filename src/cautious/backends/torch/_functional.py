@@ -235,8 +235,8 @@ def _default_fused(params: list[Tensor], caution: Caution | None) -> bool:
         from cautious.backends.torch import fused
 
         return fused.is_available(params[0].device)
-    if kind != "cpu" or not all(p.device.type == "cpu" for p in params):
-        return False
+    if kind != "cpu" or not all(type(p) in _NATIVE_TYPES and p.device.type == "cpu" for p in params):
+        return False  # DTensor and other subclasses: not the native kernel
     from cautious.backends.torch import fused
 
     if fused.backend_for(params[0].device) != "cpu":
