@@ -20,18 +20,11 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # the CPU fast path, not the Triton interpreter
 
 import torch  # noqa: E402
-from _shapes import transformer_block  # noqa: E402
+from _shapes import transformer  # noqa: E402
 
 from cautious import Caution  # noqa: E402
 from cautious.backends.torch import fused  # noqa: E402
 from cautious.backends.torch.fused import cpu as fused_cpu  # noqa: E402
-
-
-def shapes(d: int, layers: int, vocab: int, positions: int) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [(vocab, d), (positions, d)]
-    for _ in range(layers):
-        out += transformer_block(d)
-    return out + [(d,), (d,)]
 
 
 def main() -> None:
@@ -46,7 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sh = shapes(args.d, args.layers, args.vocab, args.positions)
+    sh = transformer(args.d, args.layers, args.vocab, args.positions)
     n = sum(torch.Size(s).numel() for s in sh)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n / 1e6:.1f}M float32 parameters "

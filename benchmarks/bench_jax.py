@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 import cautious.jax as cj
+from cautious.backends.jax import _core
 
 
 def transformer_tree(d: int, layers: int, vocab: int) -> dict:
@@ -87,6 +88,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--only", nargs="*", help="subset of variant names (optax.adamw is always run)")
+    ap.add_argument(
+        "--count", action="store_true", help="also cautious.jax.adamw with each count indicator (_core.INDICATORS)"
+    )
     args = ap.parse_args()
 
     lr = 1e-3
@@ -95,10 +99,17 @@ def main() -> None:
         "cautious.jax.adamw": cj.adamw(lr),
         "cautious.jax.adamw(caution=False)": cj.adamw(lr, caution=False),
         "wrapper(optax.scale_by_adam)": optax.chain(
-            cj.cautious(optax.scale_by_adam()), optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(lr)
+            cj.cautious(optax.scale_by_adam(), form="direction"),
+            optax.add_decayed_weights(1e-4),
+            optax.scale_by_learning_rate(lr),
         ),
         "naive": naive_cautious_adamw(lr),
     }
+    indicators = {}  # variant -> the count indicator it is traced with
+    if args.count:
+        for name in _core.INDICATORS:
+            indicators[f"cautious.jax.adamw[{name}]"] = name
+            variants[f"cautious.jax.adamw[{name}]"] = cj.adamw(lr)
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "optax.adamw" or k in args.only}
 
@@ -116,8 +127,13 @@ def main() -> None:
         params = jax.tree.map(jnp.copy, base)
         state = opt.init(params)
         step = make_step(opt)
-        for _ in range(args.warmup):
-            params, state = step(params, state, grads)
+        shipped = _core.INDICATOR
+        _core.INDICATOR = indicators.get(name, shipped)  # read while tracing (the first warm-up step)
+        try:
+            for _ in range(args.warmup):
+                params, state = step(params, state, grads)
+        finally:
+            _core.INDICATOR = shipped
         jax.block_until_ready(params)
         runs[name] = [step, params, state]
 

@@ -1,4 +1,4 @@
-"""Command line: ``cautious demo``, ``cautious verify``, ``cautious compare`` (and ``python -m cautious``)."""
+"""Command line: ``cautious demo``, ``verify``, ``compare``, ``build`` (and ``python -m cautious``)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     from cautious.research import build_parser as research_parser
 
     research_parser(research)
+    sub.add_parser("build", help="prebuild the native fused CPU kernel of cautious.torch (cached)")
     args, _ = parser.parse_known_args(argv)
+    if args.command == "build":
+        from cautious.torch import build_fused
+
+        built = build_fused()
+        for pair, ok in built.items():
+            print(f"{pair}: {'native' if ok else 'not built (eager fallback)'}")
+        return 0 if all(built.values()) else 1
     if args.command == "verify":
         from cautious.conformance.verify import main as verify_main
 

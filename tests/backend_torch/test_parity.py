@@ -169,18 +169,80 @@ def test_deepcopy_of_optimizer_continues_identically():
     _assert_same(params, clone["p"])
 
 
-def test_default_is_fused_on_cuda_when_triton_is_available(monkeypatch):
+def test_default_path_per_device(monkeypatch):
+    """The defaults table of docs/backends/torch.md; an explicit foreach/fused always wins."""
     import types
 
     from cautious.backends.torch import _functional as functional
     from cautious.backends.torch import fused
+    from cautious.backends.torch.fused import cpu
 
-    cuda_like = [types.SimpleNamespace(device=torch.device("cuda", 0))]
+    on = Caution()
+    cuda_like = [types.SimpleNamespace(device=torch.device("cuda", 0), is_complex=lambda: False)]
     monkeypatch.setattr(fused, "is_available", lambda device: True)
-    assert functional._resolve(cuda_like, None, None, 1e-3) == "fused"
-    assert functional._resolve(cuda_like, True, None, 1e-3) == "foreach"  # an explicit choice wins
+    assert functional._resolve(cuda_like, None, None, 1e-3, on) == "fused"
+    assert functional._resolve(cuda_like, True, None, 1e-3, on) == "foreach"  # an explicit choice wins
+    assert functional._resolve(cuda_like, None, None, 1e-3, None) != "fused"  # caution off: torch.optim's
     monkeypatch.setattr(fused, "is_available", lambda device: False)
-    assert functional._resolve(cuda_like, None, False, 1e-3) != "fused"
-    cpu = [torch.zeros(2)]
-    monkeypatch.setattr(fused, "is_available", lambda device: True)
-    assert functional._resolve(cpu, None, None, 1e-3) == "foreach"  # CPU default stays torch's
+    assert functional._resolve(cuda_like, None, False, 1e-3, on) == "single"  # as torch.optim: fused=False alone
+    cpu_params = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(cpu, "native_available", lambda dtype, state_dtype=None: True)
+    assert functional._resolve(cpu_params, None, None, 1e-3, on) == "fused"  # the native loop
+    assert functional._resolve(cpu_params, None, None, 1e-3, None) == "single"  # caution off: torch.optim's
+    assert functional._resolve(cpu_params, True, None, 1e-3, on) == "foreach"
+    assert functional._resolve(cpu_params, None, False, 1e-3, on) == "single"
+    monkeypatch.setattr(cpu, "native_available", lambda dtype, state_dtype=None: dtype == torch.float32)
+    assert functional._resolve(cpu_params, None, None, 1e-3, on) == "single"  # no native float64: the loop
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "fused"
+    # what the fused path refuses or computes differently keeps the single-tensor default
+    sparse = Caution(denominator="nonzero")
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, sparse) == "single"
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, on, stats={}) == "single"
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, on, capturable=True) == "single"
+    assert functional._resolve([torch.zeros(2, dtype=torch.complex64)], None, None, 1e-3, on) == "single"
+    assert functional._resolve(cuda_like, None, None, 1e-3, sparse) != "fused"
+
+    class Sub(torch.Tensor):  # a tensor subclass (DTensor is one) never defaults to the native kernel
+        pass
+
+    assert functional._resolve([torch.zeros(2).as_subclass(Sub)], None, None, 1e-3, on) == "single"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if fused.triton_importable():
+        assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "single"  # never the interpreter
+
+
+@pytest.mark.parametrize("ours,theirs,kw", TORCH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_caution_false_default_is_torch_optim_default_bit_for_bit(ours, theirs, kw, dtype):
+    """caution=False keeps torch.optim's own path selection (the loop on CPU): identical bits."""
+    a, opt_a = _run(lambda ps, fe: ours(ps, caution=False, **kw), dtype, None)
+    b, opt_b = _run(lambda ps, fe: theirs(ps, **kw), dtype, None)
+    _assert_same(a, b)
+    for pa, pb in zip(a, b, strict=False):
+        for k, v in opt_a.state[pa].items():
+            torch.testing.assert_close(v, opt_b.state[pb][k], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_cpu_default_with_caution_is_the_fused_path_when_native(rule, monkeypatch):
+    """With a native kernel, the CPU default (caution on) gives exactly what fused=True gives."""
+    from cautious.backends.torch.fused import cpu
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not cpu.native_available(torch.float32):
+        pytest.skip("no C++ compiler: the CPU default is the single-tensor loop")
+
+    def make(fused):
+        return lambda ps, fe: {
+            "adamw": ct.AdamW,
+            "adam": ct.Adam,
+            "lion": ct.Lion,
+            "sgd": lambda p, **kw: ct.SGD(p, momentum=0.9, **kw),
+        }[rule](ps, lr=0.05, caution=True, fused=fused)
+
+    a, _ = _run(make(None), torch.float32, None)
+    b, _ = _run(make(True), torch.float32, None)
+    c, _ = _run(make(False), torch.float32, None)  # fused=False: the single-tensor loop
+    _assert_same(a, b)
+    _assert_same(a, c, exact=False)

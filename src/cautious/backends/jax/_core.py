@@ -16,7 +16,8 @@ Why the count is written the way it is: on CPU, XLA hands a reduction whose
 elementwise body uses only arithmetic (``mul``, ``max``, ``min``, ``sign``) to a
 fast fused reduction, but splits comparisons, selects and integer arithmetic
 out into materialised temporaries that run at a fraction of the speed. So large
-tensors count with an arithmetic indicator summed in floating point, which is
+tensors count with an arithmetic indicator (``max(sign(a) * sign(g), 0)``, a
+product of -1, 0 and 1) summed in floating point, which is
 exact (every partial sum is an integer below ``2**24`` in float32, ``2**53`` in
 float64), and fall back, under :func:`jax.lax.cond`, to the plain integer count
 of the boolean mask when the indicator sum is NaN (a NaN in ``u`` or ``g``, or an
@@ -95,21 +96,37 @@ def _exact_count(a: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.sum(cautious_mask(a, g), dtype=count_dtype())
 
 
+def _scaled_product(a: jax.Array, g: jax.Array, big: float) -> jax.Array:
+    return jnp.minimum(jnp.maximum(a * (g * big), -0.0) * big, 1.0)
+
+
+def _sign_product(a: jax.Array, g: jax.Array, big: float) -> jax.Array:
+    return jnp.maximum(jnp.sign(a) * jnp.sign(g), 0.0)  # a product of -1, 0, 1 (or NaN): exact
+
+
+#: Arithmetic 0/1 indicators of ``a*g > 0`` (NaN where an input is NaN), by name; :data:`INDICATOR`
+#: is the one used. Both are exact; docs/benchmarks.md records what each gave (``bench_jax.py --count``).
+INDICATORS = {"scaled_product": _scaled_product, "sign_product": _sign_product}
+INDICATOR = "sign_product"
+
+
 def _indicator_sum(a: jax.Array, g: jax.Array) -> jax.Array:
     r"""Sum of an arithmetic 0/1 indicator of ``a*g > 0``, in a float that holds every partial sum exactly.
 
-    With ``C = 2**(emax-1)`` (``2**126`` in float32) every normal ``g`` has ``|g*C| >= 1``, so
-    ``y = a*(g*C)`` is 0 or at least the smallest normal in magnitude (no underflow, unlike
-    ``a*g``), or overflows to an infinity of the right sign; ``min(max(y, -0)*C', 1)`` is then
-    exactly 1 for ``y > 0`` and 0 otherwise. NaN (from a NaN input, or ``0*inf`` when ``|g| >= 4``
-    meets ``a == 0``) propagates to the sum, and the caller falls back to the exact count.
-    Subnormal inputs behave as the platform's comparisons do (CPU flushes them to zero).
+    ``sign_product`` (used): ``max(sign(a) * sign(g), 0)`` is exactly 1 where the signs agree and
+    0 otherwise (a product of -1, 0 and 1 cannot underflow). ``scaled_product`` (the earlier
+    form): with ``C = 2**(emax-1)`` (``2**126`` in float32) every normal ``g`` has ``|g*C| >= 1``,
+    so ``y = a*(g*C)`` is 0 or at least the smallest normal in magnitude, or overflows to an
+    infinity of the right sign; ``min(max(y, -0)*C', 1)`` is then exactly 1 for ``y > 0`` and 0
+    otherwise (``0*inf`` when ``|g| >= 4`` meets ``a == 0`` is NaN). NaN propagates to the sum,
+    and the caller falls back to the exact count. Subnormal inputs behave as the platform's
+    comparisons do (CPU flushes them to zero).
     """
     cd = _compute_dtype(a.dtype, g.dtype)
     big = 2.0**1022 if cd == jnp.float64 else 2.0**126
     a = a.astype(cd)
     g = g.astype(cd)
-    ind = jnp.minimum(jnp.maximum(a * (g * big), -0.0) * big, 1.0)
+    ind = INDICATORS[INDICATOR](a, g, big)
     limit = EXACT_SUM_LIMIT[jnp.dtype(cd).name]
     if ind.size <= limit:
         return jnp.sum(ind)

@@ -2,15 +2,27 @@
 
 Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
 
-Also public: :func:`fused_available` (whether ``fused=True`` runs on a device) and the fused
+Also public: :func:`fused_available` (whether ``fused=True`` runs on a device), :func:`build_fused`
+(prebuild the native CPU kernel, the CPU default with caution on) and the fused
 step functions :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_` (in-place steps over
 lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 :mod:`cautious.backends.torch.fused`.
 """
 
 from cautious._caution import Caution
-from cautious.backends.torch.fused import fused_adam_, fused_lion_, fused_sgd_
+from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
 from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "fused_available", "fused_adam_", "fused_lion_", "fused_sgd_"]
+__all__ = [
+    "AdamW",
+    "Adam",
+    "Lion",
+    "SGD",
+    "Caution",
+    "fused_available",
+    "build_fused",
+    "fused_adam_",
+    "fused_lion_",
+    "fused_sgd_",
+]

@@ -4,7 +4,8 @@ Each rule has a dispatcher (:func:`adam`, :func:`lion`, :func:`sgd`) that splits
 tensors with :func:`_groups` (one per tensor for ``foreach=False``, one per device and
 dtype for ``foreach=True``) and runs the rule's one step function (``_adam_tensors``, ...)
 on each group with per-tensor or ``torch._foreach_*`` ops; ``fused=True`` hands the groups
-to :mod:`cautious.backends.torch.fused` (imported lazily). All of them update ``params``
+to :mod:`cautious.backends.torch.fused` (imported lazily). Without ``foreach``/``fused``,
+:func:`_resolve` picks the path per device (docs/backends/torch.md). All of them update ``params``
 and the state tensors in place. ``caution=None`` means caution off.
 
 The math is :mod:`cautious.spec` (see :func:`cautious.spec.rules.cautious`):
@@ -53,7 +54,7 @@ def _foreach_devices() -> tuple[str, ...]:
 
 
 def default_foreach(tensors: list[Tensor]) -> bool:
-    """torch.optim's ``_default_to_fused_or_foreach`` rule, with CPU added to the foreach devices."""
+    """torch.optim's ``_default_to_fused_or_foreach`` rule, with CPU added: the default while compiling."""
     if torch.jit.is_scripting():
         return False
     devices = _foreach_devices()
@@ -80,6 +81,22 @@ def _tensor_steps(capturable: bool) -> bool:
     return capturable or torch.compiler.is_compiling()
 
 
+def _step_values(state_steps: list[Tensor]) -> list[int]:
+    """``[int(step) for step in state_steps]``, read with one ``stack`` (not one ``.item()`` per tensor)."""
+    if len(state_steps) > 1 and not torch.compiler.is_compiling():
+        try:
+            return [int(x) for x in torch.stack(state_steps).tolist()]
+        except (RuntimeError, TypeError):  # mixed devices or shapes: read one by one
+            pass
+    return [_step_value(st) for st in state_steps]
+
+
+def _increment_steps_(state_steps: list[Tensor]) -> None:
+    """``step += 1`` for every step tensor, in one foreach call (bitwise a loop of ``step += 1``)."""
+    if state_steps:
+        torch._foreach_add_(state_steps, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The cautious mask, written once.
 # ----------------------------------------------------------------------------------------------------------
@@ -100,11 +117,19 @@ def _scales(counts: Tensor, sizes: list[int] | Tensor, caution: Caution) -> Tens
     """Per-tensor scales from integer counts (int64, 1-d): float64 on their device (see :class:`cautious.Caution`).
 
     The one place where the single-tensor and foreach paths (and the fused path for DTensor
-    shards) turn counts into scales. ``sizes`` are the whole tensors' sizes (Python ints), or
+    shards) turn counts into scales. On the CPU (not compiling) it is :meth:`cautious.Caution.scale`
+    per tensor, the same float64 values. ``sizes`` are the whole tensors' sizes (Python ints), or
     an int64 tensor of counted denominators (``denominator="nonzero"``: a zero ``n`` gives scale 1).
     """
-    k = counts.to(torch.float64)
     counted = isinstance(sizes, Tensor)
+    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+        # read the counts (no device to sync): Caution.scale gives the same float64 values in far
+        # fewer torch ops, which is what the single-tensor loop pays per tensor
+        ns = sizes.tolist() if counted else sizes
+        return torch.tensor(
+            [caution.scale(k, n) for k, n in zip(counts.tolist(), ns, strict=True)], dtype=torch.float64
+        )
+    k = counts.to(torch.float64)
     n = sizes.to(torch.float64) if counted else torch.tensor(sizes, dtype=torch.float64, device=counts.device)
     if caution.normalize == "mean_clamp":
         scale = (k / n).clamp_min_(caution.floor).reciprocal_()
@@ -256,26 +281,74 @@ def _check_no_fused_foreach(foreach: bool | None, fused: bool | None) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def _default_fused(params: list[Tensor]) -> bool:
-    """The default on CUDA when Triton is available: the fused kernels (issue: fused by default on GPU).
-
-    On CPU the default stays foreach, as in torch.optim; ``fused=True`` selects the native CPU path.
-    """
-    if not params or torch.compiler.is_compiling() or not all(p.device.type == "cuda" for p in params):
+def _torch_default_foreach(params: list[Tensor]) -> bool:
+    """torch.optim's own default: foreach on CUDA-like devices, the single-tensor loop on CPU."""
+    if torch.jit.is_scripting():
         return False
+    devices = tuple(d for d in _foreach_devices() if d != "cpu")
+    return all(t is None or (type(t) in _NATIVE_TYPES and t.device.type in devices) for t in params)
+
+
+def _default_fused(params: list[Tensor], caution: Caution | None, *, capturable: bool, stats: dict | None) -> bool:
+    """Whether the default is the fused path (see the table in docs/backends/torch.md).
+
+    Only with caution on (off, the default is torch.optim's, so ``caution=False`` reproduces
+    ``torch.optim`` bit for bit). CUDA: the Triton kernels when Triton imports. CPU: the native
+    C++ loop when the kernel is built or can be built for every parameter dtype (the first call
+    compiles it, once, into ``~/.cache/cautious``; :func:`cautious.torch.build_fused` prebuilds);
+    not under Triton's interpreter. Never while compiling, and never for what the fused path
+    refuses or handles differently (``denominator="nonzero"``, telemetry, ``capturable``, complex
+    parameters): those keep the single-tensor or foreach default.
+    """
+    if not params or caution is None or torch.compiler.is_compiling():
+        return False
+    if caution.denominator != "size" or stats is not None or capturable or any(p.is_complex() for p in params):
+        return False
+    kind = params[0].device.type
+    if kind == "cuda":
+        if not all(p.device.type == "cuda" for p in params):
+            return False
+        from cautious.backends.torch import fused
+
+        return fused.is_available(params[0].device)
+    if kind != "cpu" or not all(type(p) in _NATIVE_TYPES and p.device.type == "cpu" for p in params):
+        return False  # DTensor and other subclasses: not the native kernel
     from cautious.backends.torch import fused
 
-    return fused.is_available(params[0].device)
+    if fused.backend_for(params[0].device) != "cpu":
+        return False
+    from cautious.backends.torch.fused import cpu
+
+    return all(cpu.native_available(dtype) for dtype in {p.dtype for p in params})
 
 
-def _resolve(params: list[Tensor], foreach: bool | None, fused: bool | None, lr: Any) -> str:
+def _resolve(
+    params: list[Tensor],
+    foreach: bool | None,
+    fused: bool | None,
+    lr: Any,
+    caution: Caution | None,
+    *,
+    capturable: bool = False,
+    stats: dict | None = None,
+) -> str:
+    """The path a step runs: ``"fused"``, ``"foreach"`` or ``"single"``; an explicit choice wins.
+
+    Defaults, measured (docs/benchmarks.md): CUDA -> fused (Triton); CPU with caution -> the
+    native fused loop when available, else the single-tensor loop (on CPU the foreach ops make
+    one pass over memory per op; the loop works on one tensor while it is in cache); caution
+    off -> torch.optim's own choice. While compiling: foreach (the previous default).
+    """
     _check_no_fused_foreach(foreach, fused)
     if fused:
         return "fused"
     if foreach is None and fused is None:
-        if _default_fused(params):
+        if _default_fused(params, caution, capturable=capturable, stats=stats):
             return "fused"
-        foreach = default_foreach(params) and not (isinstance(lr, Tensor) and torch.compiler.is_compiling())
+        if torch.compiler.is_compiling():
+            foreach = default_foreach(params) and not isinstance(lr, Tensor)
+        else:
+            foreach = _torch_default_foreach(params)
     return "foreach" if foreach else "single"
 
 
@@ -288,6 +361,10 @@ def _groups(params: list[Tensor], impl: str, *keys: list[Any], shards: bool = Fa
     """
     if impl == "single" and not shards:
         return [[i] for i in range(len(params))]
+    if len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1:
+        keys = tuple(k for k in keys if len(set(k)) > 1)  # one device and dtype: group by varying keys only
+        if not keys:
+            return [list(range(len(params)))]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype, *(k[i] for k in keys))].append(i)
@@ -397,8 +474,7 @@ def _adam_tensors(
         denoms = torch._foreach_sqrt(max_exp_avg_sqs if amsgrad else exp_avg_sqs)
     else:
         grads = [-g if maximize else g for g in grads]
-        for st in state_steps:
-            st += 1
+        _increment_steps_(state_steps)
         if weight_decay != 0 and not decoupled_weight_decay:
             grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
         for m, v, g in zip(exp_avgs, exp_avg_sqs, grads, strict=False):
@@ -414,7 +490,7 @@ def _adam_tensors(
     if tensor_steps:
         biases = [_adam_bias_tensor(st, device=params[0].device, **hp) for st in state_steps]
     else:
-        biases = [_adam_bias(_step_value(st), **hp) for st in state_steps]
+        biases = [_adam_bias(step, **hp) for step in _step_values(state_steps)]
     neg_step_sizes = [-s for s, _ in biases]
 
     if caution is not None and eps == 0:
@@ -529,7 +605,7 @@ def adam(
     With ``capturable=True`` (as torch.optim) the steps, ``lr`` (if a tensor) and the bias corrections stay
     tensors on the device: no host synchronisation; under ``torch.compile`` they are tensors as well.
     """
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution, capturable=capturable, stats=stats)
     hyper = dict(
         amsgrad=amsgrad,
         beta1=float(beta1),
@@ -550,9 +626,10 @@ def adam(
 
         _fused_supports(caution, stats)
 
-        for st in state_steps:
-            st += 1
-        steps = [_step_value(st) for st in state_steps]
+        steps = fused_kernels.increment_steps_(state_steps)
+        if steps is None:
+            _increment_steps_(state_steps)
+            steps = _step_values(state_steps)
         for idx in _groups(params, impl, steps):
             launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
@@ -604,8 +681,7 @@ def _lion_tensors(
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
     else:
         grads = [-g if maximize else g for g in grads]
-        for st in state_steps:
-            st += 1
+        _increment_steps_(state_steps)
         cs = [m.lerp(g, 1 - beta1) for m, g in zip(exp_avgs, grads, strict=False)]
         for m, g in zip(exp_avgs, grads, strict=False):
             m.lerp_(g, 1 - beta2)
@@ -651,7 +727,7 @@ def lion(
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution, stats=stats)
     hyper = dict(
         beta1=float(beta1),
         beta2=float(beta2),
@@ -667,8 +743,8 @@ def lion(
 
         _fused_supports(caution, stats)
 
-        for st in state_steps:
-            st += 1
+        if fused_kernels.increment_steps_(state_steps) is None:
+            _increment_steps_(state_steps)
         launch = fused_kernels.lion_launch(**hyper)
         for idx in _groups(params, impl):
             nones = [None] * len(idx)
@@ -788,7 +864,7 @@ def sgd(
 
     New momentum buffers are written into ``momentum_buffer_list``.
     """
-    impl = _resolve(params, foreach, fused, lr)
+    impl = _resolve(params, foreach, fused, lr, caution, stats=stats)
     hyper = dict(
         momentum=float(momentum),
         dampening=float(dampening),

@@ -214,9 +214,9 @@ class _CautiousOptimizer(torch.optim.Optimizer):
             return
         from cautious.backends.torch import fused
 
-        for p in params:
-            if not fused.is_available(p.device):
-                raise RuntimeError(f"fused=True is not available on device {p.device}")
+        for device in {p.device for p in params}:
+            if not fused.is_available(device):
+                raise RuntimeError(f"fused=True is not available on device {device}")
 
 
 class Adam(_CautiousOptimizer):

@@ -56,7 +56,7 @@ from cautious._caution import Caution, as_caution
 from cautious.backends.torch.fused.contract import STORAGE, Launch, Rule, adam_hp, lion_hp, sgd_hp
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, validate
 
-__all__ = ["is_available", "fused_adam_", "fused_lion_", "fused_sgd_"]
+__all__ = ["is_available", "build_fused", "fused_adam_", "fused_lion_", "fused_sgd_"]
 
 _BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 _BACKENDS = ("triton", "cpu", "eager")
@@ -88,6 +88,18 @@ def is_available(device: Any) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and triton_importable()
     return False
+
+
+def build_fused() -> dict[str, bool]:
+    """Prebuild the native CPU kernel (cached in ``~/.cache/cautious``) for every supported dtype pair.
+
+    The CPU default of a cautious optimizer is this kernel; without a prebuild its first step
+    compiles it (once per dtype pair, a warning gives the seconds). Returns whether each pair has
+    native code, e.g. ``{"float32": True, ...}``. Also ``cautious build`` on the command line.
+    """
+    from cautious.backends.torch.fused import cpu
+
+    return cpu.build()
 
 
 def backend_for(device: torch.device, backend: str | None = None) -> str:
@@ -164,6 +176,25 @@ def _check_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tensor | N
 # --------------------------------------------------------------------------- driver
 
 
+def increment_steps_(state_steps: list[torch.Tensor]) -> list[int] | None:
+    """``step += 1`` for CPU step tensors in one native call (bitwise torch's ``step += 1``): the new steps.
+
+    With many small tensors one torch op per parameter is most of a step's time. ``None``
+    (nothing done) when no native kernel is loaded or the steps are not scalar CPU float32/float64
+    tensors; the caller then increments them with torch ops.
+    """
+    if not state_steps or torch.compiler.is_compiling():
+        return None
+    from cautious.backends.torch.fused import cpu
+
+    values = cpu.increment_steps_(state_steps)
+    if values is None:
+        return None
+    if values.min() == values.max():
+        return [int(values[0])] * len(state_steps)
+    return [int(x) for x in values.tolist()]
+
+
 def run(
     launch: Launch,
     lists: list[list[torch.Tensor | None]],
@@ -190,21 +221,24 @@ def run(
     if impl != "triton" and lr_t is not None:
         lr_f, lr_t = float(lr_t.item()), None  # CPU: reading a CPU tensor is free
     launch = launch.with_lr(0.0 if lr_f is None else lr_f)
-    # group by (param, grad, state) dtypes, keeping list order inside a group
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        st = tuple(lst[i].dtype for lst in lists[2:] if lst[i] is not None)
-        groups.setdefault((p.dtype, lists[1][i].dtype, st), []).append(i)
+    # group by (param, grad, state) dtypes, keeping list order inside a group (usually one group)
+    if all(len({None if x is None else x.dtype for x in lst}) == 1 for lst in lists):
+        groups = {None: range(len(params))}
+    else:
+        groups = {}
+        for i, p in enumerate(params):
+            st = tuple(lst[i].dtype for lst in lists[2:] if lst[i] is not None)
+            groups.setdefault((p.dtype, lists[1][i].dtype, st), []).append(i)
     for idx in groups.values():
-        cols = [[lst[i] for i in idx] for lst in lists]
+        cols = [list(lst) for lst in lists] if len(idx) == len(params) else [[lst[i] for i in idx] for lst in lists]
         writeback = []
         for c, col in enumerate(cols):
-            for j, x in enumerate(col):
-                if x is not None and not x.is_contiguous():
-                    y = x.contiguous()
-                    if c != 1:
-                        writeback.append((x, y))
-                    col[j] = y
+            for j in [j for j, x in enumerate(col) if x is not None and not x.is_contiguous()]:
+                x = col[j]
+                y = x.contiguous()
+                if c != 1:
+                    writeback.append((x, y))
+                col[j] = y
         if impl == "triton":
             from cautious.backends.torch.fused import triton_kernels
 

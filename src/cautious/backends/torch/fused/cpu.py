@@ -20,6 +20,10 @@ spinning workers. Otherwise (no such runtime, ``-fopenmp`` fails, or
 ``CAUTIOUS_FUSED_CPU=threads``) the same split runs on std::threads started per call. The
 choice is made at build time (the flags are part of the cache key); results are identical.
 
+A build says so once, with its seconds and the cache directory (a ``UserWarning``: the first
+step of an optimizer that defaults to this path pays it); :func:`build` (public as
+:func:`cautious.torch.build_fused`, and ``cautious build`` on the command line) prebuilds.
+
 Without a compiler (or for a dtype pair the native code does not cover, or
 ``CAUTIOUS_FUSED_CPU=eager``), :func:`run` uses :mod:`.eager`, the same math per tensor.
 """
@@ -35,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -43,7 +48,7 @@ import torch
 from cautious.backends.torch.fused import eager
 from cautious.backends.torch.fused.contract import STORAGE, CpuArgs, Launch, Slot
 
-__all__ = ["run", "native_available", "source"]
+__all__ = ["run", "native_available", "build", "source"]
 
 #: (param, state) storage pairs with native code, and their compute type; anything else runs eagerly.
 NATIVE_PAIRS = {
@@ -54,6 +59,8 @@ NATIVE_PAIRS = {
     (2, 2): "float",
     (3, 3): "float",
 }
+_NAMES = {0: "float32", 1: "float64", 2: "bfloat16", 3: "float16"}
+_PAIR_NAMES = {(pc, sc): _NAMES[pc] if pc == sc else f"{_NAMES[pc]} with {_NAMES[sc]} state" for pc, sc in NATIVE_PAIRS}
 PIECE = 1 << 16  # entries per piece of work (and per thread at least)
 _FLAGS = [
     "-std=c++17",
@@ -73,6 +80,7 @@ def source() -> str:
 
 
 _libs: dict = {}
+_step_fns: list = []  # cautious_increment_steps of every loaded kernel (any one will do)
 _lock = threading.Lock()
 _warned = False
 
@@ -158,7 +166,9 @@ def _compile_and_load(cxx: str, version: str, pc: int, sc: int, extra: list[str]
             f.write(text)
         os.replace(src + f".{os.getpid()}", src)
         tmp = so + f".{os.getpid()}.tmp"
+        start = time.perf_counter()
         proc = subprocess.run([cxx, *flags, *defs, src, "-o", tmp], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
         if proc.returncode != 0:
             if not quiet:
                 warnings.warn(
@@ -169,6 +179,12 @@ def _compile_and_load(cxx: str, version: str, pc: int, sc: int, extra: list[str]
                 )
             return None
         os.replace(tmp, so)  # atomic: concurrent builders agree
+        warnings.warn(
+            f"cautious: compiled the native fused CPU kernel ({_PAIR_NAMES[(pc, sc)]}) once in {seconds:.1f} s; "
+            f"cached in {directory}",
+            UserWarning,
+            stacklevel=5,
+        )
     try:
         lib = ctypes.CDLL(so)
     except OSError:
@@ -176,6 +192,10 @@ def _compile_and_load(cxx: str, version: str, pc: int, sc: int, extra: list[str]
     fn = lib.cautious_fused_run
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(CpuArgs)]
+    steps = lib.cautious_increment_steps
+    steps.restype = ctypes.c_int
+    steps.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    _step_fns.append(steps)
     return fn
 
 
@@ -191,6 +211,34 @@ def _native(pc: int, sc: int):
 def native_available(dtype: torch.dtype = torch.float32, state_dtype: torch.dtype | None = None) -> bool:
     """Whether the native kernel exists (building it if needed) for this dtype pair."""
     return _native(STORAGE[dtype], STORAGE[state_dtype or dtype]) is not None
+
+
+def build() -> dict[str, bool]:
+    """Build (or find in the cache) the native kernel for every supported dtype pair.
+
+    Returns ``{"float32": True, "bfloat16 with float32 state": True, ...}``: whether each pair
+    has native code now. A later first step then pays no compile time.
+    """
+    return {_PAIR_NAMES[pair]: _native(*pair) is not None for pair in NATIVE_PAIRS}
+
+
+def increment_steps_(state_steps: list[torch.Tensor]) -> np.ndarray | None:
+    """``step += 1`` in place for CPU float32 (or float64) scalar step tensors, in one native call.
+
+    Returns the new values (float64), or ``None`` (nothing changed) when no kernel is loaded or
+    the steps are not all one-element CPU tensors of one of those dtypes.
+    """
+    if not _step_fns or not state_steps:
+        return None
+    dtypes = {s.dtype for s in state_steps}
+    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in (torch.float32, torch.float64):
+        return None
+    if any(s.device.type != "cpu" or s.numel() != 1 or s.requires_grad for s in state_steps):
+        return None
+    ptrs = np.fromiter((s.data_ptr() for s in state_steps), dtype=np.int64, count=len(state_steps))
+    out = np.empty(len(state_steps), dtype=np.float64)
+    _step_fns[0](ptrs.ctypes.data, len(state_steps), STORAGE[dtype], out.ctypes.data)
+    return out
 
 
 def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, counts_out=None, scales=None) -> None:

@@ -452,3 +452,20 @@ extern "C" int cautious_fused_run(const int64_t* meta, int64_t T, const CpuArgs*
     return by_rule<CAUTIOUS_CT, CAUTIOUS_PC, CAUTIOUS_SC>(tasks, *args);
   return -1;
 }
+
+// step <- step + 1 for n scalar step tensors (code 0: float32, 1: float64), as torch's `step += 1`
+// rounds; the new values go to out (one call instead of one torch op per parameter).
+extern "C" int cautious_increment_steps(const int64_t* ptrs, int64_t n, int64_t code, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (code == 0) {
+      float* s = (float*)ptrs[i];
+      *s = *s + 1.0f;
+      out[i] = (double)*s;
+    } else {
+      double* s = (double*)ptrs[i];
+      *s = *s + 1.0;
+      out[i] = *s;
+    }
+  }
+  return 0;
+}
