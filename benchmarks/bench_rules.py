@@ -20,6 +20,7 @@ Each framework runs in its own process (TensorFlow must not share one with torch
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import os
@@ -132,9 +133,9 @@ def bench_torch(args: argparse.Namespace) -> None:
             paths.append(("fused", {"fused": True}))
         for path, flag in paths:
             makers = {
-                f"native {path}": None if native is None else (lambda ps, n=native: n(ps, lr=LR, **flag, **kw)),
-                f"ours caution=False {path}": lambda ps: ours(ps, lr=LR, caution=False, **flag, **kw),
-                f"ours cautious {path}": lambda ps: ours(ps, lr=LR, **flag, **kw),
+                f"native {path}": None if native is None else functools.partial(native, lr=LR, **flag, **kw),
+                f"ours caution=False {path}": functools.partial(ours, lr=LR, caution=False, **flag, **kw),
+                f"ours cautious {path}": functools.partial(ours, lr=LR, **flag, **kw),
             }
             steps = {}
             for name, make in makers.items():
@@ -206,7 +207,7 @@ def bench_jax(args: argparse.Namespace) -> None:
             box = {"p": [jax.numpy.asarray(p) for p in params]}
             box["s"] = tx.init(box["p"])
 
-            def run(box=box, step=step):
+            def run(box=box, step=step, grads=grads):
                 box["p"], box["s"] = step(box["p"], box["s"], grads)
                 jax.block_until_ready(box["p"])
 
@@ -249,9 +250,9 @@ def bench_tensorflow(args: argparse.Namespace) -> None:
         params, grads = data([s for s in all_shapes if len(s) == 2] if matrices else all_shapes)
         grads_t = [tf.constant(g) for g in grads]
         makers = {
-            "native (keras)": None if native is None else (lambda: native(learning_rate=LR, **kw)),
-            "ours caution=False": lambda: ours(learning_rate=LR, caution=False, **kw),
-            "ours cautious": lambda: ours(learning_rate=LR, **kw),
+            "native (keras)": None if native is None else functools.partial(native, learning_rate=LR, **kw),
+            "ours caution=False": functools.partial(ours, learning_rate=LR, caution=False, **kw),
+            "ours cautious": functools.partial(ours, learning_rate=LR, **kw),
         }
         steps = {}
         for name, make in makers.items():
@@ -262,7 +263,7 @@ def bench_tensorflow(args: argparse.Namespace) -> None:
             opt.build(vs)
 
             @tf.function(jit_compile=True)
-            def step(opt=opt, vs=vs):
+            def step(opt=opt, vs=vs, grads_t=grads_t):
                 opt.apply(grads_t, vs)
 
             steps[name] = step
