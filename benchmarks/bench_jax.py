@@ -14,14 +14,21 @@ Variants:
   wrapper(optax.scale_by_adam)     cautious.jax.cautious around optax's direction (generic path:
                                    mask from u, which XLA materialises)
   naive                            a straightforward masked AdamW (count = sum(mask) in int32)
+  cautious.jax.adamw[ffi count]    (--ffi) the shipped step with the kept count as an XLA FFI custom
+                                   call (benchmarks/jax_ffi_count.cc, compiled here with g++; an
+                                   experiment, not shipped: float32 only, CPU only)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
+import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -71,6 +78,24 @@ def naive_cautious_adamw(lr: float, weight_decay: float = 1e-4) -> optax.Gradien
     )
 
 
+def ffi_kept_count():
+    """``kept_count`` as an XLA FFI custom call: builds benchmarks/jax_ffi_count.cc (g++), registers it."""
+    out = os.path.join(tempfile.mkdtemp(), "libcautious_ffi_count.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_ffi_count.cc")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    subprocess.run(["g++", *flags, src, "-o", out], check=True)
+    lib = ctypes.cdll.LoadLibrary(out)
+    jax.ffi.register_ffi_target("cautious_kept_count", jax.ffi.pycapsule(lib.CautiousKeptCount), platform="cpu")
+    call = jax.ffi.ffi_call("cautious_kept_count", jax.ShapeDtypeStruct((), jnp.int32))
+
+    def kept_count(a, g):
+        if a.dtype != jnp.float32 or g.dtype != jnp.float32:
+            raise TypeError("the FFI experiment counts float32 only")
+        return call(a, g).astype(_core.count_dtype())
+
+    return kept_count
+
+
 def make_step(opt: optax.GradientTransformation):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, state, grads):
@@ -91,6 +116,7 @@ def main() -> None:
     ap.add_argument(
         "--count", action="store_true", help="also cautious.jax.adamw with each count indicator (_core.INDICATORS)"
     )
+    ap.add_argument("--ffi", action="store_true", help="also the shipped step with the count as an XLA FFI custom call")
     args = ap.parse_args()
 
     lr = 1e-3
@@ -110,6 +136,10 @@ def main() -> None:
         for name in _core.INDICATORS:
             indicators[f"cautious.jax.adamw[{name}]"] = name
             variants[f"cautious.jax.adamw[{name}]"] = cj.adamw(lr)
+    patched = {}  # variant -> the kept_count it is traced with
+    if args.ffi:
+        patched["cautious.jax.adamw[ffi count]"] = ffi_kept_count()
+        variants["cautious.jax.adamw[ffi count]"] = cj.adamw(lr)
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "optax.adamw" or k in args.only}
 
@@ -127,16 +157,21 @@ def main() -> None:
         params = jax.tree.map(jnp.copy, base)
         state = opt.init(params)
         step = make_step(opt)
-        shipped = _core.INDICATOR
+        shipped, shipped_count = _core.INDICATOR, _core.kept_count
         _core.INDICATOR = indicators.get(name, shipped)  # read while tracing (the first warm-up step)
+        _core.kept_count = patched.get(name, shipped_count)
         try:
             for _ in range(args.warmup):
                 params, state = step(params, state, grads)
         finally:
-            _core.INDICATOR = shipped
+            _core.INDICATOR, _core.kept_count = shipped, shipped_count
         jax.block_until_ready(params)
         runs[name] = [step, params, state]
 
+    if "cautious.jax.adamw[ffi count]" in runs and "cautious.jax.adamw" in runs:
+        shipped_p, ffi_p = runs["cautious.jax.adamw"][1], runs["cautious.jax.adamw[ffi count]"][1]
+        same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(shipped_p), jax.tree.leaves(ffi_p)))
+        print(f"ffi count: parameters bit-identical to the shipped step after {args.warmup} steps: {same}")
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
