@@ -705,7 +705,7 @@ class Nadam(CautiousOptimizer):
         b = mu_next / (1.0 - prod * mu_next)
         bc2 = 1.0 - tf.pow(tf.constant(b2, tf.float64), t)
         d = tf.sqrt(v) * tf.cast(tf.math.rsqrt(bc2), cdt) + _c(self.epsilon, cdt)
-        u = (tf.cast(a, cdt) * g + tf.cast(b, cdt) * m) / d
+        u = tf.cast(a, cdt) * (g / d) + tf.cast(b, cdt) * (m / d)  # the spec's order: 0 / 0 is NaN
         return u, None, [(m_var, m), (v_var, v)], None
 
     def get_config(self) -> dict[str, Any]:

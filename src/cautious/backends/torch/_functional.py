@@ -1058,7 +1058,11 @@ def _nadam_tensors(
                 p.addcdiv_(g, d, value=cg)
                 p.addcdiv_(m, d, value=cm)
         return
-    us = [(g * a).add_(m, alpha=b).div_(d) for g, m, d, a, b in zip(grads, exp_avgs, denoms, a_s, b_s, strict=False)]
+    # a * (g / d) + b * (m' / d), the spec's order: g = 0 with d = 0 (eps = 0) is NaN, as 0 / 0 is
+    us = [
+        g.div(d).mul_(a).add_(m.div(d), alpha=b)
+        for g, m, d, a, b in zip(grads, exp_avgs, denoms, a_s, b_s, strict=False)
+    ]
     _caution_and_descend_(
         params,
         us,
