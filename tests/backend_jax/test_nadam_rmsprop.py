@@ -164,3 +164,25 @@ def test_errors():
         cj.rmsprop(0.1, nesterov=True)
     with pytest.raises(TypeError, match="centered must be a bool"):
         cj.rmsprop(0.1, centered=1)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_conformance(jit):
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.jax import JaxAdapter
+
+    result = run_conformance(
+        JaxAdapter(jit=jit), rules=("nadam", "rmsprop"), dtypes=("float32", "float64", "bfloat16"), max_examples=60
+    )
+    assert {rule for rule, _ in result.examples} == {"nadam", "rmsprop"}
+
+
+def test_adapter_declines_what_optax_cannot_express():
+    from cautious.conformance import Case
+    from cautious.conformance.adapters.jax import JaxAdapter
+
+    a = JaxAdapter(jit=False)
+    assert "update form" in a.supports(Case("rmsprop", {"momentum": 0.9}))
+    assert "coupled" in a.supports(Case("rmsprop", {"weight_decay": 0.1, "decoupled_weight_decay": True}))
+    assert "NaN" in a.supports(Case("nadam", {"eps": 0.0, "momentum_schedule": "constant"}))
+    assert a.supports(Case("nadam", {"eps": 0.0, "momentum_schedule": "dozat"})) is None

@@ -135,3 +135,23 @@ def test_errors():
     with pytest.raises(ValueError) as info:
         ctf.Nadam(momentum_schedule="torch")
     assert str(info.value) == message("momentum_schedule", "torch")
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_conformance(mode):
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.tensorflow import TFAdapter
+
+    result = run_conformance(TFAdapter(mode), rules=("nadam", "rmsprop"), max_examples=40, seed=0)
+    assert {rule for rule, _ in result.examples} == {"nadam", "rmsprop"}
+
+
+def test_adapter_pins_keras_rmsprop_forms():
+    from cautious.conformance import Case
+    from cautious.conformance.adapters.tensorflow import TFAdapter
+
+    a = TFAdapter("eager")
+    assert a.fixed_hparams("rmsprop")["eps_in_sqrt"] is True
+    assert a.supports(Case("rmsprop", {"momentum": 0.9, "eps_in_sqrt": True})) is not None
+    assert a.supports(Case("rmsprop", {"eps_in_sqrt": False})) is not None
+    assert a.supports(Case("rmsprop", {"eps_in_sqrt": True})) is None

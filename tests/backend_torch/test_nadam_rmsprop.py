@@ -153,3 +153,25 @@ def test_nadam_torch_checkpoint_loads_and_continues_bitwise():
     oa.step()
     ob.step()
     assert torch.equal(a, b)
+
+
+# -- conformance (the shipped suite), and the fused adapter's reason ----------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach"])
+def test_conformance(impl):
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.torch import TorchAdapter
+
+    result = run_conformance(TorchAdapter(impl), rules=("nadam", "rmsprop"), max_examples=120)
+    assert {rule for rule, _ in result.examples} == {"nadam", "rmsprop"}
+
+
+def test_fused_adapters_decline_with_a_reason():
+    from cautious.conformance import Case
+    from cautious.conformance.adapters.fused import FusedAdapter
+    from cautious.conformance.adapters.torch import TorchAdapter
+
+    for rule in ("nadam", "rmsprop"):
+        assert "no fused kernel" in TorchAdapter("fused").supports(Case(rule, {}))
+        assert "no fused kernel" in FusedAdapter().supports(Case(rule, {}))
