@@ -1,4 +1,5 @@
-"""PyTorch backend: cautious ``AdamW``, ``Adam``, ``Lion`` and ``SGD`` as ``torch.optim.Optimizer`` classes.
+"""PyTorch backend: cautious ``AdamW``, ``Adam``, ``Lion``, ``SGD``, ``NAdam`` and ``RMSprop`` as
+``torch.optim.Optimizer`` classes.
 
 Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
 
