@@ -215,16 +215,20 @@ def test_integer_parameters_are_refused(name, dtype):
 
 # -- validation: the spec's table, drawn -----------------------------------------------------------------
 
-NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2"}
+NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "alpha": "decay"}
 ARGS = {
     "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_placement"),
     "lion": ("lr", "beta1", "beta2", "weight_decay"),
     "sgd": ("lr", "momentum", "weight_decay"),
+    "nadamw": ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay", "momentum_schedule"),
+    "rmsprop": ("lr", "alpha", "eps", "initial_scale", "weight_decay"),
 }
 JAX_FLAGS = {
     "adamw": ("amsgrad", "maximize", "nesterov", "cautious_weight_decay"),
     "lion": ("maximize", "cautious_weight_decay"),
     "sgd": ("nesterov", "maximize", "decoupled_weight_decay", "cautious_weight_decay"),
+    "nadamw": ("maximize", "nesterov", "cautious_weight_decay"),
+    "rmsprop": ("eps_in_sqrt", "centered", "maximize"),
 }
 _BY_KEY = {c.key: c for c in ERROR_TABLE}
 

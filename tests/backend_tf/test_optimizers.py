@@ -282,6 +282,8 @@ _ACCEPTED = {
     },
     "Lion": {"lr", "beta1", "beta2", "weight_decay", "maximize", "cautious_weight_decay"},
     "SGD": {"lr", "momentum", "weight_decay", "nesterov", "maximize", "cautious_weight_decay"},
+    "Nadam": {"lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay", "momentum_schedule", "maximize"},
+    "RMSprop": {"lr", "momentum", "eps", "weight_decay", "centered", "maximize", "cautious_weight_decay"},
 }
 _INVALID = [
     (cls, *ex)

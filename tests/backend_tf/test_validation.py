@@ -16,19 +16,28 @@ import cautious.tensorflow as ctf  # noqa: E402
 from cautious import Caution  # noqa: E402
 from cautious.spec.errors import ERROR_TABLE, message, type_message  # noqa: E402
 
-NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
+NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon", "alpha": "rho"}
 NUMBERS = {
     "AdamW": ("lr", "beta1", "beta2", "eps", "weight_decay"),
     "Adam": ("lr", "beta1", "beta2", "eps"),
     "Lion": ("lr", "beta1", "beta2"),
     "SGD": ("lr", "momentum"),
+    "Nadam": ("lr", "beta1", "beta2", "eps", "momentum_decay"),
+    "RMSprop": ("lr", "alpha", "momentum", "eps"),
 }
-CHOICES = {"AdamW": ("eps_placement",), "Adam": ("eps_placement",), "SGD": ("momentum_form",)}
+CHOICES = {
+    "AdamW": ("eps_placement",),
+    "Adam": ("eps_placement",),
+    "SGD": ("momentum_form",),
+    "Nadam": ("momentum_schedule",),
+}
 FLAGS = {
     "AdamW": ("amsgrad", "maximize", "cautious_weight_decay"),
     "Adam": ("amsgrad", "maximize", "cautious_weight_decay"),
     "Lion": ("maximize", "cautious_weight_decay"),
     "SGD": ("nesterov", "maximize", "cautious_weight_decay"),
+    "Nadam": ("maximize", "cautious_weight_decay"),
+    "RMSprop": ("centered", "maximize", "cautious_weight_decay"),
 }
 _BY_KEY = {c.key: c for c in ERROR_TABLE}
 

@@ -12,8 +12,10 @@ KEYS = {
     "Adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_placement"),
     "Lion": ("lr", "beta1", "beta2", "weight_decay"),
     "SGD": ("lr", "momentum", "dampening", "weight_decay"),
+    "NAdam": ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay", "momentum_schedule"),
+    "RMSprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
 }
-CLS = {"AdamW": ct.AdamW, "Adam": ct.Adam, "Lion": ct.Lion, "SGD": ct.SGD}
+CLS = {"AdamW": ct.AdamW, "Adam": ct.Adam, "Lion": ct.Lion, "SGD": ct.SGD, "NAdam": ct.NAdam, "RMSprop": ct.RMSprop}
 
 
 def _cases():

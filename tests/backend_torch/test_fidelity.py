@@ -359,6 +359,8 @@ CLASS_KEYS = {
     ct.Adam: ("lr", "eps", "weight_decay", "eps_placement", "amsgrad", "maximize", "decoupled_weight_decay"),
     ct.Lion: ("lr", "weight_decay", "maximize", "cautious_weight_decay"),
     ct.SGD: ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "decoupled_weight_decay"),
+    ct.NAdam: ("lr", "eps", "momentum_decay", "momentum_schedule", "maximize", "decoupled_weight_decay"),
+    ct.RMSprop: ("lr", "alpha", "eps", "momentum", "centered", "maximize", "decoupled_weight_decay"),
 }
 
 

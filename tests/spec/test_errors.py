@@ -20,8 +20,18 @@ FACTORY_KEYS = {
     "dampening": ("sgd", "dampening"),
     "eps_placement": ("adamw", "eps_placement"),
     "momentum_form": ("sgd", "momentum_form"),
+    "momentum_decay": ("nadam", "momentum_decay"),
+    "momentum_schedule": ("nadam", "momentum_schedule"),
+    "alpha": ("rmsprop", "alpha"),
+    "initial_scale": ("rmsprop", "initial_scale"),
 }
-FLAG_FACTORY = {"amsgrad": "adamw", "nesterov": "sgd", "decoupled_weight_decay": "sgd"}
+FLAG_FACTORY = {
+    "amsgrad": "adamw",
+    "nesterov": "sgd",
+    "decoupled_weight_decay": "sgd",
+    "centered": "rmsprop",
+    "eps_in_sqrt": "rmsprop",
+}
 
 
 @pytest.mark.parametrize(("key", "value", "exc", "msg"), invalid_examples(), ids=repr)

@@ -174,3 +174,13 @@ def test_verify_native_optax_and_keras_as_caution_off(tmp_path):
         # Keras is NOT the spec's corrected eps placement: the profile detects which one it is
         prof = json.loads((tmp_path / "k0.json").read_text())["targets"][0]
         assert prof["profile"]["eps_placement"]["detected"] == ["uncorrected"]
+
+
+def test_verify_our_torch_backend_on_nadam_and_rmsprop(tmp_path):
+    # the new base rules through the CLI: single/foreach conform, the fused lane declines them (skip)
+    out = _run(
+        [*CLI, "verify", "--backend", "torch", "--max-examples", "3", "--rules", "nadam", "rmsprop",
+         "--options", "off", "exact"], cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "=== torch/single: conforms" in out.stdout and "=== torch/foreach: conforms" in out.stdout
+    assert "16 passed, 0 failed, 8 skipped" in out.stdout

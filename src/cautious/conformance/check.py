@@ -274,7 +274,7 @@ def check_step(
 
 
 def _default_lr(case: Case) -> float:
-    return {"lion": 1e-4}.get(case.rule, 1e-3)
+    return {"lion": 1e-4, "nadam": 2e-3, "rmsprop": 1e-2}.get(case.rule, 1e-3)
 
 
 def py_float(x: float) -> str:

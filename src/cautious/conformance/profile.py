@@ -607,6 +607,10 @@ def _judge_errors(name: str, ctx: _Ctx) -> ClauseResult:
         bad += [("eps", -1.0), ("betas", (1.5, 0.999))]
     elif ctx.family == "lion":
         bad += [("betas", (1.5, 0.99))]
+    elif ctx.family == "nadam":
+        bad += [("eps", -1.0), ("betas", (1.5, 0.999)), ("momentum_decay", -1.0)]
+    elif ctx.family == "rmsprop":
+        bad += [("eps", -1.0), ("alpha", 1.5)]
     else:
         bad += [("momentum", -0.5)]
     tried, problems = [], []

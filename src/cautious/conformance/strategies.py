@@ -109,6 +109,29 @@ def hparams(draw, rule: str) -> dict:
         hp["weight_decay"] = draw(st.sampled_from(_WD))
         hp["maximize"] = draw(st.booleans())
         hp["cautious_weight_decay"] = draw(st.booleans())
+    elif rule == "nadam":
+        hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
+        hp["eps"] = draw(st.sampled_from(_EPS))
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["momentum_decay"] = draw(st.sampled_from([f32(4e-3), 1.0, 0.0]))
+        hp["momentum_schedule"] = draw(st.sampled_from(["dozat", "constant"]))
+        hp["maximize"] = draw(st.booleans())
+        dec = draw(st.booleans())
+        hp["decoupled_weight_decay"] = dec
+        hp["cautious_weight_decay"] = dec and draw(st.booleans())
+    elif rule == "rmsprop":
+        mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
+        hp["alpha"] = draw(st.sampled_from([f32(0.5), f32(0.9), f32(0.99)]))
+        hp["eps"] = draw(st.sampled_from(_EPS))
+        hp["momentum"] = mom
+        hp["centered"] = draw(st.booleans())
+        hp["nesterov"] = mom > 0 and draw(st.booleans())
+        hp["eps_in_sqrt"] = draw(st.booleans())
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["maximize"] = draw(st.booleans())
+        dec = draw(st.booleans())
+        hp["decoupled_weight_decay"] = dec
+        hp["cautious_weight_decay"] = dec and draw(st.booleans())
     else:
         mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
         nesterov = mom > 0 and draw(st.booleans())
@@ -149,7 +172,21 @@ def _decoupled(rule: str, hp: Mapping[str, Any]) -> bool:
     return rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
 
 
-def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) -> tuple:
+def _nadam_mu_product(case: Case, step: int) -> float:
+    """``prod_{i <= step} mu_i`` of the case's NAdam schedule, in float64."""
+    b1 = float(case.hparams.get("betas", (0.9, 0.999))[0])
+    kw = dict(
+        beta1=b1,
+        momentum_decay=float(case.hparams.get("momentum_decay", 4e-3)),
+        momentum_schedule=case.hparams.get("momentum_schedule", "dozat"),
+    )
+    out = 1.0
+    for i in range(1, step + 1):
+        out *= spec.nadam_mu(i, **kw)
+    return out
+
+
+def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, step: int = 0) -> tuple:
     sd = case.state_storage
     shape = p.shape
     any_arr = lambda: draw(_array(shape, sd))  # noqa: E731
@@ -176,6 +213,15 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) ->
         return spec.AdamState(m, v, v_max)
     if rule == "lion":
         return spec.LionState(m)
+    if rule == "nadam":
+        # mu_product: the schedule's product up to the injected step (the value a run would hold)
+        mu_product = _nadam_mu_product(case, int(step))
+        return spec.NAdamState(m, round_to(np.abs(any_arr()), sd), np.asarray(round_to(mu_product, sd)))
+    if rule == "rmsprop":
+        v = round_to(np.abs(any_arr()), sd)
+        # a mean gradient with |g_avg| <= sqrt(v) (a variance >= 0, as a run keeps it)
+        g_avg = round_to(np.clip(m, -0.5 * np.sqrt(v), 0.5 * np.sqrt(v)), sd) if case.hparams.get("centered") else None
+        return spec.RMSpropState(v, g_avg, m if float(case.hparams.get("momentum", 0.0)) != 0 else None)
     if float(case.hparams.get("momentum", 0.0)) == 0:
         return spec.SGDState(None)
     return spec.SGDState(m)
@@ -209,7 +255,7 @@ def step_inputs(
     else:
         pattern = draw(st.sampled_from(["random", "agree", "disagree", "single", "cancel"]))
         step = draw(st.sampled_from([1, 2, 3, 10, 100, 1000]))
-        leaves = tuple(_state_leaf(case, p, g, pattern, draw) for p, g in zip(params, grad_seq[0]))
+        leaves = tuple(_state_leaf(case, p, g, pattern, draw, step) for p, g in zip(params, grad_seq[0]))
         state = spec.State(step, leaves)
     return params, grad_seq, state
 
@@ -229,6 +275,8 @@ def invalid_hparams(draw, rule: str):
         "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
         "lion": ("lr", "beta1", "beta2", "weight_decay"),
         "sgd": ("lr", "momentum", "dampening", "weight_decay"),
+        "nadam": ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
+        "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
     }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))

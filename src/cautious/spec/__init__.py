@@ -4,10 +4,10 @@ Everything every backend must reproduce is defined here, once:
 
 * :mod:`cautious.spec.mask`: the mask, the integer count, the scale, and the
   whole-update form :func:`whole_update` for a whole optimizer's update;
-* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum) as pure
+* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum, NAdam, RMSprop) as pure
   direction functions, and :func:`cautious`, the one wrapper that applies caution;
 * :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``,
-  ``sgd`` with ``init`` / ``step`` over immutable state;
+  ``sgd``, ``nadam``, ``nadamw``, ``rmsprop`` with ``init`` / ``step`` over immutable state;
 * :mod:`cautious.spec.errors`: the table of invalid hyperparameters;
 * :mod:`cautious.spec.dtypes`: storage dtypes and the round-once rule.
 
@@ -27,10 +27,12 @@ from cautious.spec.mask import (
     kept_count,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
+from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, nadam, nadamw, rmsprop, sgd
 from cautious.spec.rules import (
     AdamState,
     LionState,
+    NAdamState,
+    RMSpropState,
     Rule,
     SGDState,
     UpdateRule,
@@ -40,6 +42,13 @@ from cautious.spec.rules import (
     cautious_update,
     lion_direction,
     lion_rule,
+    nadam_direction,
+    nadam_mu,
+    nadam_rule,
+    rmsprop_direction,
+    rmsprop_rule,
+    rmsprop_velocity,
+    rmsprop_velocity_rule,
     sgd_direction,
     sgd_rule,
     sgd_velocity,
@@ -88,4 +97,16 @@ __all__ = [
     "sgd_velocity_rule",
     "cautious_update",
     "RULES",
+    "nadam",
+    "nadamw",
+    "rmsprop",
+    "NAdamState",
+    "RMSpropState",
+    "nadam_direction",
+    "nadam_mu",
+    "nadam_rule",
+    "rmsprop_direction",
+    "rmsprop_rule",
+    "rmsprop_velocity",
+    "rmsprop_velocity_rule",
 ]

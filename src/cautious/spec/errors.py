@@ -141,6 +141,16 @@ ERROR_TABLE: tuple[Check, ...] = (
         ("tf", "", "velocity"),
         choices=("torch", "keras"),
     ),
+    Check("momentum_decay", "a finite number >= 0", _nonneg, (-4e-3, _NAN, _INF)),
+    Check(
+        "momentum_schedule",
+        "one of 'dozat', 'constant'",
+        lambda x: False,
+        ("torch", "", "none"),
+        choices=("dozat", "constant"),
+    ),
+    Check("alpha", "a finite number in [0, 1]", _unit_closed, (-0.1, 1.5, _NAN)),
+    Check("initial_scale", "a finite number >= 0", _nonneg, (-1.0, _NAN, _INF)),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.
@@ -150,6 +160,8 @@ FLAGS: tuple[str, ...] = (
     "nesterov",
     "cautious_weight_decay",
     "decoupled_weight_decay",
+    "centered",
+    "eps_in_sqrt",
 )
 
 _BY_KEY: dict[str, Check] = {c.key: c for c in ERROR_TABLE}

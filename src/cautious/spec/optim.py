@@ -58,11 +58,14 @@ from cautious.spec.rules import (
     cautious,
     cautious_update,
     lion_rule,
+    nadam_rule,
+    rmsprop_rule,
+    rmsprop_velocity_rule,
     sgd_rule,
     sgd_velocity_rule,
 )
 
-__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer"]
+__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer", "nadam", "nadamw", "rmsprop"]
 
 
 class State(NamedTuple):
@@ -340,6 +343,167 @@ def sgd(
         rule = sgd_rule(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov)
     hp.update(
         nesterov=nesterov,
+        maximize=maximize,
+        decoupled=decoupled_weight_decay,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    return make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+    )
+
+
+def nadam(
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    momentum_schedule: str = "dozat",
+) -> Optimizer:
+    """Cautious NAdam (as torch.optim.NAdam; :func:`~cautious.spec.nadam_direction`). ``caution=False`` is NAdam.
+
+    ``momentum_schedule="dozat"`` (torch, Keras): ``mu_t = beta1 (1 - 0.5 * 0.96**(t * momentum_decay))``
+    (Keras 3 is ``momentum_decay=1``); ``"constant"`` (optax): ``mu_t = beta1``. With
+    ``decoupled_weight_decay=True`` it is NAdamW.
+    """
+    b1, b2 = split_betas(betas)
+    hp = dict(
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum_decay=momentum_decay,
+        momentum_schedule=momentum_schedule,
+    )
+    validate(hp, BETA_NAMES)
+    c = _common(
+        caution,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    rule = nadam_rule(
+        beta1=float(b1),
+        beta2=float(b2),
+        eps=float(eps),
+        momentum_decay=float(momentum_decay),
+        momentum_schedule=momentum_schedule,
+    )
+    hp.update(
+        maximize=maximize, decoupled=decoupled_weight_decay, caution=c, cautious_weight_decay=cautious_weight_decay
+    )
+    return make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+    )
+
+
+def nadamw(
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    momentum_decay: float = 4e-3,
+    *,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    momentum_schedule: str = "dozat",
+) -> Optimizer:
+    """Cautious NAdamW: :func:`nadam` with decoupled weight decay (default 1e-2, as :func:`adamw`)."""
+    return nadam(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        momentum_decay,
+        True,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        momentum_schedule=momentum_schedule,
+    )
+
+
+def rmsprop(
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    *,
+    maximize: bool = False,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = False,
+    initial_scale: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    momentum_form: str = "torch",
+) -> Optimizer:
+    """Cautious RMSprop (as torch.optim.RMSprop; :func:`~cautious.spec.rmsprop_direction`).
+
+    The named differences between frameworks: ``eps_in_sqrt`` (``sqrt(v + eps)``: optax's default
+    and Keras; torch adds ``eps`` after the root), ``initial_scale`` (optax's starting ``v``),
+    ``nesterov`` (optax), ``decoupled_weight_decay`` (Keras's decay; torch's is L2) and
+    ``momentum_form="keras"`` (the buffer carries the learning rate:
+    :func:`~cautious.spec.rmsprop_velocity`; caution masks the whole update).
+    """
+    hp = dict(
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        initial_scale=initial_scale,
+        momentum_form=momentum_form,
+    )
+    validate(hp)
+    c = _common(
+        caution,
+        centered=centered,
+        maximize=maximize,
+        nesterov=nesterov,
+        eps_in_sqrt=eps_in_sqrt,
+        decoupled_weight_decay=decoupled_weight_decay,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    check_nesterov(nesterov, momentum)
+    rh = dict(
+        alpha=float(alpha),
+        eps=float(eps),
+        momentum=float(momentum),
+        centered=centered,
+        nesterov=nesterov,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=float(initial_scale),
+    )
+    rule: Rule | UpdateRule = rmsprop_velocity_rule(**rh) if momentum_form == "keras" else rmsprop_rule(**rh)
+    hp.update(
+        centered=centered,
+        nesterov=nesterov,
+        eps_in_sqrt=eps_in_sqrt,
         maximize=maximize,
         decoupled=decoupled_weight_decay,
         caution=c,

@@ -36,6 +36,15 @@ __all__ = [
     "adam_direction",
     "lion_direction",
     "sgd_direction",
+    "NAdamState",
+    "RMSpropState",
+    "nadam_mu",
+    "nadam_direction",
+    "nadam_rule",
+    "rmsprop_direction",
+    "rmsprop_rule",
+    "rmsprop_velocity",
+    "rmsprop_velocity_rule",
 ]
 
 
@@ -273,3 +282,225 @@ def cautious_update(rule: UpdateRule, caution: Caution) -> UpdateRule:
         return delta_c, s_new
 
     return UpdateRule(f"cautious({rule.name})", rule.init, update)
+
+
+# -- NAdam and RMSprop ---------------------------------------------------------------------------------
+
+
+class NAdamState(NamedTuple):
+    """NAdam's per-tensor state: ``m``, ``v`` and ``mu_product`` (0-d: the product of the momentum schedule)."""
+
+    m: np.ndarray
+    v: np.ndarray
+    mu_product: np.ndarray
+
+
+class RMSpropState(NamedTuple):
+    """RMSprop's per-tensor state: ``v`` (mean square), ``g_avg`` (mean gradient, centered, else None) and the
+    momentum buffer ``m`` (None when momentum is 0)."""
+
+    v: np.ndarray
+    g_avg: np.ndarray | None
+    m: np.ndarray | None
+
+
+def nadam_mu(step: int, *, beta1: float, momentum_decay: float, momentum_schedule: str) -> float:
+    r"""The momentum coefficient of step ``t``: Dozat's schedule or the constant ``beta1``.
+
+    .. math::
+
+        \mu_t = \beta_1\,(1 - \tfrac12\,0.96^{t\,\psi}) \quad\text{(momentum\_schedule="dozat")},
+        \qquad \mu_t = \beta_1 \quad\text{("constant")}
+
+    computed in float64 (``psi`` is ``momentum_decay``).
+    """
+    if momentum_schedule == "constant":
+        return float(beta1)
+    return float(beta1) * (1.0 - 0.5 * 0.96 ** (step * float(momentum_decay)))
+
+
+def nadam_direction(
+    g: np.ndarray,
+    s: NAdamState,
+    step: int,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    momentum_decay: float = 4e-3,
+    momentum_schedule: str = "dozat",
+) -> tuple[np.ndarray, NAdamState]:
+    r"""NAdam's direction (Dozat 2016), as torch.optim.NAdam.
+
+    .. math::
+
+        m' &= \beta_1 m + (1-\beta_1) g, \qquad v' = \beta_2 v + (1-\beta_2) g^2, \qquad
+        \Pi_t = \Pi_{t-1}\,\mu_t \\
+        u &= \frac{1-\mu_t}{1-\Pi_t}\cdot\frac{g}{d} + \frac{\mu_{t+1}}{1-\Pi_t\,\mu_{t+1}}\cdot\frac{m'}{d},
+        \qquad d = \sqrt{v' / (1-\beta_2^t)} + \epsilon
+
+    with :func:`nadam_mu`'s ``mu_t``. With ``momentum_schedule="constant"`` (``mu_t = beta1``,
+    ``Pi_t = beta1**t``) this is optax's ``nadam``: Adam with a Nesterov look-ahead. ``u`` is a
+    positive combination of ``g`` and ``m'``: its sign is neither's in general, so caution
+    decides on ``u`` itself. Coefficients are float64.
+    """
+    hp = dict(beta1=beta1, momentum_decay=momentum_decay, momentum_schedule=momentum_schedule)
+    mu = nadam_mu(step, **hp)
+    mu_next = nadam_mu(step + 1, **hp)
+    prod = s.mu_product * mu
+    prod_next = prod * mu_next
+    m = beta1 * s.m + (1.0 - beta1) * g
+    v = beta2 * s.v + (1.0 - beta2) * (g * g)
+    d = np.sqrt(v / (1.0 - beta2**step)) + eps
+    u = ((1.0 - mu) / (1.0 - prod)) * (g / d) + (mu_next / (1.0 - prod_next)) * (m / d)
+    return u, NAdamState(m, v, np.asarray(prod))
+
+
+def _rms_denominator(g: np.ndarray, s: RMSpropState, *, alpha: float, eps: float, eps_in_sqrt: bool, centered: bool):
+    """``(d, v', g_avg')``: RMSprop's denominator and its new statistics (shared by both forms)."""
+    v = alpha * s.v + (1.0 - alpha) * (g * g)
+    g_avg = alpha * s.g_avg + (1.0 - alpha) * g if centered else None
+    q = v - g_avg * g_avg if centered else v
+    d = np.sqrt(q + eps) if eps_in_sqrt else np.sqrt(q) + eps
+    return d, v, g_avg
+
+
+def rmsprop_direction(
+    g: np.ndarray,
+    s: RMSpropState,
+    step: int,
+    *,
+    alpha: float,
+    eps: float,
+    momentum: float = 0.0,
+    centered: bool = False,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = False,
+) -> tuple[np.ndarray, RMSpropState]:
+    r"""RMSprop's direction, as torch.optim.RMSprop (and optax.rmsprop).
+
+    .. math::
+
+        v' &= \alpha v + (1-\alpha) g^2, \qquad \bar g' = \alpha \bar g + (1-\alpha) g \text{ (centered)} \\
+        q &= v' - \bar g'^2 \text{ (centered) else } v', \qquad
+        d = \sqrt{q} + \epsilon \text{ (torch) or } \sqrt{q + \epsilon} \text{ (eps\_in\_sqrt: optax, Keras)} \\
+        r &= g / d, \qquad m' = \mu m + r, \qquad u = r + \mu m' \text{ (nesterov) else } m'
+
+    With ``momentum == 0`` there is no buffer and ``u = r = g / d``: ``d > 0`` gives ``u`` the sign
+    of ``g``, so caution masks only exact zeros of ``g`` (where ``u`` is 0 anyway) and changes
+    nothing but the scale. Centered: ``q`` is never clamped (as torch): a ``q`` that rounds below
+    zero gives ``sqrt(q) = NaN``, which reaches the parameter (caution keeps NaN).
+    """
+    del step
+    d, v, g_avg = _rms_denominator(g, s, alpha=alpha, eps=eps, eps_in_sqrt=eps_in_sqrt, centered=centered)
+    r = g / d
+    if momentum == 0:
+        return r, RMSpropState(v, g_avg, None)
+    m = momentum * s.m + r
+    u = r + momentum * m if nesterov else m
+    return u, RMSpropState(v, g_avg, m)
+
+
+def rmsprop_velocity(
+    g: np.ndarray,
+    s: RMSpropState,
+    step: int,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    momentum: float = 0.0,
+    centered: bool = False,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = True,
+) -> tuple[np.ndarray, RMSpropState]:
+    r"""RMSprop in Keras's form (``momentum_form="keras"``): the momentum buffer carries the learning rate.
+
+    .. math::
+
+        r = \eta\, g / d, \qquad m' = \mu m + r, \qquad
+        \delta = -(r + \mu m') \text{ (nesterov) else } -m'
+
+    (``d`` as :func:`rmsprop_direction`; Keras puts ``eps`` inside the square root). For a
+    constant learning rate ``m = lr * m_torch`` and ``delta = -lr * u``; with a schedule each
+    ``r`` enters the buffer with its own step's rate. With ``momentum == 0``: ``delta = -lr * g / d``.
+    """
+    del step
+    d, v, g_avg = _rms_denominator(g, s, alpha=alpha, eps=eps, eps_in_sqrt=eps_in_sqrt, centered=centered)
+    r = lr * g / d
+    if momentum == 0:
+        return -r, RMSpropState(v, g_avg, None)
+    m = momentum * s.m + r
+    return -(r + momentum * m if nesterov else m), RMSpropState(v, g_avg, m)
+
+
+def nadam_rule(
+    *, beta1: float, beta2: float, eps: float, momentum_decay: float = 4e-3, momentum_schedule: str = "dozat"
+) -> Rule:
+    """NAdam as a :class:`Rule` (``mu_product`` starts at 1)."""
+
+    def init(p: np.ndarray) -> NAdamState:
+        return NAdamState(_zeros_like(p), _zeros_like(p), np.asarray(1.0))
+
+    def direction(g: np.ndarray, s: NAdamState, step: int) -> tuple[np.ndarray, NAdamState]:
+        return nadam_direction(
+            g,
+            s,
+            step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            momentum_decay=momentum_decay,
+            momentum_schedule=momentum_schedule,
+        )
+
+    return Rule("nadam", init, direction)
+
+
+def _rms_init(initial_scale: float, centered: bool, momentum: float) -> Callable[[np.ndarray], RMSpropState]:
+    def init(p: np.ndarray) -> RMSpropState:
+        return RMSpropState(
+            np.full_like(p, initial_scale),
+            _zeros_like(p) if centered else None,
+            _zeros_like(p) if momentum != 0 else None,
+        )
+
+    return init
+
+
+def rmsprop_rule(
+    *,
+    alpha: float,
+    eps: float,
+    momentum: float = 0.0,
+    centered: bool = False,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = False,
+    initial_scale: float = 0.0,
+) -> Rule:
+    """RMSprop as a :class:`Rule` (``v`` starts at ``initial_scale``: optax's option, 0 in torch and Keras)."""
+    hp = dict(alpha=alpha, eps=eps, momentum=momentum, centered=centered, nesterov=nesterov, eps_in_sqrt=eps_in_sqrt)
+
+    def direction(g: np.ndarray, s: RMSpropState, step: int) -> tuple[np.ndarray, RMSpropState]:
+        return rmsprop_direction(g, s, step, **hp)
+
+    return Rule("rmsprop", _rms_init(initial_scale, centered, momentum), direction)
+
+
+def rmsprop_velocity_rule(
+    *,
+    alpha: float,
+    eps: float,
+    momentum: float = 0.0,
+    centered: bool = False,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = True,
+    initial_scale: float = 0.0,
+) -> UpdateRule:
+    """RMSprop in Keras's form as an :class:`UpdateRule`."""
+    hp = dict(alpha=alpha, eps=eps, momentum=momentum, centered=centered, nesterov=nesterov, eps_in_sqrt=eps_in_sqrt)
+
+    def update(g: np.ndarray, s: RMSpropState, step: int, lr: float) -> tuple[np.ndarray, RMSpropState]:
+        return rmsprop_velocity(g, s, step, lr=lr, **hp)
+
+    return UpdateRule("rmsprop", _rms_init(initial_scale, centered, momentum), update)

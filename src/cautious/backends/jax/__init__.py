@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adam, adamw, lion, sgd
+from cautious.backends.jax._alias import adam, adamw, lion, nadam, nadamw, rmsprop, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -53,10 +53,14 @@ from cautious.backends.jax._core import (
 from cautious.backends.jax._transforms import (
     ScaleByAdamState,
     ScaleByAmsgradState,
+    ScaleByNadamState,
     add_decayed_weights,
     negate,
     scale_by_adam,
     scale_by_lion,
+    scale_by_nadam,
+    scale_by_rms,
+    scale_by_stddev,
     trace,
 )
 
@@ -82,4 +86,11 @@ __all__ = [
     "caution_scale",
     "apply_caution",
     "whole_update",
+    "nadam",
+    "nadamw",
+    "rmsprop",
+    "scale_by_nadam",
+    "scale_by_rms",
+    "scale_by_stddev",
+    "ScaleByNadamState",
 ]

@@ -27,9 +27,9 @@ from cautious.backends.jax import _transforms as tf
 from cautious.backends.jax._core import _cautious
 from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
 
-__all__ = ["adamw", "adam", "lion", "sgd"]
+__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop"]
 
-NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2"}
+NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "alpha": "decay"}
 
 
 def _check(values: dict[str, Any]) -> None:
@@ -315,3 +315,186 @@ def sgd(
         cautious_weight_decay=cautious_weight_decay,
         caution_stats=caution_stats,
     )
+
+
+DOZAT_NESTEROV_MESSAGE = "momentum_schedule='dozat' requires nesterov=True (NAdam's look-ahead)"
+
+
+def nadam(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = True,
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    momentum_schedule: str = "constant",
+    momentum_decay: Any = 4e-3,
+    maximize: bool = False,
+    weight_decay: Any = 0.0,
+    decoupled_weight_decay: bool = False,
+    cautious_weight_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious NAdam: :func:`optax.nadam` with the cautious mask on NAdam's direction.
+
+    ``momentum_schedule="constant"`` (default, optax's form): Adam with a Nesterov look-ahead,
+    :func:`scale_by_adam` with ``nesterov=True`` (state :class:`optax.ScaleByAdamState`);
+    ``"dozat"``: torch.optim.NAdam's schedule ``mu_t = b1 (1 - 0.5 * 0.96**(t * momentum_decay))``,
+    :func:`scale_by_nadam` (its state adds ``mu_product``). Since ``u`` mixes ``g`` and ``m'``
+    its sign is neither's: the mask decides on ``u``. Other options as :func:`adam`.
+    See :func:`cautious.spec.nadam`.
+    """
+    _check(dict(momentum_decay=momentum_decay, momentum_schedule=momentum_schedule, nesterov=nesterov))
+    if momentum_schedule == "constant":
+        return adam(
+            learning_rate,
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            nesterov=nesterov,
+            caution=caution,
+            caution_stats=caution_stats,
+            maximize=maximize,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
+            mask=mask,
+        )
+    if not nesterov:
+        raise ValueError(DOZAT_NESTEROV_MESSAGE)
+    _check(
+        dict(
+            lr=learning_rate,
+            beta1=b1,
+            beta2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    return _chain(
+        tf.scale_by_nadam(b1, b2, eps, eps_root, mu_dtype, momentum_decay=momentum_decay),
+        caution_arg(caution),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
+        caution_stats=caution_stats,
+    )
+
+
+def nadamw(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: Any = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = True,
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    momentum_schedule: str = "constant",
+    momentum_decay: Any = 4e-3,
+    maximize: bool = False,
+    cautious_weight_decay: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Cautious NAdamW: :func:`optax.nadamw` (default ``weight_decay=1e-4``): :func:`nadam` with decoupled
+    decay, never masked (with ``cautious_weight_decay``: the decay mask). See :func:`cautious.spec.nadamw`."""
+    return nadam(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nesterov=nesterov,
+        caution=caution,
+        caution_stats=caution_stats,
+        momentum_schedule=momentum_schedule,
+        momentum_decay=momentum_decay,
+        maximize=maximize,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        cautious_weight_decay=cautious_weight_decay,
+        mask=mask,
+    )
+
+
+def rmsprop(
+    learning_rate: Any,
+    decay: Any = 0.9,
+    eps: Any = 1e-8,
+    initial_scale: Any = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: Any = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    maximize: bool = False,
+    weight_decay: Any = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious RMSprop: :func:`optax.rmsprop` with the whole update masked against the gradient.
+
+    optax scales by the learning rate *before* the momentum trace, so its buffer carries
+    ``-lr`` (the spec's ``momentum_form="keras"``, :func:`cautious.spec.rmsprop_velocity`):
+    caution masks the chain's whole output ``o`` (``o^c = mask(o, -g) * scale * o``, the
+    spec's update form), which is the direction form's result for a positive learning rate.
+    The state is optax's pytree (:class:`optax.ScaleByRmsState` or
+    :class:`optax.ScaleByRStdDevState`, ``EmptyState``, :class:`optax.TraceState` or
+    ``EmptyState``) unless ``maximize`` or ``weight_decay`` add their transformations.
+    Keyword-only extras: ``caution``, ``caution_stats``, ``maximize``, ``weight_decay``
+    (coupled L2, as torch.optim.RMSprop; ``mask`` selects the parameters that decay).
+    Without momentum ``u = g / d`` has the sign of ``g``: caution only rescales
+    (docs/spec.md). ``bias_correction=True`` is refused (not in the spec). See :func:`cautious.spec.rmsprop`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            alpha=decay,
+            eps=eps,
+            initial_scale=initial_scale,
+            **({} if momentum is None else {"momentum": momentum}),
+            weight_decay=weight_decay,
+            eps_in_sqrt=eps_in_sqrt,
+            centered=centered,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+    )
+    if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
+        raise ValueError(NESTEROV_MESSAGE)
+    scaling = tf.scale_by_stddev if centered else tf.scale_by_rms
+    inner = optax.chain(
+        scaling(decay, eps, initial_scale, eps_in_sqrt, bias_correction),
+        optax.scale_by_learning_rate(learning_rate),
+        tf.trace(momentum, nesterov) if momentum is not None else optax.identity(),
+    )
+    c = caution_arg(caution)
+    if c is None:
+        if caution_stats:
+            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        whole: Any = inner
+    else:
+        whole = _cautious(inner, c, form="update", keep_dtype=False, caution_stats=caution_stats)
+    parts: list[Any] = [tf.negate()] if maximize else []
+    zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
+    if not zero:
+        parts.append(tf.add_decayed_weights(weight_decay, mask))
+    return _drop_in(optax.chain(*parts, whole) if parts else optax.with_extra_args_support(whole))

@@ -30,6 +30,10 @@ __all__ = [
     "trace",
     "negate",
     "add_decayed_weights",
+    "ScaleByNadamState",
+    "scale_by_nadam",
+    "scale_by_rms",
+    "scale_by_stddev",
 ]
 
 ScaleByAdamState = optax.ScaleByAdamState
@@ -295,3 +299,163 @@ def add_decayed_weights(
     if mask is not None:
         return optax.masked(tx, mask)
     return tx
+
+
+# -- NAdam (Dozat's momentum schedule) and RMSprop -----------------------------------------------------
+
+
+class ScaleByNadamState(NamedTuple):
+    """NAdam state with Dozat's momentum schedule: optax's Adam fields plus ``mu_product`` (a scalar,
+    the product of the schedule's ``mu_t``; float64 under x64, else float32). optax's ``nadam`` (the
+    constant schedule) keeps :class:`optax.ScaleByAdamState`."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    mu_product: jax.Array
+
+
+def scale_by_nadam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    *,
+    momentum_decay: Any = 4e-3,
+) -> optax.GradientTransformationExtraArgs:
+    r"""NAdam's direction with Dozat's momentum schedule, as :func:`cautious.spec.nadam_direction`
+    (torch.optim.NAdam's rule; ``momentum_schedule="dozat"``).
+
+    .. math::
+
+        \mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi}),\quad \Pi_t = \Pi_{t-1}\mu_t,\quad
+        u = \frac{1-\mu_t}{1-\Pi_t}\frac{g}{d} + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m'}{d},\quad
+        d = \sqrt{v'/(1-\beta_2^t) + \epsilon_{root}} + \epsilon
+
+    The schedule and ``Pi_t`` are scalars in float64 (x64) or float32; low-precision tensors
+    compute in float32. (optax's :func:`optax.nadam` is the constant schedule: :func:`scale_by_adam`
+    with ``nesterov=True``.)
+    """
+    mu_dtype = _canonical(mu_dtype)
+
+    def init_fn(params: Any):
+        sd = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        return ScaleByNadamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+            mu_product=jnp.ones([], sd),
+        )
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        t = _safe_increment(state.count)
+        sd = state.mu_product.dtype
+        tf_ = t.astype(sd)
+        mu_t = b1 * (1.0 - 0.5 * jnp.power(jnp.asarray(0.96, sd), tf_ * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * jnp.power(jnp.asarray(0.96, sd), (tf_ + 1.0) * momentum_decay))
+        prod = state.mu_product * mu_t
+        a = (1.0 - mu_t) / (1.0 - prod)
+        b = mu_next / (1.0 - prod * mu_next)
+        bc2 = _bias_correction(b2, t)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m, v in zip(g_leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
+            cd = _compute_dtype(g.dtype, m.dtype, v.dtype)
+            gc = g.astype(cd)
+            m_new = ((1 - b1) * gc + b1 * m.astype(cd)).astype(cd)
+            v_new = ((1 - b2) * (gc * gc) + b2 * v.astype(cd)).astype(cd)
+            d = jnp.sqrt(v_new / bc2.astype(cd) + eps_root) + eps
+            u = (a.astype(cd) * (gc / d) + b.astype(cd) * (m_new / d)).astype(cd)
+            rows.append((u, _cast(m_new, mu_dtype if mu_dtype is not None else m.dtype), _cast(v_new, v.dtype)))
+        u, mu, nu = _unzip(treedef, rows, 3)
+        return u, ScaleByNadamState(count=t, mu=mu, nu=nu, mu_product=prod.astype(sd))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _rms_leaf(g: jax.Array, m: jax.Array | None, v: jax.Array, decay: Any, eps: Any, eps_in_sqrt: bool):
+    """``(g / d, g_avg', v')`` for one leaf, in optax's operations (``g * rsqrt(q + eps)``)."""
+    cd = _compute_dtype(g.dtype, v.dtype, *(() if m is None else (m.dtype,)))
+    gc = g.astype(cd)
+    v_new = ((1 - decay) * (gc * gc) + decay * v.astype(cd)).astype(cd)
+    m_new = None if m is None else ((1 - decay) * gc + decay * m.astype(cd)).astype(cd)
+    q = v_new if m is None else v_new - m_new * m_new
+    scaling = jax.lax.rsqrt(q + eps) if eps_in_sqrt else 1 / (jnp.sqrt(q) + eps)
+    return (scaling * gc).astype(cd), m_new, v_new
+
+
+def _no_bias_correction(bias_correction: bool) -> None:
+    if bias_correction:
+        raise ValueError(
+            "bias_correction=True is not supported by cautious.jax's RMSprop (the spec has no bias-corrected "
+            "RMSprop); use bias_correction=False"
+        )
+
+
+def scale_by_rms(
+    decay: Any = 0.9,
+    eps: Any = 1e-8,
+    initial_scale: Any = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RMSprop's scaling, as :func:`optax.scale_by_rms` (state :class:`optax.ScaleByRmsState`).
+
+    .. math::  v' = \rho v + (1-\rho) g^2,\qquad u = g / \sqrt{v' + \epsilon} \text{ (eps\_in\_sqrt) or }
+        g / (\sqrt{v'} + \epsilon)
+
+    (:func:`cautious.spec.rmsprop_direction` without momentum); low precision computes in float32.
+    ``bias_correction=True`` is refused (not in the spec).
+    """
+    _no_bias_correction(bias_correction)
+
+    def init_fn(params: Any):
+        return optax.ScaleByRmsState(nu=optax.tree.full_like(params, initial_scale))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, v in zip(g_leaves, treedef.flatten_up_to(state.nu)):
+            r, _, v_new = _rms_leaf(g, None, v, decay, eps, eps_in_sqrt)
+            rows.append((r, _cast(v_new, v.dtype)))
+        u, nu = _unzip(treedef, rows, 2)
+        return u, optax.ScaleByRmsState(nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_stddev(
+    decay: Any = 0.9,
+    eps: Any = 1e-8,
+    initial_scale: Any = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Centered RMSprop's scaling, as :func:`optax.scale_by_stddev` (state :class:`optax.ScaleByRStdDevState`).
+
+    .. math::  \bar g' = \rho \bar g + (1-\rho) g,\quad q = v' - \bar g'^2,\quad
+        u = g / \sqrt{q + \epsilon} \text{ (eps\_in\_sqrt) or } g / (\sqrt{q} + \epsilon)
+
+    ``q`` is not clamped (as optax and torch): a ``q`` that rounds below ``-eps`` gives NaN.
+    """
+    _no_bias_correction(bias_correction)
+
+    def init_fn(params: Any):
+        return optax.ScaleByRStdDevState(
+            mu=optax.tree.zeros_like(params), nu=optax.tree.full_like(params, initial_scale)
+        )
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m, v in zip(g_leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
+            r, m_new, v_new = _rms_leaf(g, m, v, decay, eps, eps_in_sqrt)
+            rows.append((r, _cast(m_new, m.dtype), _cast(v_new, v.dtype)))
+        u, mu, nu = _unzip(treedef, rows, 3)
+        return u, optax.ScaleByRStdDevState(mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

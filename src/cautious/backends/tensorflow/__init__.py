@@ -23,6 +23,8 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     AdamW,
     CautiousOptimizer,
     Lion,
+    Nadam,
+    RMSprop,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Caution", "CautiousOptimizer"]

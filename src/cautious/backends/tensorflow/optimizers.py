@@ -71,7 +71,7 @@ if keras.backend.backend() != "tensorflow":
         "before importing keras"
     )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer"]
 
 NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
 
@@ -610,6 +610,239 @@ class SGD(CautiousOptimizer):
         return config
 
 
-for _cls in (Adam, Lion, SGD):
+@keras.saving.register_keras_serializable(package="cautious")
+class Nadam(CautiousOptimizer):
+    r"""Cautious Nadam, Keras names and defaults (decoupled weight decay, as every Keras optimizer).
+
+    .. math::
+
+        \mu_t = \beta_1 (1 - \tfrac12\,0.96^{t\psi}),\quad \Pi_t = \Pi_{t-1}\mu_t,\quad
+        u = \frac{1-\mu_t}{1-\Pi_t}\frac{g}{d} + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m'}{d},\quad
+        d = \sqrt{v'/(1-\beta_2^t)} + \epsilon
+
+    (:func:`cautious.spec.nadam`). Keras 3's schedule is ``0.96**t``: ``momentum_decay=1.0`` here
+    (torch's default is 0.004); ``momentum_schedule="constant"`` gives ``mu_t = beta_1`` (optax's
+    NAdam). ``Pi_t`` is a float64 optimizer variable ``u_product`` updated once per step, as Keras's,
+    and every scalar factor is float64 (Keras computes them in the variable's dtype), so
+    ``caution=False`` equals ``keras.optimizers.Nadam`` within float32 rounding of those factors.
+    ``u`` mixes ``g`` and ``m'``: the mask is decided on ``u``.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        beta_1, beta_2: decay rates of the moments, in [0, 1).
+        epsilon: added to the denominator; >= 0. Defaults to 1e-7 (Keras).
+        weight_decay: decoupled weight decay (``p -= lr * weight_decay * p``), or None.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        momentum_decay: ``psi`` of the schedule, >= 0 (1.0: Keras).
+        momentum_schedule: ``"dozat"`` (default, Keras and torch) or ``"constant"``.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        momentum_decay: float = 1.0,
+        momentum_schedule: str = "dozat",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={
+                "beta1": beta_1,
+                "beta2": beta_2,
+                "eps": epsilon,
+                "momentum_decay": momentum_decay,
+                "momentum_schedule": momentum_schedule,
+            },
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.momentum_decay = float(momentum_decay)
+        self.momentum_schedule = momentum_schedule
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        self._u_product = self.add_variable((), "ones", "float64", name="u_product")
+
+    def _mu(self, t: tf.Tensor) -> tf.Tensor:
+        """The schedule's ``mu_t`` in float64 (:func:`cautious.spec.nadam_mu`)."""
+        if self.momentum_schedule == "constant":
+            return tf.constant(self.beta_1, tf.float64)
+        return self.beta_1 * (1.0 - 0.5 * tf.pow(tf.constant(0.96, tf.float64), t * self.momentum_decay))
+
+    def _backend_update_step(self, grads: Any, trainable_variables: Any, learning_rate: Any) -> None:
+        # Pi_t = Pi_{t-1} * mu_t, once per step before the variables' updates (as Keras's Nadam)
+        self._u_product.assign(self._u_product * self._mu(tf.cast(self.iterations + 1, tf.float64)))
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _direction(self, g, variable, cdt):
+        i = self._get_variable_index(variable)
+        m_var, v_var = self._momentums[i], self._velocities[i]
+        b1, b2 = self.beta_1, self.beta_2
+        m = _c(b1, cdt) * tf.cast(m_var, cdt) + _c(1.0 - b1, cdt) * g
+        v = _c(b2, cdt) * tf.cast(v_var, cdt) + _c(1.0 - b2, cdt) * (g * g)
+        t = tf.cast(self.iterations + 1, tf.float64)
+        prod = tf.convert_to_tensor(self._u_product)
+        mu_t, mu_next = self._mu(t), self._mu(t + 1.0)
+        a = (1.0 - mu_t) / (1.0 - prod)
+        b = mu_next / (1.0 - prod * mu_next)
+        bc2 = 1.0 - tf.pow(tf.constant(b2, tf.float64), t)
+        d = tf.sqrt(v) * tf.cast(tf.math.rsqrt(bc2), cdt) + _c(self.epsilon, cdt)
+        u = tf.cast(a, cdt) * (g / d) + tf.cast(b, cdt) * (m / d)  # the spec's order: 0 / 0 is NaN
+        return u, None, [(m_var, m), (v_var, v)], None
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "momentum_decay": self.momentum_decay,
+                "momentum_schedule": self.momentum_schedule,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class RMSprop(CautiousOptimizer):
+    r"""Cautious RMSprop, Keras names, defaults and buffers (the spec's ``momentum_form="keras"``).
+
+    .. math::
+
+        v' = \rho v + (1-\rho) g^2,\quad \bar g' = \rho \bar g + (1-\rho) g \text{ (centered)},\quad
+        r = \eta\, g / \sqrt{v' - \bar g'^2 \text{ (centered)} + \epsilon}, \\
+        m' = \mu m + r,\quad \delta = -m' \text{ (momentum) else } -r,\quad
+        p' = p - \eta\lambda p + \text{mask}(\delta, -g)\cdot\text{scale}\cdot\delta
+
+    (:func:`cautious.spec.rmsprop_velocity`, ``eps_in_sqrt=True``): Keras's momentum slot carries the
+    learning rate, so caution masks the whole update ``delta`` against ``-g``. Without momentum
+    ``delta`` has the sign of ``-g``: caution only rescales (docs/spec.md). ``caution=False`` is
+    ``keras.optimizers.RMSprop``'s operations in its order.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        rho: decay of the mean square, in [0, 1].
+        momentum: in [0, 1].
+        epsilon: added under the square root; >= 0. Defaults to 1e-7 (Keras).
+        centered: divide by the estimated standard deviation instead of the root mean square.
+        weight_decay: decoupled weight decay, or None.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        rho: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-7,
+        centered: bool = False,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        validate({"alpha": rho}, {"alpha": "rho"})
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={"momentum": momentum, "eps": epsilon, "centered": centered},
+            **kwargs,
+        )
+        self.rho = float(rho)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.centered = bool(centered)
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._velocities = self.add_optimizer_variables(var_list, "velocity")
+        self._momentums = []
+        if self.momentum > 0:
+            self._momentums = self.add_optimizer_variables(var_list, "momentum")
+        self._average_gradients = []
+        if self.centered:
+            self._average_gradients = self.add_optimizer_variables(var_list, "average_gradient")
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One step in Keras's form (see the class docstring)."""
+        n = variable.shape.num_elements()
+        if n == 0:
+            return
+        cdt = _ops.compute_dtype(variable.dtype)
+        lr = tf.cast(learning_rate, cdt)
+        g = tf.cast(tf.convert_to_tensor(gradient), cdt)
+        if self.maximize:
+            g = -g
+        i = self._get_variable_index(variable)
+        rho = self.rho
+        # keras.optimizers.RMSprop's operations, in its order
+        v_var = self._velocities[i]
+        v = _c(rho, cdt) * tf.cast(v_var, cdt) + _c(1 - rho, cdt) * tf.square(g)
+        assigns = [(v_var, v)]
+        if self.centered:
+            a_var = self._average_gradients[i]
+            avg = _c(rho, cdt) * tf.cast(a_var, cdt) + _c(1 - rho, cdt) * g
+            assigns.append((a_var, avg))
+            denominator = v - tf.square(avg) + _c(self.epsilon, cdt)
+        else:
+            denominator = v + _c(self.epsilon, cdt)
+        increment = (lr * g) / tf.sqrt(denominator)
+        if self.momentum > 0:
+            m_var = self._momentums[i]
+            m = _c(self.momentum, cdt) * tf.cast(m_var, cdt) + increment
+            assigns.append((m_var, m))
+            delta = -m
+        else:
+            delta = -increment
+        mask = None
+        if self.caution is not None:  # the whole update against the descent direction -g
+            mask = _ops.cautious_mask(delta, -g)
+            if self.caution.normalize != "none" or self._caution_counts:
+                delta = delta * tf.cast(self._caution_scale(mask, g, n, variable), cdt)
+            delta = tf.where(mask, delta, tf.zeros((), cdt))
+        p = tf.cast(tf.convert_to_tensor(variable), cdt)
+        if self.weight_decay and self._use_weight_decay(variable):
+            decay = p * _c(self.weight_decay, cdt) * lr
+            if self.cautious_weight_decay:
+                decay = tf.where(_ops.decay_keep(-delta, p, mask), decay, tf.zeros((), cdt))
+            p = p - decay
+        for state_var, value in assigns:
+            self.assign(state_var, value)
+        self.assign(variable, p + delta)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({"rho": self.rho, "momentum": self.momentum, "epsilon": self.epsilon, "centered": self.centered})
+        return config
+
+
+for _cls in (Adam, Lion, SGD, Nadam, RMSprop):
     if _cls.__doc__:
         _cls.__doc__ = _cls.__doc__.replace("{base}", _BASE_KWARGS_DOC)

@@ -42,7 +42,7 @@ from cautious._caution import Caution
 from cautious.backends.torch import _distributed
 from cautious.spec.mask import CautionStats
 
-__all__ = ["adam", "lion", "sgd", "default_foreach"]
+__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop"]
 
 _NATIVE_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -929,3 +929,340 @@ def sgd(
         )
         for j, i in enumerate(idx):
             momentum_buffer_list[i] = bufs[j]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NAdam / NAdamW and RMSprop: single-tensor and foreach paths (no fused kernel)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _no_fused(name: str, foreach: bool | None, fused: bool | None) -> None:
+    """``fused=True`` is refused for rules without a fused kernel; the default never picks it for them."""
+    _check_no_fused_foreach(foreach, fused)
+    if fused:
+        raise ValueError(f"fused=True is not available for {name} (no fused kernel); use foreach=True or foreach=False")
+
+
+def _plain_resolve(params: list[Tensor], foreach: bool | None) -> str:
+    """The path of a rule without a fused kernel: an explicit ``foreach`` wins, else torch.optim's default."""
+    if foreach is None:
+        foreach = default_foreach(params) if torch.compiler.is_compiling() else _torch_default_foreach(params)
+    return "foreach" if foreach else "single"
+
+
+def _caution_and_descend_(
+    params: list[Tensor],
+    us: list[Tensor],
+    grads: list[Tensor],
+    *,
+    foreach: bool,
+    lr: Any,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None,
+    stats: dict[Tensor, CautionStats] | None,
+) -> None:
+    """``u^c = mask * scale * u``, decoupled decay, ``p <- p - lr * u^c`` for directions given as tensors.
+
+    ``u`` may be infinite where ``g == 0``: the mask is decided from ``clamp(u, -1, 1)`` (same signs, NaN kept).
+    """
+    if caution is not None:
+        signs = [u.clamp(-1.0, 1.0) for u in us]
+        us, scales = _mask_and_scales(
+            us, signs, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
+        _apply_scales_(us, scales, foreach=foreach)
+    if weight_decay != 0 and decoupled_weight_decay:
+        _decay_(
+            params, us, lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, foreach=foreach
+        )
+    _descend_(params, us, lr, foreach=foreach)
+
+
+def _nadam_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    momentum_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    momentum_schedule: str,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """One NAdam step on tensors of one device and dtype (:func:`cautious.spec.nadam_direction`).
+
+    Without caution (and without cautious weight decay) it runs torch.optim.NAdam's own operations,
+    per flavour, so ``caution=False`` is bitwise torch's. With caution, ``u = (a g + b m') / d`` is
+    formed, masked, scaled and descended along.
+    """
+    from cautious.spec.rules import nadam_mu
+
+    grads = torch._foreach_neg(grads) if (foreach and maximize) else [-g if maximize else g for g in grads]
+    _increment_steps_(state_steps)
+    steps = _step_values(state_steps)
+    coupled = weight_decay != 0 and not decoupled_weight_decay
+    if coupled:
+        if foreach:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
+    plain = caution is None and not cautious_weight_decay
+    if plain and weight_decay != 0 and decoupled_weight_decay:  # torch decays before the update
+        _decay_(params, params, lr=lr, weight_decay=weight_decay, cautious_weight_decay=False, foreach=foreach)
+    hp = dict(beta1=beta1, momentum_decay=momentum_decay, momentum_schedule=momentum_schedule)
+    mus = [nadam_mu(t, **hp) for t in steps]
+    mu_nexts = [nadam_mu(t + 1, **hp) for t in steps]
+    if foreach:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_mul_(mu_products, mus)
+        torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in steps])
+        torch._foreach_add_(denoms, eps)
+    else:
+        denoms = []
+        for m, v, mp, g, mu, t in zip(exp_avgs, exp_avg_sqs, mu_products, grads, mus, steps, strict=False):
+            mp *= mu
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denoms.append(v.div(1 - beta2**t).sqrt().add_(eps))
+    prods = [float(mp.item()) for mp in mu_products] if mu_products else []
+    # u = a * g / d + b * m' / d: a = (1 - mu) / (1 - prod), b = mu_next / (1 - prod * mu_next), both > 0
+    a_s = [(1.0 - mu) / (1.0 - mp) for mu, mp in zip(mus, prods, strict=False)]
+    b_s = [mn / (1.0 - mp * mn) for mn, mp in zip(mu_nexts, prods, strict=False)]
+    if plain:
+        # torch.optim's step sizes, in its order of operations
+        c_g = [-lr * (1.0 - mu) / (1.0 - mp) for mu, mp in zip(mus, prods, strict=False)]
+        c_m = [(-lr * mn) / (1.0 - mp * mn) for mn, mp in zip(mu_nexts, prods, strict=False)]
+        if foreach:
+            torch._foreach_addcdiv_(params, grads, denoms, c_g)
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, c_m)
+        else:
+            for p, g, m, d, cg, cm in zip(params, grads, exp_avgs, denoms, c_g, c_m, strict=False):
+                p.addcdiv_(g, d, value=cg)
+                p.addcdiv_(m, d, value=cm)
+        return
+    # a * (g / d) + b * (m' / d), the spec's order: g = 0 with d = 0 (eps = 0) is NaN, as 0 / 0 is
+    us = [
+        g.div(d).mul_(a).add_(m.div(d), alpha=b)
+        for g, m, d, a, b in zip(grads, exp_avgs, denoms, a_s, b_s, strict=False)
+    ]
+    _caution_and_descend_(
+        params,
+        us,
+        grads,
+        foreach=foreach,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        shardings=shardings,
+        stats=stats,
+    )
+
+
+@_distributed.on_local_shards
+def nadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    weight_decay: float,
+    momentum_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+    momentum_schedule: str = "dozat",
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious NAdam/NAdamW; see :class:`cautious.backends.torch.NAdam`."""
+    _no_fused("NAdam", foreach, fused)
+    impl = _plain_resolve(params, foreach)
+    lr = _scalar(lr)
+    params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    for idx in _groups(params, impl, shards=bool(shardings)):
+        _nadam_tensors(
+            *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps)),
+            foreach=impl == "foreach",
+            beta1=float(beta1),
+            beta2=float(beta2),
+            lr=lr,
+            weight_decay=float(weight_decay),
+            momentum_decay=float(momentum_decay),
+            eps=float(eps),
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            momentum_schedule=momentum_schedule,
+            shardings=_pick(shardings, idx) or None,
+            stats=stats,
+        )
+
+
+def _rmsprop_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    lr: Any,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """One RMSprop step (:func:`cautious.spec.rmsprop_direction`), with torch.optim.RMSprop's operations
+    per flavour: without caution it is bitwise torch's. ``u = m'`` (momentum) or ``g / d``."""
+    grads = torch._foreach_neg(grads) if (foreach and maximize) else [-g if maximize else g for g in grads]
+    _increment_steps_(state_steps)
+    if weight_decay != 0 and not decoupled_weight_decay:
+        if foreach:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
+    if foreach:
+        torch._foreach_mul_(square_avgs, alpha)
+        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+        if centered:
+            torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+            avgs = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+            torch._foreach_sqrt_(avgs)
+        else:
+            avgs = torch._foreach_sqrt(square_avgs)
+        torch._foreach_add_(avgs, eps)
+    else:
+        avgs = []
+        for i, (v, g) in enumerate(zip(square_avgs, grads, strict=False)):
+            v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+            if centered:
+                grad_avgs[i].lerp_(g, 1 - alpha)
+                avgs.append(v.addcmul(grad_avgs[i], grad_avgs[i], value=-1).sqrt_().add_(eps))
+            else:
+                avgs.append(v.sqrt().add_(eps))
+    plain = caution is None and not cautious_weight_decay
+    if plain and weight_decay != 0 and decoupled_weight_decay:
+        _decay_(params, params, lr=lr, weight_decay=weight_decay, cautious_weight_decay=False, foreach=foreach)
+    if momentum > 0:
+        if foreach:
+            torch._foreach_mul_(momentum_buffer_list, momentum)
+            torch._foreach_addcdiv_(momentum_buffer_list, grads, avgs)
+        else:
+            for b, g, d in zip(momentum_buffer_list, grads, avgs, strict=False):
+                b.mul_(momentum).addcdiv_(g, d)
+        if plain:
+            _descend_(params, momentum_buffer_list, lr, foreach=foreach)
+            return
+        us = list(momentum_buffer_list)
+    else:
+        if plain:
+            if foreach and not isinstance(lr, Tensor):
+                torch._foreach_addcdiv_(params, grads, avgs, value=-lr)
+            else:
+                for p, g, d in zip(params, grads, avgs, strict=False):
+                    p.addcdiv_(g, d, value=-lr)
+            return
+        us = [g / d for g, d in zip(grads, avgs, strict=False)]
+    _caution_and_descend_(
+        params,
+        us,
+        grads,
+        foreach=foreach,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        shardings=shardings,
+        stats=stats,
+    )
+
+
+@_distributed.on_local_shards
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    lr: Any,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious RMSprop; see :class:`cautious.backends.torch.RMSprop`."""
+    _no_fused("RMSprop", foreach, fused)
+    impl = _plain_resolve(params, foreach)
+    lr = _scalar(lr)
+    params, grads, square_avgs = (_as_real(x) for x in (params, grads, square_avgs))
+    grad_avgs, momentum_buffer_list = _as_real(grad_avgs), _as_real(momentum_buffer_list)
+    for idx in _groups(params, impl, shards=bool(shardings)):
+        _rmsprop_tensors(
+            *(_pick(x, idx) for x in (params, grads, square_avgs)),
+            _pick(grad_avgs, idx) if centered else [],
+            _pick(momentum_buffer_list, idx) if momentum > 0 else [],
+            _pick(state_steps, idx),
+            foreach=impl == "foreach",
+            lr=lr,
+            alpha=float(alpha),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            momentum=float(momentum),
+            centered=centered,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            shardings=_pick(shardings, idx) or None,
+            stats=stats,
+        )

@@ -34,7 +34,7 @@ from cautious.spec.errors import (
 )
 from cautious.spec.mask import CautionStats
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop"]
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
@@ -651,4 +651,280 @@ class SGD(_CautiousOptimizer):
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffer_list, strict=False):
                     self.state[p]["momentum_buffer"] = buf
+        return loss
+
+
+def _refuse_capturable(name: str, capturable: Any) -> None:
+    if capturable:
+        raise ValueError(f"capturable=True is not supported by cautious.torch.{name}")
+
+
+class NAdam(_CautiousOptimizer):
+    r"""Cautious NAdam, a drop-in for ``torch.optim.NAdam`` (NAdamW: ``decoupled_weight_decay=True``, as torch).
+
+    .. math::
+
+        \mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi}),\quad \Pi_t = \Pi_{t-1}\mu_t,\quad
+        u = \frac{1-\mu_t}{1-\Pi_t}\frac{g}{d} + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m'}{d},\quad
+        p' = p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    with ``d = sqrt(v' / (1 - beta2**t)) + eps`` (:func:`cautious.spec.nadam`). Same arguments as
+    ``torch.optim.NAdam`` (``capturable`` and ``differentiable`` must stay False; ``fused=True`` is
+    refused: NAdam has no fused kernel), plus ``caution``, ``caution_stats``, ``cautious_weight_decay``
+    (needs ``decoupled_weight_decay``) and ``momentum_schedule`` (``"dozat"``: torch's; ``"constant"``:
+    ``mu_t = beta1``, optax's ``nadam``). State per parameter: ``step``, ``mu_product``, ``exp_avg``,
+    ``exp_avg_sq``, as torch.optim.NAdam: checkpoints load both ways.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        caution: bool | Caution = True,
+        caution_stats: bool = False,
+        cautious_weight_decay: bool = False,
+        momentum_schedule: str = "dozat",
+    ) -> None:
+        functional._no_fused("NAdam", foreach, fused)
+        _refuse_capturable("NAdam", capturable)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            momentum_schedule=momentum_schedule,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        b1, b2 = split_betas(group["betas"])
+        validate(
+            dict(
+                lr=group["lr"],
+                beta1=b1,
+                beta2=b2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum_decay=group["momentum_decay"],
+                momentum_schedule=group["momentum_schedule"],
+            ),
+            BETA_NAMES,
+        )
+        validate(
+            dict(
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        )
+        c = self._check_caution(group)
+        self._check_cwd(group, group["decoupled_weight_decay"])
+        return c
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["mu_product"] = torch.tensor(1.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            mu_products.append(state["mu_product"])
+            state_steps.append(state["step"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps)
+            beta1, beta2 = group["betas"]
+            functional.nadam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                mu_products,
+                state_steps,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum_decay=group["momentum_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                caution=_caution_of(group["caution"]),
+                cautious_weight_decay=group["cautious_weight_decay"],
+                momentum_schedule=group["momentum_schedule"],
+                stats=getattr(self, "_caution_stats", None),
+            )
+        return loss
+
+
+class RMSprop(_CautiousOptimizer):
+    r"""Cautious RMSprop, a drop-in for ``torch.optim.RMSprop``.
+
+    .. math::
+
+        v' = \alpha v + (1-\alpha) g^2,\quad d = \sqrt{v' - \bar g'^2 \text{ (centered)}} + \epsilon,\quad
+        m' = \mu m + g / d,\quad u = m' \text{ (momentum) else } g / d,\quad
+        p' = p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    (:func:`cautious.spec.rmsprop`). Same arguments as ``torch.optim.RMSprop`` (``capturable`` and
+    ``differentiable`` must stay False; ``fused=True`` is refused: RMSprop has no fused kernel), plus
+    ``decoupled_weight_decay`` (``p <- p (1 - lr wd)`` instead of ``g += wd p``), ``caution``,
+    ``caution_stats`` and ``cautious_weight_decay``. Without momentum ``u`` has the sign of ``g``:
+    caution then only rescales (docs/spec.md). State per parameter: ``step``, ``square_avg``,
+    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), as torch.optim.RMSprop.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        caution: bool | Caution = True,
+        caution_stats: bool = False,
+        cautious_weight_decay: bool = False,
+    ) -> None:
+        functional._no_fused("RMSprop", foreach, fused)
+        _refuse_capturable("RMSprop", capturable)
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        validate(
+            dict(
+                lr=group["lr"],
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+            )
+        )
+        validate(
+            dict(
+                centered=group["centered"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                cautious_weight_decay=group["cautious_weight_decay"],
+            )
+        )
+        c = self._check_caution(group)
+        self._check_cwd(group, group["decoupled_weight_decay"])
+        return c
+
+    def _init_group(self, group, params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            square_avgs.append(state["square_avg"])
+            state_steps.append(state["step"])
+            if group["momentum"] > 0:
+                momentum_buffer_list.append(state["momentum_buffer"])
+            if group["centered"]:
+                grad_avgs.append(state["grad_avg"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps)
+            functional.rmsprop(
+                params,
+                grads,
+                square_avgs,
+                grad_avgs,
+                momentum_buffer_list,
+                state_steps,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                lr=group["lr"],
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                centered=group["centered"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                caution=_caution_of(group["caution"]),
+                cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
+            )
         return loss

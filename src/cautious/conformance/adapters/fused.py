@@ -52,6 +52,8 @@ class FusedAdapter:
         self.name = f"torch-fused-{backend or 'auto'}" + ("" if device == "cpu" else f"-{device}")
 
     def supports(self, case: Case) -> str | None:
+        if case.rule in ("nadam", "rmsprop"):
+            return f"no fused kernel for {case.rule} (single-tensor and foreach paths only)"
         if case.rule not in ("adam", "adamw", "lion", "sgd"):
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:

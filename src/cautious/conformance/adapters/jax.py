@@ -32,7 +32,15 @@ from cautious.spec.dtypes import numpy_dtype
 __all__ = ["JaxAdapter"]
 
 _JNP = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_STATE_TYPES = (optax.ScaleByAdamState, cjax.ScaleByAmsgradState, optax.ScaleByLionState, optax.TraceState)
+_STATE_TYPES = (
+    optax.ScaleByAdamState,
+    cjax.ScaleByAmsgradState,
+    optax.ScaleByLionState,
+    optax.TraceState,
+    cjax.ScaleByNadamState,
+    optax.ScaleByRmsState,
+    optax.ScaleByRStdDevState,
+)
 
 
 def _spec_hparams(case: Case) -> dict[str, Any]:
@@ -65,6 +73,31 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return cjax.lion(hp["lr"], b1, b2, weight_decay=hp["weight_decay"], **common)
+    if case.rule == "nadam":
+        b1, b2 = hp["betas"]
+        return cjax.nadam(
+            hp["lr"],
+            b1,
+            b2,
+            hp["eps"],
+            momentum_schedule=hp["momentum_schedule"],
+            momentum_decay=hp["momentum_decay"],
+            weight_decay=hp["weight_decay"],
+            decoupled_weight_decay=hp["decoupled_weight_decay"],
+            **common,
+        )
+    if case.rule == "rmsprop":  # momentum 0 only (see JaxAdapter.supports)
+        return cjax.rmsprop(
+            hp["lr"],
+            hp["alpha"],
+            hp["eps"],
+            hp["initial_scale"],
+            hp["eps_in_sqrt"],
+            hp["centered"],
+            caution=hp["caution"],
+            maximize=hp["maximize"],
+            weight_decay=hp["weight_decay"],
+        )
     momentum = hp["momentum"]
     return cjax.sgd(
         hp["lr"],
@@ -110,6 +143,20 @@ class JaxAdapter:
             return "float64 needs jax.config.update('jax_enable_x64', True)"
         if case.rule == "sgd" and float(case.hparams.get("dampening", 0.0)) != 0:
             return "optax's momentum (optax.trace) has no dampening"
+        if case.rule == "nadam" and case.hparams.get("momentum_schedule") == "constant":
+            if float(case.hparams.get("eps", 1e-8)) == 0:
+                return (
+                    "optax's NAdam (scale_by_adam(nesterov=True)) forms (a g + b m') / d: where d = 0 (eps = 0, "
+                    "v = 0) and g = 0 it gives +-inf, the spec a g/d + b m'/d gives NaN"
+                )
+        if case.rule == "rmsprop":
+            if float(case.hparams.get("momentum", 0.0)) != 0:
+                return (
+                    "optax's RMSprop momentum carries the learning rate (the spec's momentum_form='keras', "
+                    "an update form the suite does not draw)"
+                )
+            if case.hparams.get("decoupled_weight_decay") and float(case.hparams.get("weight_decay", 0.0)) != 0:
+                return "cautious.jax.rmsprop has coupled (L2) weight decay only"
         return None
 
     def _step_fn(self, case: Case) -> Any:
@@ -147,6 +194,13 @@ class JaxAdapter:
                 )
             if isinstance(old, optax.ScaleByLionState):
                 return optax.ScaleByLionState(count, [arr(s.m) for s in leaves])
+            if isinstance(old, cjax.ScaleByNadamState):  # one Pi_t per optimizer: every leaf holds the same
+                prod = jnp.asarray(np.asarray(leaves[0].mu_product, np.float64), old.mu_product.dtype)
+                return cjax.ScaleByNadamState(count, [arr(s.m) for s in leaves], [arr(s.v) for s in leaves], prod)
+            if isinstance(old, optax.ScaleByRmsState):
+                return optax.ScaleByRmsState([arr(s.v) for s in leaves])
+            if isinstance(old, optax.ScaleByRStdDevState):
+                return optax.ScaleByRStdDevState([arr(s.g_avg) for s in leaves], [arr(s.v) for s in leaves])
             return optax.TraceState([arr(s.m) for s in leaves])
 
         opt_state = _replace_direction_state(opt.init(p), make)
@@ -156,7 +210,17 @@ class JaxAdapter:
         )
         ds = _find_direction_state(new_state)
         n = len(leaves)
-        if isinstance(ds, optax.ScaleByAdamState):
+        sd_ = case.state_storage
+        if case.rule == "nadam" and isinstance(ds, cjax.ScaleByNadamState):
+            prod = np.asarray(np.asarray(ds.mu_product, np.float64), numpy_dtype(sd_))
+            new_leaves = tuple(spec.NAdamState(out(ds.mu[i], sd_), out(ds.nu[i], sd_), prod) for i in range(n))
+        elif case.rule == "nadam":  # optax's state: no mu_product (the constant schedule's is beta1**t)
+            new_leaves = tuple(spec.NAdamState(out(ds.mu[i], sd_), out(ds.nu[i], sd_), None) for i in range(n))
+        elif isinstance(ds, optax.ScaleByRmsState):
+            new_leaves = tuple(spec.RMSpropState(out(ds.nu[i], sd_), None, None) for i in range(n))
+        elif isinstance(ds, optax.ScaleByRStdDevState):
+            new_leaves = tuple(spec.RMSpropState(out(ds.nu[i], sd_), out(ds.mu[i], sd_), None) for i in range(n))
+        elif isinstance(ds, optax.ScaleByAdamState):
             new_leaves = tuple(
                 spec.AdamState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage), None)
                 for i in range(n)

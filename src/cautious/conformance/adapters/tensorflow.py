@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adam, AdamW, Lion  # noqa: E402
+from cautious.tensorflow import SGD, Adam, AdamW, Lion, Nadam, RMSprop  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 
@@ -48,6 +48,15 @@ _SPEC_DEFAULTS = {
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
     "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0},
+    "nadam": {
+        "lr": 2e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum_decay": 4e-3,
+        "momentum_schedule": "dozat",
+    },
+    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "centered": False},
 }
 
 
@@ -80,6 +89,21 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return Lion(beta_1=float(b1), beta_2=float(b2), weight_decay=wd, **common)
+    if case.rule == "nadam":
+        b1, b2 = hp["betas"]
+        return Nadam(
+            beta_1=float(b1),
+            beta_2=float(b2),
+            epsilon=float(hp["eps"]),
+            weight_decay=wd,
+            momentum_decay=float(hp["momentum_decay"]),
+            momentum_schedule=hp["momentum_schedule"],
+            **common,
+        )
+    if case.rule == "rmsprop":  # momentum 0, eps under the root (TFAdapter.fixed_hparams)
+        return RMSprop(
+            rho=float(hp["alpha"]), epsilon=float(hp["eps"]), centered=bool(hp["centered"]), weight_decay=wd, **common
+        )
     return SGD(
         momentum=float(hp["momentum"]),
         nesterov=bool(hp.get("nesterov", False)),
@@ -117,6 +141,10 @@ class _Entry:
             return [opt._momentums[i], opt._velocities[i], vh]
         if rule == "lion":
             return [opt._momentums[i]]
+        if rule == "nadam":  # Pi_t is one variable per optimizer: every leaf holds the same value
+            return [opt._momentums[i], opt._velocities[i], opt._u_product]
+        if rule == "rmsprop":
+            return [opt._velocities[i], opt._average_gradients[i] if opt.centered else None, None]
         return [opt.momentums[i] if opt.momentum != 0 else None]
 
 
@@ -131,8 +159,19 @@ class TFAdapter:
         self._cache: collections.OrderedDict[Any, _Entry] = collections.OrderedDict()
         self._cache_size = cache_size
 
+    def fixed_hparams(self, rule: str) -> dict[str, Any]:
+        """Keras RMSprop's form: eps under the root, v from 0; momentum 0 (with momentum its buffer carries
+        the learning rate, the spec's momentum_form='keras', an update form the suite does not draw)."""
+        if rule == "rmsprop":
+            return {"eps_in_sqrt": True, "initial_scale": 0.0, "momentum": 0.0, "nesterov": False}
+        return {}
+
     def supports(self, case: Case) -> str | None:
         hp = _hp(case)
+        if case.rule == "rmsprop" and (
+            not hp.get("eps_in_sqrt") or float(hp.get("momentum", 0.0)) != 0 or hp.get("initial_scale")
+        ):
+            return "Keras RMSprop: eps under the root, v from 0, momentum only in its velocity (update) form"
         if case.dtype not in _TF_DTYPES:
             return f"dtype {case.dtype!r} is not supported"
         if case.state_storage != case.dtype:

@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adam, AdamW, Lion
+from cautious.torch import SGD, Adam, AdamW, Lion, NAdam, RMSprop
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -71,9 +71,19 @@ class TorchAdapter:
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
 
+    def fixed_hparams(self, rule: str) -> dict[str, Any]:
+        """torch.optim.RMSprop's forms: ``eps`` after the root, no Nesterov, ``v`` starting at 0."""
+        return {"eps_in_sqrt": False, "nesterov": False, "initial_scale": 0.0} if rule == "rmsprop" else {}
+
     def supports(self, case: Case) -> str | None:
-        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+        if case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop"):
             return f"unknown rule {case.rule!r}"
+        if case.rule == "rmsprop" and (
+            case.hparams.get("eps_in_sqrt") or case.hparams.get("nesterov") or case.hparams.get("initial_scale")
+        ):
+            return "torch.optim.RMSprop adds eps after the root, has no Nesterov momentum and starts v at 0"
+        if self.impl == "fused" and case.rule in ("nadam", "rmsprop"):
+            return f"no fused kernel for {case.rule}"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
         if case.state_storage != case.dtype:
@@ -100,6 +110,12 @@ class TorchAdapter:
             return Adam(params, **hp, **kw)
         if case.rule == "lion":
             return Lion(params, **hp, **kw)
+        if case.rule == "nadam":
+            return NAdam(params, **hp, **kw)
+        if case.rule == "rmsprop":
+            for k in ("eps_in_sqrt", "nesterov", "initial_scale"):  # pinned to torch's forms (fixed_hparams)
+                hp.pop(k, None)
+            return RMSprop(params, **hp, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +144,21 @@ class TorchAdapter:
             elif rule == "lion":
                 st["step"] = step_t
                 st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif rule == "nadam":
+                st["step"] = step_t
+                # the scalar state in float64 for float64 parameters (torch.optim keeps it in the default dtype)
+                st["mu_product"] = torch.tensor(
+                    float(leaf.mu_product), dtype=torch.float64 if dtype == torch.float64 else torch.float32
+                )
+                st["exp_avg"] = self._tensor(leaf.m, dtype)
+                st["exp_avg_sq"] = self._tensor(leaf.v, dtype)
+            elif rule == "rmsprop":
+                st["step"] = step_t
+                st["square_avg"] = self._tensor(leaf.v, dtype)
+                if leaf.g_avg is not None:
+                    st["grad_avg"] = self._tensor(leaf.g_avg, dtype)
+                if leaf.m is not None:
+                    st["momentum_buffer"] = self._tensor(leaf.m, dtype)
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -146,6 +177,22 @@ class TorchAdapter:
                 )
             elif rule == "lion":
                 leaves.append(spec.LionState(to_numpy(st["exp_avg"], sd)))
+            elif rule == "nadam":
+                leaves.append(
+                    spec.NAdamState(
+                        to_numpy(st["exp_avg"], sd),
+                        to_numpy(st["exp_avg_sq"], sd),
+                        np.asarray(float(st["mu_product"]), numpy_dtype(sd)),
+                    )
+                )
+            elif rule == "rmsprop":
+                leaves.append(
+                    spec.RMSpropState(
+                        to_numpy(st["square_avg"], sd),
+                        to_numpy(st.get("grad_avg"), sd),
+                        to_numpy(st.get("momentum_buffer"), sd),
+                    )
+                )
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
