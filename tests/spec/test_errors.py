@@ -20,8 +20,20 @@ FACTORY_KEYS = {
     "dampening": ("sgd", "dampening"),
     "eps_placement": ("adamw", "eps_placement"),
     "momentum_form": ("sgd", "momentum_form"),
+    "beta2_decay": ("adafactor", "beta2_decay"),
+    "decay_offset": ("adafactor", "decay_offset"),
+    "min_dim_size_to_factor": ("adafactor", "min_dim_size_to_factor"),
+    "eps_form": ("adafactor", "eps_form"),
+    "factor_dims": ("adafactor", "factor_dims"),
+    "weight_decay_form": ("adafactor", "weight_decay_form"),
 }
-FLAG_FACTORY = {"amsgrad": "adamw", "nesterov": "sgd", "decoupled_weight_decay": "sgd"}
+FLAG_FACTORY = {
+    "amsgrad": "adamw",
+    "nesterov": "sgd",
+    "decoupled_weight_decay": "sgd",
+    "relative_step": "adafactor",
+    "multiply_by_parameter_scale": "adafactor",
+}
 
 
 @pytest.mark.parametrize(("key", "value", "exc", "msg"), invalid_examples(), ids=repr)

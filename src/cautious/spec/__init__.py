@@ -27,17 +27,22 @@ from cautious.spec.mask import (
     kept_count,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
+from cautious.spec.optim import Optimizer, State, adafactor, adam, adamw, lion, make_optimizer, sgd
 from cautious.spec.rules import (
+    AdafactorState,
     AdamState,
     LionState,
     Rule,
     SGDState,
     UpdateRule,
+    adafactor_direction,
+    adafactor_momentum_rule,
+    adafactor_rule,
     adam_direction,
     adam_rule,
     cautious,
     cautious_update,
+    factored_axes,
     lion_direction,
     lion_rule,
     sgd_direction,
@@ -87,5 +92,11 @@ __all__ = [
     "sgd_velocity",
     "sgd_velocity_rule",
     "cautious_update",
+    "adafactor",
+    "AdafactorState",
+    "adafactor_direction",
+    "adafactor_rule",
+    "adafactor_momentum_rule",
+    "factored_axes",
     "RULES",
 ]
