@@ -116,3 +116,11 @@ def test_errors(kw, msg):
     with pytest.raises(ValueError) as info:
         cj.adafactor(**kw)
     assert str(info.value) == msg
+
+
+def test_conformance():
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.jax import JaxAdapter
+
+    result = run_conformance(JaxAdapter(jit=True), rules=("adafactor",), dtypes=("float32",), max_examples=40)
+    assert result.examples[("adafactor", "float32")] > 0

@@ -130,3 +130,12 @@ def test_config_round_trip():
     opt = ctf.Adafactor(learning_rate=0.02, beta_1=0.5, caution=Caution("exact"))
     back = ctf.Adafactor.from_config(opt.get_config())
     assert back.beta_1 == 0.5 and back.caution == Caution("exact") and back.learning_rate.numpy() == np.float32(0.02)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_conformance(mode):
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.tensorflow import TFAdapter
+
+    result = run_conformance(TFAdapter(mode), rules=("adafactor",), max_examples=30)
+    assert result.examples[("adafactor", "float32")] > 0 and result.examples[("adafactor", "float64")] > 0

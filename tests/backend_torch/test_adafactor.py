@@ -142,3 +142,21 @@ def test_dtensor_is_refused_before_any_change(monkeypatch):
     with pytest.raises(NotImplementedError, match="does not support DTensor parameters"):
         opt.step()
     assert len(opt.state) == 0 and torch.equal(p.detach(), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach"])
+def test_conformance(impl):
+    from cautious.conformance import run_conformance
+    from cautious.conformance.adapters.torch import TorchAdapter
+
+    result = run_conformance(TorchAdapter(impl), rules=("adafactor",), max_examples=80)
+    assert result.examples[("adafactor", "float32")] > 0 and result.examples[("adafactor", "float64")] > 0
+
+
+def test_empty_parameters_step_without_error():
+    # torch.optim.Adafactor divides by the size of an empty parameter; ours skips it and counts its step
+    p, q = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = ct.Adafactor([p, q])
+    p.grad, q.grad = torch.zeros(0, 3), torch.ones(2, 2)
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1 and not torch.equal(q.detach(), torch.ones(2, 2))

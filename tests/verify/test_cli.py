@@ -174,3 +174,20 @@ def test_verify_native_optax_and_keras_as_caution_off(tmp_path):
         # Keras is NOT the spec's corrected eps placement: the profile detects which one it is
         prof = json.loads((tmp_path / "k0.json").read_text())["targets"][0]
         assert prof["profile"]["eps_placement"]["detected"] == ["uncorrected"]
+
+
+def test_verify_includes_adafactor_on_our_torch_backend(tmp_path):
+    """Adafactor is in `cautious verify`'s default rules; torch's single and foreach lanes pass, fused declines."""
+    from cautious.conformance.verify import BACKEND_RULES
+
+    assert "adafactor" in BACKEND_RULES
+    out = _run(
+        [*CLI, "verify", "--backend", "torch", "--max-examples", "3", "--rules", "adafactor", "--options", "off",
+         "exact", "--json", str(tmp_path / "r.json")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    cells = json.loads((tmp_path / "r.json").read_text())["cells"]
+    result = {(c["implementation"], c["option"], c["dtype"]): c["result"] for c in cells}
+    assert {r for (lane, _, _), r in result.items() if lane != "torch/fused"} == {"pass"} and len(result) == 12
+    assert {r for (lane, _, _), r in result.items() if lane == "torch/fused"} == {"skip"}

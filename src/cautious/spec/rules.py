@@ -355,8 +355,10 @@ def adafactor_direction(
 
     (:math:`\overline{x}^{\,a}`: the mean over axis ``a``, kept; axes from :func:`factored_axes`;
     ``d = clip_threshold``, ``inf`` for no clipping). ``sign(u) == sign(g)`` entrywise: the
-    denominators are positive.
+    denominators are positive. An empty tensor keeps its state.
     """
+    if g.size == 0:  # nothing to update; the statistics of an empty tensor stay as they are
+        return g, s
     eps1 = float(s.eps1) if s.eps1 is not None else eps1
     w = float(step - decay_offset) ** beta2_decay
     q = g * g + eps1 if eps_form == "add" else g * g

@@ -1112,7 +1112,15 @@ def adafactor(
         maximize=maximize,
         caution=caution,
     )
-    lists = (params, grads, row_vars, col_vars, variances, exp_avgs or None, state_steps)
+    # an empty tensor has nothing to update (torch.optim.Adafactor divides by its size and raises): its step counts
+    _increment_steps_([st for p, st in zip(params, state_steps, strict=True) if p.numel() == 0])
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    lists = [
+        _pick(x, keep) if x is not None else None
+        for x in (params, grads, row_vars, col_vars, variances, exp_avgs or None, state_steps)
+    ]
     impl = "foreach" if foreach else "single"
-    for idx in _groups(params, impl, [g.dim() > 1 for g in grads]):
+    for idx in _groups(lists[0], impl, [g.dim() > 1 for g in lists[1]]):
         _adafactor_tensors(*(_pick(x, idx) for x in lists), foreach=foreach, stats=stats, **hyper)

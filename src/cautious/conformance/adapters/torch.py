@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adam, AdamW, Lion
+from cautious.torch import SGD, Adafactor, Adam, AdamW, Lion
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -71,8 +71,27 @@ class TorchAdapter:
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
 
+    #: torch.optim.Adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor").
+    ADAFACTOR_FORMS = {
+        "eps_form": "clamp",
+        "factor_dims": "last_two",
+        "min_dim_size_to_factor": 0,
+        "relative_step": True,
+        "multiply_by_parameter_scale": True,
+        "weight_decay_form": "lr",
+    }
+
+    def fixed_hparams(self, rule: str) -> dict[str, Any] | None:
+        return dict(self.ADAFACTOR_FORMS) if rule == "adafactor" else None
+
     def supports(self, case: Case) -> str | None:
-        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+        if case.rule == "adafactor" and self.impl == "fused":
+            return "Adafactor has no fused kernel (fused=True is refused); use single or foreach"
+        if case.rule == "adafactor":
+            bad = {k: v for k, v in self.ADAFACTOR_FORMS.items() if case.hparams.get(k, v) != v}
+            if bad or case.hparams.get("decay_offset", 0):
+                return f"torch.optim.Adafactor has only torch's forms, not {bad or 'decay_offset'}"
+        elif case.rule not in ("adam", "adamw", "lion", "sgd"):
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
@@ -100,6 +119,10 @@ class TorchAdapter:
             return Adam(params, **hp, **kw)
         if case.rule == "lion":
             return Lion(params, **hp, **kw)
+        if case.rule == "adafactor":
+            for k in (*self.ADAFACTOR_FORMS, "decay_offset"):
+                hp.pop(k, None)
+            return Adafactor(params, **hp, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +151,13 @@ class TorchAdapter:
             elif rule == "lion":
                 st["step"] = step_t
                 st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif rule == "adafactor":
+                st["step"] = step_t
+                for key, x in (("row_var", leaf.v_row), ("col_var", leaf.v_col), ("variance", leaf.v)):
+                    if x is not None:
+                        st[key] = self._tensor(x, dtype)
+                if leaf.m is not None:
+                    st["exp_avg"] = self._tensor(leaf.m, dtype)
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -146,6 +176,12 @@ class TorchAdapter:
                 )
             elif rule == "lion":
                 leaves.append(spec.LionState(to_numpy(st["exp_avg"], sd)))
+            elif rule == "adafactor":
+                leaves.append(
+                    spec.AdafactorState(
+                        *(to_numpy(st.get(k), sd) for k in ("row_var", "col_var", "variance", "exp_avg"))
+                    )
+                )
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
