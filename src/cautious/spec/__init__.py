@@ -4,10 +4,10 @@ Everything every backend must reproduce is defined here, once:
 
 * :mod:`cautious.spec.mask`: the mask, the integer count, the scale, and the
   whole-update form :func:`whole_update` for a whole optimizer's update;
-* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum) as pure
+* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum, Adafactor) as pure
   direction functions, and :func:`cautious`, the one wrapper that applies caution;
 * :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``,
-  ``sgd`` with ``init`` / ``step`` over immutable state;
+  ``sgd``, ``adafactor`` with ``init`` / ``step`` over immutable state;
 * :mod:`cautious.spec.errors`: the table of invalid hyperparameters;
 * :mod:`cautious.spec.dtypes`: storage dtypes and the round-once rule.
 

@@ -6,7 +6,7 @@ the direction ``u`` (descent convention: the optimizer moves
 decay. Rules know nothing about caution; :func:`cautious` wraps any of them.
 
 Per-tensor state is an immutable NamedTuple (``AdamState``, ``LionState``,
-``SGDState``); ``step`` is the 1-based index of the step being taken.
+``SGDState``, ``AdafactorState``); ``step`` is the 1-based index of the step being taken.
 """
 
 from __future__ import annotations
