@@ -139,3 +139,11 @@ def test_conformance(mode):
 
     result = run_conformance(TFAdapter(mode), rules=("adafactor",), max_examples=30)
     assert result.examples[("adafactor", "float32")] > 0 and result.examples[("adafactor", "float64")] > 0
+
+
+def test_caution_stats_count_the_nonzero_gradient_entries():
+    params, grads = _data("float32", steps=1)
+    _, opt = _run(ctf.Adafactor(learning_rate=0.1, caution_stats=True), params, grads)
+    stats = opt.caution_stats()
+    # without momentum u has the sign of g: every nonzero gradient entry is kept (one exact zero in the first)
+    assert [int(s.count.numpy()) for s in stats] == [int(np.count_nonzero(g)) for g in grads[0]]

@@ -1,5 +1,7 @@
 """cautious.torch.Adafactor: caution=False == torch.optim.Adafactor bit for bit, paths agree, the spec agrees."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,17 @@ def test_empty_parameters_step_without_error():
     p.grad, q.grad = torch.zeros(0, 3), torch.ones(2, 2)
     opt.step()
     assert int(opt.state[p]["step"]) == 1 and not torch.equal(q.detach(), torch.ones(2, 2))
+
+
+def test_a_torch_optim_checkpoint_continues_bit_for_bit():
+    theirs, o2 = _run(torch.optim.Adafactor, torch.float32, steps=2)
+    params = [p.detach().clone().requires_grad_(True) for p in theirs]
+    ours = ct.Adafactor(params, caution=False)
+    ours.load_state_dict(copy.deepcopy(o2.state_dict()))  # (a state dict shares its step tensors)
+    for s in range(2, 4):
+        for p, q, g in zip(params, theirs, _grads(params, s), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        o2.step()
+    for a, b in zip(params, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
