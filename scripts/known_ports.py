@@ -25,7 +25,8 @@ from cautious.conformance.profile import CLAUSES  # noqa: E402
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Markdown table cell text: pipes and brackets escaped (``params[0][0, 1]`` is not a link reference)."""
+    return text.replace("|", "\\|").replace("[", "\\[").replace("]", "\\]").replace("\n", " ")
 
 
 def render(report: dict, seconds: float) -> str:

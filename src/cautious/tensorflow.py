@@ -24,6 +24,7 @@ if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no co
 
 from cautious.backends.tensorflow import (  # noqa: E402
     SGD,
+    Adafactor,
     Adam,
     AdamW,
     Caution,
@@ -33,4 +34,4 @@ from cautious.backends.tensorflow import (  # noqa: E402
     RMSprop,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Adafactor", "Caution", "CautiousOptimizer"]

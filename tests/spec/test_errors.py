@@ -24,6 +24,12 @@ FACTORY_KEYS = {
     "momentum_schedule": ("nadam", "momentum_schedule"),
     "alpha": ("rmsprop", "alpha"),
     "initial_scale": ("rmsprop", "initial_scale"),
+    "beta2_decay": ("adafactor", "beta2_decay"),
+    "decay_offset": ("adafactor", "decay_offset"),
+    "min_dim_size_to_factor": ("adafactor", "min_dim_size_to_factor"),
+    "eps_form": ("adafactor", "eps_form"),
+    "factor_dims": ("adafactor", "factor_dims"),
+    "weight_decay_form": ("adafactor", "weight_decay_form"),
 }
 FLAG_FACTORY = {
     "amsgrad": "adamw",
@@ -31,6 +37,8 @@ FLAG_FACTORY = {
     "decoupled_weight_decay": "sgd",
     "centered": "rmsprop",
     "eps_in_sqrt": "rmsprop",
+    "relative_step": "adafactor",
+    "multiply_by_parameter_scale": "adafactor",
 }
 
 

@@ -184,3 +184,20 @@ def test_verify_our_torch_backend_on_nadam_and_rmsprop(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "=== torch/single: conforms" in out.stdout and "=== torch/foreach: conforms" in out.stdout
     assert "16 passed, 0 failed, 8 skipped" in out.stdout
+
+
+def test_verify_includes_adafactor_on_our_torch_backend(tmp_path):
+    """Adafactor is in `cautious verify`'s default rules; torch's single and foreach lanes pass, fused declines."""
+    from cautious.conformance.verify import BACKEND_RULES
+
+    assert "adafactor" in BACKEND_RULES
+    out = _run(
+        [*CLI, "verify", "--backend", "torch", "--max-examples", "3", "--rules", "adafactor", "--options", "off",
+         "exact", "--json", str(tmp_path / "r.json")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    cells = json.loads((tmp_path / "r.json").read_text())["cells"]
+    result = {(c["implementation"], c["option"], c["dtype"]): c["result"] for c in cells}
+    assert {r for (lane, _, _), r in result.items() if lane != "torch/fused"} == {"pass"} and len(result) == 12
+    assert {r for (lane, _, _), r in result.items() if lane == "torch/fused"} == {"skip"}

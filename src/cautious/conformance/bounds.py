@@ -54,6 +54,9 @@ class TensorTerms:
     lion_sign_undecided: np.ndarray  # bool: Lion's sign(c) itself is undecided
     state: dict[str, np.ndarray | None]  # expected new state fields
     state_err: dict[str, np.ndarray | None]
+    eta: float | None = None  # the step size multiplying u (None: the case's lr); Adafactor's alpha_t
+    err_eta: float = 0.0  # its absolute error bound
+    decay_lr: float | None = None  # the lr in the decay factor 1 - lr * wd (None: the case's lr)
 
 
 def _ema_mag(x: np.ndarray, y: np.ndarray, b: float) -> np.ndarray:
@@ -94,6 +97,8 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
     state_err: dict[str, np.ndarray | None] = {}
     lion_undecided = np.zeros(g.shape, bool)
     rule = "adam" if case.rule == "adamw" else case.rule
+    if rule == "adafactor":
+        return _adafactor_terms(case, p, g, err_g, s, t, e, tn)
     if rule == "adam":
         b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.999)))
         eps = float(hp.get("eps", 1e-8))
@@ -368,6 +373,151 @@ def weight_decay(case: Case) -> float:
 
 def decoupled(case: Case) -> bool:
     """Whether the case's weight decay is decoupled (AdamW, Lion, or the explicit option)."""
-    if case.rule in ("adamw", "lion"):
+    if case.rule in ("adamw", "lion", "adafactor"):
         return True
     return bool(case.hparams.get("decoupled_weight_decay", False))
+
+
+# -- Adafactor -------------------------------------------------------------------------------------------
+
+
+def _mean_bound(x: np.ndarray, err_x: np.ndarray, axis: int | None, cd: str, e: float, tn: float):
+    """``mean(x, axis)`` (kept dims) of nonnegative ``x`` and its bound.
+
+    A sum of ``n`` nonnegative terms in any order errs by at most ``(n - 1) u * sum`` (recursive
+    summation; pairwise and tree orders are tighter); torch reads a mean of squares as
+    ``norm(g)**2 / n``, whose relative error is at most twice the norm's, ``(n/2 + 1) u``, plus
+    the squaring and the division. ``(K + 2 n) u`` of the mean covers both, plus the operands'
+    own bounds (``mean(err_x)``) and the flush-to-zero slack.
+    """
+    n = x.size if axis is None else x.shape[axis]
+    m = np.mean(x, axis=axis, keepdims=axis is not None)
+    err = (e + 2 * n * unit_roundoff(cd)) * m + np.mean(err_x, axis=axis, keepdims=axis is not None)
+    return m, err + _slack(m, tn)
+
+
+def _sqrt_bound(q: np.ndarray, err_q: np.ndarray, e: float) -> tuple[np.ndarray, np.ndarray]:
+    """``sqrt(q)`` and its bound (the rule in the module docstring)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.sqrt(q)
+        lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
+        err = np.minimum(np.where(lo > 0, err_q / lo, np.inf), np.sqrt(err_q)) + e * r
+    return r, err
+
+
+def _div_bound(x, err_x, y, err_y, e):
+    """``x / y`` (``y > 0``) and its bound: infinite where ``y`` is within its bound of 0."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = x / y
+        y_lo = y - err_y
+        err = e * np.abs(q) + (err_x + np.abs(q) * err_y) / y_lo
+        return q, np.where(y_lo > 0, err, np.inf)
+
+
+def _adafactor_terms(case: Case, p, g, err_g, s, t: int, e: float, tn: float) -> TensorTerms:
+    """Adafactor's terms (:func:`cautious.spec.adafactor`); the derivation is in docs/conformance.md."""
+    from cautious.spec.rules import factored_axes
+
+    hp = case.hparams
+    cd = compute_dtype(case.dtype)
+    v_row0, v_col0, v0, m0, eps1_state = s
+    eps1_opt, eps2 = hp.get("eps", (None, 1e-3))
+    eps1 = float(eps1_state) if eps1_opt is None else float(eps1_opt)
+    add = hp.get("eps_form", "clamp") == "add"
+    c_exp = float(hp.get("beta2_decay", -0.8))
+    w = float(t - int(hp.get("decay_offset", 0))) ** c_exp
+    # the weights w and 1 - w may each be off by e (absolute: computed as 1 - (1 - w) by Keras and optax)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g2 = g * g
+        err_q = e * g2 + 2 * np.abs(g) * err_g + err_g * err_g + _slack(g2, tn)
+        q = g2 + eps1 if add else g2
+        if add:
+            err_q = err_q + e * q
+    axes = factored_axes(g.shape, hp.get("factor_dims", "last_two"), int(hp.get("min_dim_size_to_factor", 0)))
+    state: dict[str, np.ndarray | None] = {"v_row": None, "v_col": None, "v": None, "m": None}
+    state_err: dict[str, np.ndarray | None] = dict(state)
+    if g.size == 0:  # an empty tensor keeps its state
+        state.update(v_row=v_row0, v_col=v_col0, v=v0, m=m0)
+        state_err = {k: None if x is None else np.zeros_like(x) for k, x in state.items()}
+        none = np.zeros(g.shape, bool)
+        return TensorTerms(p, g, err_g, g, np.zeros_like(g), none, none, state, state_err, 0.0, 0.0, None)
+
+    def ema(old, new, err_new):
+        mag = np.abs(old) + np.abs(new)
+        return (1 - w) * old + w * new, 2 * e * mag + w * err_new + _slack(mag, tn)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        if axes is not None:
+            r_ax, c_ax = axes
+            rq, err_rq = _mean_bound(q, err_q, c_ax, cd, e, tn)
+            cq, err_cq = _mean_bound(q, err_q, r_ax, cd, e, tn)
+            R, err_R = ema(v_row0, rq, err_rq)
+            C, err_C = ema(v_col0, cq, err_cq)
+            state.update(v_row=R, v_col=C)
+            state_err.update(v_row=err_R, v_col=err_C)
+            Rm, err_Rm = _mean_bound(R, err_R, r_ax, cd, e, tn)
+            if not add:
+                Rm = np.maximum(Rm, eps1)  # max(., c) is 1-Lipschitz: the bound carries over
+            RC = R * C
+            err_RC = e * RC + err_R * C + R * err_C + err_R * err_C + _slack(RC, tn)
+            vh, err_vh = _div_bound(RC, err_RC, Rm, err_Rm, e)
+            # other evaluation orders, (R / Rm) C (Keras) or R (C / Rm), flush their intermediate quotient
+            # to zero below the smallest normal: up to tn C or tn R / Rm more; and the result itself may flush
+            err_vh = err_vh + tn * (1.0 + C + np.where(Rm > 0, R / Rm, np.inf))
+        else:
+            vh, err_vh = ema(v0, q, err_q)
+            state["v"], state_err["v"] = vh, err_vh
+        if not add:
+            vh = np.maximum(vh, eps1 * eps1)
+        r, err_r = _sqrt_bound(vh, err_vh, e)
+        uh, err_uh = _div_bound(g, err_g, r, err_r, e)
+        # the clipping factor max(1, rms(uh) / d) >= 1: a sum of n squares, a sqrt and a max
+        n = max(uh.size, 1)
+        sq = uh * uh
+        err_sq = e * sq + 2 * np.abs(uh) * err_uh + err_uh * err_uh
+        ms, err_ms = _mean_bound(sq, err_sq, None, cd, e, tn)
+        rms, err_rms = _sqrt_bound(ms, err_ms, e)
+        d = float(hp.get("d", 1.0))
+        clip = max(1.0, float(rms) / d) if np.isfinite(rms) else 1.0
+        err_clip = float(err_rms) / d + e * clip if uh.size else 0.0
+        u, err_u = _div_bound(uh, err_uh, np.float64(clip), np.float64(err_clip), e)
+        if clip - err_clip < 1:  # every implementation divides by at least 1
+            err_u = e * np.abs(u) + err_uh + np.abs(u) * err_clip
+        del n
+    # the step size alpha = rho * max(eps2, rms(p)) (from p after decay in Keras's form)
+    lr = float(hp.get("lr", 1e-2))
+    wd = float(hp.get("weight_decay", 0.0))
+    form = hp.get("weight_decay_form", "lr")
+    rho = min(lr, 1.0 / math.sqrt(t)) if hp.get("relative_step", True) else lr
+    alpha, err_alpha = rho, e * rho
+    if hp.get("multiply_by_parameter_scale", True):
+        ps = p * (1.0 - lr * wd) if form == "lr_before_scale" else p
+        with np.errstate(over="ignore", invalid="ignore"):
+            pp = ps * ps
+            mp, err_mp = _mean_bound(pp, 2 * e * pp, None, cd, e, tn)
+            rp, err_rp = _sqrt_bound(mp, err_mp, e)
+        scale = max(float(eps2), float(rp)) if p.size else float(eps2)
+        alpha = rho * scale
+        err_alpha = e * alpha + rho * (float(err_rp) if p.size else 0.0)
+    beta1 = float(hp.get("beta1", 0.0))
+    decay_lr = 1.0 if form == "rate" else lr
+    # alpha u may be formed as (rho u) scale (optax's chain): rho u may flush to zero, an error of tn * scale
+    scale_ = alpha / rho if rho > 0 else 0.0
+    flush = np.where(u != 0, tn * (1.0 + scale_), 0.0)
+    if beta1 > 0:
+        mag = np.abs(m0) + (1 - beta1) * alpha * np.abs(u)
+        m = beta1 * m0 + (1 - beta1) * alpha * u
+        err_m = e * mag + (1 - beta1) * (alpha * err_u + err_alpha * np.abs(u) + flush) + _slack(mag, tn)
+        state["m"], state_err["m"] = m, err_m
+        sign_val, sign_err, out_u, out_err, eta, err_eta = m, err_m, m, err_m, 1.0, 0.0
+    else:
+        if alpha > 0:
+            err_u = err_u + flush / alpha
+        sign_val, sign_err, out_u, out_err, eta, err_eta = u, err_u, u, err_u, alpha, err_alpha
+    with np.errstate(invalid="ignore"):
+        undecided = ((np.abs(sign_val) <= sign_err) & (sign_err > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
+    undecided |= ((np.abs(out_u) < tn) & (out_u != 0)) | np.isinf(out_err)
+    if "mask_boundary" in case.allow:
+        undecided |= (out_u == 0) | (g == 0)
+    lion_undecided = np.zeros(g.shape, bool)
+    return TensorTerms(p, g, err_g, out_u, out_err, undecided, lion_undecided, state, state_err, eta, err_eta, decay_lr)

@@ -22,7 +22,7 @@ class Case:
     """One configuration to check.
 
     Attributes:
-      rule: ``"adam"``, ``"adamw"``, ``"lion"`` or ``"sgd"``: the spec factory.
+      rule: ``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"`` or ``"adafactor"``: the spec factory.
       hparams: keyword arguments of that factory, spec names (``lr``, ``betas``,
         ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``caution`` (False or a
         :class:`cautious.Caution`), ``eps_placement``, ``cautious_weight_decay``,

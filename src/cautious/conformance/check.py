@@ -129,6 +129,9 @@ def _check_param(
     wd = weight_decay(case)
     caution = case.caution
     opts = _param_options(case, tt, lr)
+    # a rule with its own per-tensor step size (Adafactor's alpha_t) or decay factor (optax's rate form)
+    lr_u = lr if tt.eta is None else tt.eta
+    lr_d = lr if tt.decay_lr is None else tt.decay_lr
     p = tt.p.reshape(-1)[:, None]
     err_u = tt.err_u.reshape(-1)[:, None]
     gotf = np.asarray(got, dtype=np.float64).reshape(-1)[:, None]
@@ -150,11 +153,11 @@ def _check_param(
         step_u = np.where(kept, s * uval, 0.0)
         with np.errstate(invalid="ignore", over="ignore"):
             # decoupled decay in the spec's multiplicative form p * (1 - lr*wd)
-            decay = np.where(opts["d"], lr * wd * np.where(finite_p, p, 0.0), 0.0)
-            exp = np.where(opts["d"], p * (1.0 - lr * wd), p) - lr * step_u
+            decay = np.where(opts["d"], lr_d * wd * np.where(finite_p, p, 0.0), 0.0)
+            exp = np.where(opts["d"], p * (1.0 - lr_d * wd), p) - lr_u * step_u
             tol = (
-                e * (np.where(finite_p, np.abs(p), 0.0) + np.abs(decay) + lr * np.abs(step_u))
-                + np.where(kept, lr * s * err_u, 0.0)
+                e * (np.where(finite_p, np.abs(p), 0.0) + np.abs(decay) + lr_u * np.abs(step_u))
+                + np.where(kept, lr_u * s * err_u + tt.err_eta * np.abs(step_u), 0.0)
                 + np.where((np.abs(p) + np.abs(step_u)) > 0, tn, 0.0)
             )
             exp_r = round_to(exp, case.dtype).astype(np.float64) if case.dtype != "float64" else exp
@@ -274,7 +277,7 @@ def check_step(
 
 
 def _default_lr(case: Case) -> float:
-    return {"lion": 1e-4, "nadam": 2e-3, "rmsprop": 1e-2}.get(case.rule, 1e-3)
+    return {"lion": 1e-4, "nadam": 2e-3, "rmsprop": 1e-2, "adafactor": 1e-2}.get(case.rule, 1e-3)
 
 
 def py_float(x: float) -> str:

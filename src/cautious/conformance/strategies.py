@@ -132,6 +132,8 @@ def hparams(draw, rule: str) -> dict:
         dec = draw(st.booleans())
         hp["decoupled_weight_decay"] = dec
         hp["cautious_weight_decay"] = dec and draw(st.booleans())
+    elif rule == "adafactor":
+        hp.update(_adafactor_hparams(draw))
     else:
         mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
         nesterov = mom > 0 and draw(st.booleans())
@@ -164,12 +166,47 @@ def cases(
         hp["cautious_weight_decay"] = False
     if hp.get("nesterov") and (not hp.get("momentum") or hp.get("dampening")):
         hp["nesterov"] = False
+    if rule == "adafactor":
+        _fit_adafactor(hp, draw)
     hp = {k: v for k, v in hp.items() if v is not None}
     return Case(rule, hp, dtype, state_dtype)
 
 
 def _decoupled(rule: str, hp: Mapping[str, Any]) -> bool:
-    return rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
+    return rule in ("adamw", "lion", "adafactor") or bool(hp.get("decoupled_weight_decay", False))
+
+
+#: Adafactor's named options, drawn unless an adapter pins its framework's form (``fixed_hparams``).
+_ADAFACTOR_FORMS = {
+    "eps_form": ["clamp", "add"],
+    "factor_dims": ["last_two", "largest_two"],
+    "min_dim_size_to_factor": [0, 2, 3],
+    "relative_step": [True, False],
+    "multiply_by_parameter_scale": [True, False],
+    "weight_decay_form": ["lr", "lr_before_scale", "rate"],
+}
+
+
+def _adafactor_hparams(draw) -> dict:
+    hp: dict = {k: draw(st.sampled_from(v)) for k, v in _ADAFACTOR_FORMS.items()}
+    hp["beta2_decay"] = draw(st.sampled_from([f32(-0.8), -0.5, -1.0]))
+    hp["d"] = draw(st.sampled_from([1.0, 0.5, 2.0, float("inf")]))
+    hp["weight_decay"] = draw(st.sampled_from(_WD))
+    hp["beta1"] = draw(st.sampled_from([0.0, 0.0, f32(0.5), f32(0.9)]))
+    hp["maximize"] = draw(st.booleans())
+    hp["eps"] = (None, f32(1e-3))  # eps[0]: drawn to fit eps_form in _fit_adafactor
+    return hp
+
+
+def _fit_adafactor(hp: dict, draw) -> None:
+    """``eps[0]`` that fits the (possibly pinned) ``eps_form``: "clamp" takes the dtype epsilon or 1e-3
+    (its square must stay a normal number of float32), "add" a positive number (optax's 1e-30)."""
+    eps2 = hp["eps"][1]
+    if hp.get("eps_form") == "add":
+        eps1 = hp["eps"][0] if hp["eps"][0] is not None else draw(st.sampled_from([f32(1e-30), f32(1e-3)]))
+    else:
+        eps1 = draw(st.sampled_from([None, f32(1e-3)])) if hp["eps"][0] is None else hp["eps"][0]
+    hp["eps"] = (eps1, eps2)
 
 
 def _nadam_mu_product(case: Case, step: int) -> float:
@@ -207,6 +244,8 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, st
         m = any_arr()
     m = round_to(m, sd).reshape(shape)
     rule = "adam" if case.rule == "adamw" else case.rule
+    if rule == "adafactor":
+        return _adafactor_leaf(case, p, m, any_arr)
     if rule == "adam":
         v = round_to(np.abs(any_arr()), sd)
         v_max = round_to(np.maximum(v, np.abs(any_arr())), sd) if case.hparams.get("amsgrad") else None
@@ -227,6 +266,25 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, st
     return spec.SGDState(m)
 
 
+def _adafactor_leaf(case: Case, p: np.ndarray, m: np.ndarray, any_arr) -> tuple:
+    """An injected Adafactor state: nonnegative statistics of the factored (or full) shape."""
+    hp, sd = case.hparams, case.state_storage
+    axes = spec.factored_axes(p.shape, hp.get("factor_dims", "last_two"), int(hp.get("min_dim_size_to_factor", 0)))
+    eps1 = np.asarray(np.finfo(numpy_dtype(sd)).eps) if hp.get("eps", (None,))[0] is None else None
+    mom = m if float(hp.get("beta1", 0.0)) > 0 else None
+    if axes is None:
+        return spec.AdafactorState(None, None, round_to(np.abs(any_arr()), sd), mom, eps1)
+    r, c = axes
+    v_row = round_to(np.mean(np.abs(any_arr()), axis=c, keepdims=True), sd)
+    v_col = round_to(np.mean(np.abs(any_arr()), axis=r, keepdims=True), sd)
+    return spec.AdafactorState(v_row, v_col, None, mom, eps1)
+
+
+#: Adafactor's largest gradient per storage dtype: torch and Keras form ``R * C``, of order ``g**4``,
+#: which must not overflow the compute dtype (the reference, in float64, would not overflow).
+_ADAFACTOR_G_MAX = {"float64": 1e30, "float32": 1e6, "bfloat16": 1e6, "float16": 1e2}
+
+
 @st.composite
 def step_inputs(
     draw,
@@ -245,8 +303,14 @@ def step_inputs(
     shape_list = draw(shapes(max_tensors))
     params = draw(tensor_lists(shape_list, case.dtype))
     n_steps = 1 if fresh_only else draw(st.integers(1, max_steps))
-    nan = allow_nan and draw(st.integers(0, 3)) == 0
+    # Adafactor: no NaN (frameworks differ on a NaN in the clipping RMS: torch's Python max ignores it,
+    # optax and Keras spread it over the tensor; the spec follows torch) and no g**4 overflow
+    adafactor = case.rule == "adafactor"
+    nan = allow_nan and not adafactor and draw(st.integers(0, 3)) == 0
     grad_seq = [draw(tensor_lists(shape_list, case.dtype, allow_nan=nan)) for _ in range(n_steps)]
+    if adafactor:
+        cap = _ADAFACTOR_G_MAX[case.dtype]
+        grad_seq = [[np.clip(g, -cap, cap) for g in gs] for gs in grad_seq]
     fresh = fresh_only or draw(st.booleans())
     if fresh:
         sd = numpy_dtype(case.state_storage)
@@ -277,6 +341,7 @@ def invalid_hparams(draw, rule: str):
         "sgd": ("lr", "momentum", "dampening", "weight_decay"),
         "nadam": ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
         "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
+        "adafactor": ("lr", "beta2_decay", "weight_decay", "eps_form"),
     }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))

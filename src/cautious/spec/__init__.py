@@ -4,10 +4,10 @@ Everything every backend must reproduce is defined here, once:
 
 * :mod:`cautious.spec.mask`: the mask, the integer count, the scale, and the
   whole-update form :func:`whole_update` for a whole optimizer's update;
-* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum, NAdam, RMSprop) as pure
-  direction functions, and :func:`cautious`, the one wrapper that applies caution;
-* :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``,
-  ``sgd``, ``nadam``, ``nadamw``, ``rmsprop`` with ``init`` / ``step`` over immutable state;
+* :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum, NAdam, RMSprop, Adafactor) as
+  pure direction functions, and :func:`cautious`, the one wrapper that applies caution;
+* :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``, ``sgd``, ``nadam``,
+  ``nadamw``, ``rmsprop``, ``adafactor`` with ``init`` / ``step`` over immutable state;
 * :mod:`cautious.spec.errors`: the table of invalid hyperparameters;
 * :mod:`cautious.spec.dtypes`: storage dtypes and the round-once rule.
 
@@ -27,8 +27,21 @@ from cautious.spec.mask import (
     kept_count,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, nadam, nadamw, rmsprop, sgd
+from cautious.spec.optim import (
+    Optimizer,
+    State,
+    adafactor,
+    adam,
+    adamw,
+    lion,
+    make_optimizer,
+    nadam,
+    nadamw,
+    rmsprop,
+    sgd,
+)
 from cautious.spec.rules import (
+    AdafactorState,
     AdamState,
     LionState,
     NAdamState,
@@ -36,10 +49,14 @@ from cautious.spec.rules import (
     Rule,
     SGDState,
     UpdateRule,
+    adafactor_direction,
+    adafactor_momentum_rule,
+    adafactor_rule,
     adam_direction,
     adam_rule,
     cautious,
     cautious_update,
+    factored_axes,
     lion_direction,
     lion_rule,
     nadam_direction,
@@ -96,6 +113,12 @@ __all__ = [
     "sgd_velocity",
     "sgd_velocity_rule",
     "cautious_update",
+    "adafactor",
+    "AdafactorState",
+    "adafactor_direction",
+    "adafactor_rule",
+    "adafactor_momentum_rule",
+    "factored_axes",
     "RULES",
     "nadam",
     "nadamw",

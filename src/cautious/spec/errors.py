@@ -95,6 +95,18 @@ def _floor(x: float) -> bool:
     return math.isfinite(x) and 0 < x <= 1
 
 
+def _nonpos(x: float) -> bool:
+    return math.isfinite(x) and x <= 0
+
+
+def _positive(x: float) -> bool:
+    return x > 0  # NaN fails; +inf passes (no clipping)
+
+
+def _count(x: float) -> bool:
+    return math.isfinite(x) and x >= 0 and x == int(x)
+
+
 _NAN, _INF = float("nan"), float("inf")
 
 ERROR_TABLE: tuple[Check, ...] = (
@@ -151,6 +163,32 @@ ERROR_TABLE: tuple[Check, ...] = (
     ),
     Check("alpha", "a finite number in [0, 1]", _unit_closed, (-0.1, 1.5, _NAN)),
     Check("initial_scale", "a finite number >= 0", _nonneg, (-1.0, _NAN, _INF)),
+    # -- Adafactor (spec.adafactor) ----------------------------------------------------------------
+    Check("beta2_decay", "a finite number <= 0", _nonpos, (0.5, _NAN, -_INF)),
+    Check("clip_threshold", "a number > 0 (inf: no clipping)", _positive, (0.0, -1.0, _NAN)),
+    Check("decay_offset", "an integer >= 0", _count, (-1, 0.5, _INF)),
+    Check("min_dim_size_to_factor", "an integer >= 0", _count, (-1, 2.5, _NAN)),
+    Check(
+        "eps_form",
+        "one of 'clamp', 'add'",
+        lambda x: False,
+        ("torch", "", "Clamp"),
+        choices=("clamp", "add"),
+    ),
+    Check(
+        "factor_dims",
+        "one of 'last_two', 'largest_two'",
+        lambda x: False,
+        ("last", "", "largest"),
+        choices=("last_two", "largest_two"),
+    ),
+    Check(
+        "weight_decay_form",
+        "one of 'lr', 'lr_before_scale', 'rate'",
+        lambda x: False,
+        ("torch", "", "decoupled"),
+        choices=("lr", "lr_before_scale", "rate"),
+    ),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.
@@ -162,6 +200,8 @@ FLAGS: tuple[str, ...] = (
     "decoupled_weight_decay",
     "centered",
     "eps_in_sqrt",
+    "relative_step",
+    "multiply_by_parameter_scale",
 )
 
 _BY_KEY: dict[str, Check] = {c.key: c for c in ERROR_TABLE}

@@ -36,7 +36,8 @@ of the array it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +55,8 @@ from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_up
 from cautious.spec.rules import (
     Rule,
     UpdateRule,
+    adafactor_momentum_rule,
+    adafactor_rule,
     adam_rule,
     cautious,
     cautious_update,
@@ -65,7 +68,19 @@ from cautious.spec.rules import (
     sgd_velocity_rule,
 )
 
-__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer", "nadam", "nadamw", "rmsprop"]
+__all__ = [
+    "State",
+    "Optimizer",
+    "adam",
+    "adamw",
+    "lion",
+    "sgd",
+    "make_optimizer",
+    "nadam",
+    "nadamw",
+    "rmsprop",
+    "adafactor",
+]
 
 
 class State(NamedTuple):
@@ -112,18 +127,28 @@ def make_optimizer(
     caution: Caution | None,
     cautious_weight_decay: bool,
     hparams: Mapping[str, Any],
+    step_size: Callable[[np.ndarray, int], float] | None = None,
+    decay_lr: float | None = None,
 ) -> Optimizer:
     """Build the generic step around ``rule``; see the module docstring for the math.
 
     An :class:`~cautious.spec.rules.UpdateRule` (update form) gives ``delta`` with the
     learning rate inside: ``eta * u`` is replaced by ``-delta``, and caution masks ``delta``
     in the whole-update form.
+
+    ``step_size(p, t)``, when given, is the learning rate ``eta`` of tensor ``p`` (float64, before
+    decay) at step ``t`` in place of ``lr`` (Adafactor: the relative step times the parameter scale);
+    ``decay_lr`` replaces ``lr`` in the decay factor ``1 - lr * weight_decay`` (Adafactor's optax form: 1).
     """
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     wrap = cautious_update if isinstance(rule, UpdateRule) else cautious
     inner = wrap(rule, caution) if caution is not None else rule
     lr = float(lr)
     wd = float(weight_decay)
+    decay_factor = 1.0 - (lr if decay_lr is None else float(decay_lr)) * wd
+
+    def eta(p64: np.ndarray, t: int) -> float:
+        return lr if step_size is None else float(step_size(p64, t))
 
     def check_params(params: Sequence[np.ndarray]) -> None:
         for i, p in enumerate(params):
@@ -171,7 +196,7 @@ def make_optimizer(
                 g64 = consumed(_f64(p), g)
                 s64 = type(s)(*(_f64(x) for x in s))
                 if isinstance(rule, UpdateRule):
-                    delta, _ = rule.update(g64, s64, t, lr)
+                    delta, _ = rule.update(g64, s64, t, eta(_f64(p), t))
                     _, _, count, scale = whole_update(delta, g64, caution)
                 else:
                     u, _ = rule.direction(g64, s64, t)
@@ -184,14 +209,14 @@ def make_optimizer(
         g64 = consumed(p64, g)
         s64 = type(s)(*(_f64(x) for x in s))
         if isinstance(inner, UpdateRule):  # update form: the learning rate is inside delta
-            delta, s_new = inner.update(g64, s64, t, lr)
+            delta, s_new = inner.update(g64, s64, t, eta(p64, t))
             u, lr_u = -delta, -delta
         else:
             u, s_new = inner.direction(g64, s64, t)
-            lr_u = lr * u
+            lr_u = eta(p64, t) * u
         if wd != 0 and decoupled:
             # multiplicative form p * (1 - lr*wd): an infinite parameter stays infinite (p - lr*wd*p is NaN)
-            shrunk = p64 * (1.0 - lr * wd)
+            shrunk = p64 * decay_factor
             p_new = (shrunk if not cautious_weight_decay else np.where(decay_mask(u, p64), shrunk, p64)) - lr_u
         else:
             p_new = p64 - lr_u
@@ -518,4 +543,114 @@ def rmsprop(
         caution=c,
         cautious_weight_decay=cautious_weight_decay,
         hparams=hp,
+    )
+
+
+def adafactor(
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    beta1: float = 0.0,
+    eps_form: str = "clamp",
+    factor_dims: str = "last_two",
+    min_dim_size_to_factor: int = 0,
+    decay_offset: int = 0,
+    relative_step: bool = True,
+    multiply_by_parameter_scale: bool = True,
+    weight_decay_form: str = "lr",
+) -> Optimizer:
+    r"""Cautious Adafactor (Shazeer & Stern 2018); defaults are torch.optim.Adafactor's. ``caution=False`` is plain.
+
+    .. math::
+
+        u, s' &= \text{adafactor\_direction}(g, s, t) \quad\text{(factored } \hat v\text{, clipped to rms } d) \\
+        \rho_t &= \min(\eta, 1/\sqrt t) \text{ (relative\_step) else } \eta, \qquad
+        \alpha_t = \rho_t \cdot \max(\epsilon_2, \operatorname{rms}(p)) \text{ (multiply\_by\_parameter\_scale)} \\
+        p' &= p\,(1 - \eta\lambda) - \alpha_t\,\text{mask}(u, g)\,\text{scale}\,u
+
+    Caution applies to ``u`` (after normalization and clipping, before the step size ``alpha_t``).
+    ``beta1 > 0`` adds momentum over the scaled updates (optax, timm):
+    :func:`~cautious.spec.rules.adafactor_momentum_rule`; caution then masks the momentum. Options
+    (each framework's form; docs/spec.md, "Adafactor"): ``eps=(eps1, eps2)`` with ``eps1=None`` the
+    parameter dtype's epsilon; ``d`` the clipping threshold (``math.inf``: none); ``eps_form``,
+    ``factor_dims``, ``min_dim_size_to_factor``, ``decay_offset``, ``relative_step``,
+    ``multiply_by_parameter_scale``; ``weight_decay_form``: ``"lr"`` (torch: ``p(1 - eta wd)``, the
+    parameter scale from ``p`` before decay), ``"lr_before_scale"`` (Keras: the same decay, applied before
+    the parameter scale is measured), ``"rate"`` (optax's ``weight_decay_rate``: ``p - wd p``).
+    """
+    try:
+        eps1, eps2 = eps
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}") from None
+    hp = dict(
+        lr=lr,
+        beta2_decay=beta2_decay,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=d,
+        weight_decay=weight_decay,
+        beta1=beta1,
+        eps_form=eps_form,
+        factor_dims=factor_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_offset=decay_offset,
+        weight_decay_form=weight_decay_form,
+    )
+    if eps1 is not None:
+        validate({"eps": eps1}, {"eps": "eps[0]"})
+    validate({"eps": eps2}, {"eps": "eps[1]"})
+    validate({k: v for k, v in hp.items() if k not in ("eps1", "eps2")}, {"clip_threshold": "d"})
+    c = _common(
+        caution,
+        maximize=maximize,
+        relative_step=relative_step,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+    )
+    options = dict(
+        beta2_decay=float(beta2_decay),
+        eps1=None if eps1 is None else float(eps1),
+        clip_threshold=float(d),
+        eps_form=eps_form,
+        factor_dims=factor_dims,
+        min_dim_size_to_factor=int(min_dim_size_to_factor),
+        decay_offset=int(decay_offset),
+    )
+    rule: Rule | UpdateRule = (
+        adafactor_momentum_rule(beta1=float(beta1), **options) if beta1 > 0 else adafactor_rule(**options)
+    )
+    lr, eps2, wd = float(lr), float(eps2), float(weight_decay)
+
+    def step_size(p64: np.ndarray, t: int) -> float:
+        rho = min(lr, 1.0 / math.sqrt(t)) if relative_step else lr
+        if not multiply_by_parameter_scale:
+            return rho
+        if weight_decay_form == "lr_before_scale":
+            p64 = p64 * (1.0 - lr * wd)
+        rms = float(np.sqrt(np.mean(p64 * p64))) if p64.size else 0.0
+        return rho * max(eps2, rms)
+
+    hp.update(
+        maximize=maximize,
+        relative_step=relative_step,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        decoupled=True,
+        caution=c,
+        cautious_weight_decay=False,
+    )
+    return make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=wd,
+        decoupled=True,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=False,
+        hparams=hp,
+        step_size=step_size,
+        decay_lr=1.0 if weight_decay_form == "rate" else None,
     )

@@ -6,7 +6,7 @@ the direction ``u`` (descent convention: the optimizer moves
 decay. Rules know nothing about caution; :func:`cautious` wraps any of them.
 
 Per-tensor state is an immutable NamedTuple (``AdamState``, ``LionState``,
-``SGDState``); ``step`` is the 1-based index of the step being taken.
+``SGDState``, ``AdafactorState``); ``step`` is the 1-based index of the step being taken.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ __all__ = [
     "rmsprop_rule",
     "rmsprop_velocity",
     "rmsprop_velocity_rule",
+    "AdafactorState",
+    "factored_axes",
+    "adafactor_direction",
+    "adafactor_rule",
+    "adafactor_momentum_rule",
 ]
 
 
@@ -504,3 +509,168 @@ def rmsprop_velocity_rule(
         return rmsprop_velocity(g, s, step, lr=lr, **hp)
 
     return UpdateRule("rmsprop", _rms_init(initial_scale, centered, momentum), update)
+
+
+# -- Adafactor (Shazeer & Stern 2018): factored second moments ----------------------------------------
+
+
+class AdafactorState(NamedTuple):
+    """Adafactor's per-tensor state.
+
+    ``v_row``/``v_col``: the factored second moment (row and column means of ``g^2``, kept dims) when the
+    tensor is factored, else None; ``v``: the full second moment when it is not, else None; ``m``: the
+    momentum (``beta1 > 0``), else None; ``eps1``: the dtype's machine epsilon when ``eps1`` was left to
+    the dtype (torch's ``eps=(None, ...)``; a constant, resolved once at ``init``), else None.
+    """
+
+    v_row: np.ndarray | None
+    v_col: np.ndarray | None
+    v: np.ndarray | None
+    m: np.ndarray | None = None
+    eps1: np.ndarray | None = None
+
+
+def factored_axes(shape: tuple[int, ...], factor_dims: str, min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """The axes ``(r, c)`` a tensor's second moment is factored over, or None when it is not factored.
+
+    ``factor_dims="last_two"`` (torch, Keras): the last two axes of every tensor with ``ndim >= 2``.
+    ``"largest_two"`` (optax): the two largest axes (``np.argsort(shape)``, as optax). Either way the
+    tensor is not factored when the smaller of the two has fewer than ``min_dim_size_to_factor`` entries
+    (optax's 128; torch and Keras: 0). The row statistic averages over ``c``, the column one over ``r``.
+    """
+    if len(shape) < 2:
+        return None
+    if factor_dims == "last_two":
+        axes = (len(shape) - 2, len(shape) - 1)
+    else:
+        order = np.argsort(shape)
+        axes = (int(order[-2]), int(order[-1]))
+    if min(shape[axes[0]], shape[axes[1]]) < min_dim_size_to_factor:
+        return None
+    return axes
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+
+
+def adafactor_direction(
+    g: np.ndarray,
+    s: AdafactorState,
+    step: int,
+    *,
+    beta2_decay: float,
+    eps1: float,
+    clip_threshold: float,
+    eps_form: str = "clamp",
+    factor_dims: str = "last_two",
+    min_dim_size_to_factor: int = 0,
+    decay_offset: int = 0,
+) -> tuple[np.ndarray, AdafactorState]:
+    r"""Adafactor's normalized, clipped direction (no momentum, no step size).
+
+    With :math:`w_t = (t - t_0)^{c}` (``c = beta2_decay`` :math:`\le 0`, ``t_0 = decay_offset``) the weight
+    of the new statistics (:math:`\hat\beta_{2,t} = 1 - w_t`), and :math:`q = g^2` (``eps_form="clamp"``,
+    torch) or :math:`q = g^2 + \epsilon_1` (``"add"``: optax, Keras, the paper):
+
+    .. math::
+
+        \text{factored: } R' &= (1-w_t) R + w_t\,\overline{q}^{\,c}, \quad
+        C' = (1-w_t) C + w_t\,\overline{q}^{\,r}, \quad
+        \hat v = \frac{R' C'}{\overline{R'}^{\,r}} \\
+        \text{else: } v' &= (1-w_t) v + w_t\, q, \quad \hat v = v' \\
+        \hat u &= g / \sqrt{\hat v}
+        \qquad\text{("clamp": } \overline{R'}^{\,r} \to \max(\overline{R'}^{\,r}, \epsilon_1),\;
+        \hat v \to \max(\hat v, \epsilon_1^2)\text{)} \\
+        u &= \hat u / \max(1, \operatorname{rms}(\hat u) / d)
+
+    (:math:`\overline{x}^{\,a}`: the mean over axis ``a``, kept; axes from :func:`factored_axes`;
+    ``d = clip_threshold``, ``inf`` for no clipping). ``sign(u) == sign(g)`` entrywise: the
+    denominators are positive. An empty tensor keeps its state.
+    """
+    if g.size == 0:  # nothing to update; the statistics of an empty tensor stay as they are
+        return g, s
+    eps1 = float(s.eps1) if s.eps1 is not None else eps1
+    w = float(step - decay_offset) ** beta2_decay
+    q = g * g + eps1 if eps_form == "add" else g * g
+    axes = factored_axes(g.shape, factor_dims, min_dim_size_to_factor)
+    if axes is not None:
+        r, c = axes
+        v_row = (1.0 - w) * s.v_row + w * np.mean(q, axis=c, keepdims=True)
+        v_col = (1.0 - w) * s.v_col + w * np.mean(q, axis=r, keepdims=True)
+        row_mean = np.mean(v_row, axis=r, keepdims=True)
+        if eps_form == "clamp":
+            row_mean = np.maximum(row_mean, eps1)
+        v_hat, new = v_row * v_col / row_mean, AdafactorState(v_row, v_col, None, s.m, s.eps1)
+    else:
+        v = (1.0 - w) * s.v + w * q
+        v_hat, new = v, AdafactorState(None, None, v, s.m, s.eps1)
+    if eps_form == "clamp":
+        v_hat = np.maximum(v_hat, eps1 * eps1)
+    u = g / np.sqrt(v_hat)
+    u = u / max(1.0, _rms(u) / clip_threshold)
+    return u, new
+
+
+def _adafactor_init(p: np.ndarray, axes: tuple[int, int] | None, eps1: float | None, momentum: bool) -> AdafactorState:
+    m = _zeros_like(p) if momentum else None
+    e = None if eps1 is not None else np.asarray(np.finfo(p.dtype).eps)
+    if axes is None:
+        return AdafactorState(None, None, _zeros_like(p), m, e)
+    r, c = axes
+    return AdafactorState(
+        np.zeros_like(p.sum(axis=c, keepdims=True)), np.zeros_like(p.sum(axis=r, keepdims=True)), None, m, e
+    )
+
+
+def adafactor_rule(
+    *,
+    beta2_decay: float,
+    eps1: float | None,
+    clip_threshold: float,
+    eps_form: str = "clamp",
+    factor_dims: str = "last_two",
+    min_dim_size_to_factor: int = 0,
+    decay_offset: int = 0,
+) -> Rule:
+    """Adafactor without momentum as a :class:`Rule` (``eps1=None``: each tensor's dtype epsilon)."""
+    opts = dict(
+        eps_form=eps_form,
+        factor_dims=factor_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_offset=decay_offset,
+    )
+
+    def init(p: np.ndarray) -> AdafactorState:
+        return _adafactor_init(p, factored_axes(p.shape, factor_dims, min_dim_size_to_factor), eps1, False)
+
+    def direction(g: np.ndarray, s: AdafactorState, step: int) -> tuple[np.ndarray, AdafactorState]:
+        return adafactor_direction(
+            g, s, step, beta2_decay=beta2_decay, eps1=eps1 or 0.0, clip_threshold=clip_threshold, **opts
+        )
+
+    return Rule("adafactor", init, direction)
+
+
+def adafactor_momentum_rule(*, beta1: float, **options: Any) -> UpdateRule:
+    r"""Adafactor with momentum (optax's ``momentum``, timm's ``beta1``) as an :class:`UpdateRule`.
+
+    .. math::  m' = \beta_1 m + (1-\beta_1)\,\alpha_t u, \qquad \delta = -m'
+
+    where ``u`` is :func:`adafactor_direction` and :math:`\alpha_t` (the ``lr`` the update receives) the
+    step size of this tensor at this step (learning rate times parameter scale): the momentum averages
+    *scaled* updates, as optax and timm do, so the learning rate lives in the state and caution masks
+    ``delta`` in the whole-update form. ``options`` are :func:`adafactor_rule`'s.
+    """
+    inner = adafactor_rule(**options)
+    factor = (options.get("factor_dims", "last_two"), options.get("min_dim_size_to_factor", 0))
+
+    def init(p: np.ndarray) -> AdafactorState:
+        return _adafactor_init(p, factored_axes(p.shape, *factor), options["eps1"], True)
+
+    def update(g: np.ndarray, s: AdafactorState, step: int, lr: float) -> tuple[np.ndarray, AdafactorState]:
+        u, s_new = inner.direction(g, s, step)
+        m = beta1 * s.m + (1.0 - beta1) * (lr * u)
+        return -m, s_new._replace(m=m)
+
+    return UpdateRule("adafactor", init, update)

@@ -4,7 +4,7 @@ r"""Cautious optimizers for JAX, as optax ``GradientTransformation``\ s (public 
   ``optax.scale_by_adam()``, ``optax.scale_by_lion()``, ``optax.trace(...)``) or a whole
   optimizer (``form="update"``: ``optax.adamw(1e-3)``, any chain ending in a learning rate)
   with the cautious mask; its state is exactly the inner state.
-* :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd` have optax's signatures and defaults
+* :func:`adamw`, :func:`adam`, :func:`lion`, :func:`sgd`, :func:`adafactor` have optax's signatures and defaults
   plus the spec's keyword-only options (``caution=True``, ``cautious_weight_decay=False``,
   ``eps_placement="corrected"``, ...); ``caution=False`` reproduces optax.
 * ``caution_stats=True`` (opt-in: it changes the state's structure) records each tensor's kept
@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adam, adamw, lion, nadam, nadamw, rmsprop, sgd
+from cautious.backends.jax._alias import adafactor, adam, adamw, lion, nadam, nadamw, rmsprop, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -74,6 +74,7 @@ __all__ = [
     "adam",
     "lion",
     "sgd",
+    "adafactor",
     "scale_by_adam",
     "scale_by_lion",
     "trace",

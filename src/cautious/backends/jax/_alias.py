@@ -24,18 +24,18 @@ import optax
 
 from cautious._caution import Caution, caution_arg
 from cautious.backends.jax import _transforms as tf
-from cautious.backends.jax._core import _cautious
+from cautious.backends.jax._core import _caution_parts, _cautious, _leaves_like
 from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
 
-__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop"]
+__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop", "adafactor"]
 
 NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "alpha": "decay"}
 
 
-def _check(values: dict[str, Any]) -> None:
+def _check(values: dict[str, Any], names: dict[str, str] | None = None) -> None:
     """Validate what can be validated now: not schedules, not traced values."""
     concrete = {k: v for k, v in values.items() if not callable(v) and not isinstance(v, jax.core.Tracer)}
-    validate(concrete, NAMES)
+    validate(concrete, {**NAMES, **(names or {})})
 
 
 def _direction(inner: optax.GradientTransformation, caution: Caution | None, caution_stats: bool) -> Any:
@@ -498,3 +498,101 @@ def rmsprop(
     if not zero:
         parts.append(tf.add_decayed_weights(weight_decay, mask))
     return _drop_in(optax.chain(*parts, whole) if parts else optax.with_extra_args_support(whole))
+
+
+def _chain_masked_at(parts: list[Any], at: int, caution: Caution | None) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(*parts)`` (the same state: the tuple of the parts' states) with the output of
+    ``parts[:at]`` masked against the incoming gradient (``form="direction"``: kept where it has the
+    gradient's sign, rescaled per tensor) before ``parts[at]`` runs. ``caution=None``: the plain chain."""
+    if caution is None:
+        return optax.chain(*parts)
+    parts = [optax.with_extra_args_support(p) for p in parts]
+
+    def init_fn(params: Any) -> Any:
+        return tuple(p.init(params) for p in parts)
+
+    def mask(u: Any, g: Any) -> Any:
+        u_leaves, treedef = jax.tree.flatten(u)
+        out = [_caution_parts(a, b, caution)[0].astype(a.dtype) for a, b in zip(u_leaves, _leaves_like(treedef, g))]
+        return jax.tree.unflatten(treedef, out)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        u, new = updates, []
+        for i, (p, s) in enumerate(zip(parts, state, strict=True)):
+            if i == at:
+                u = mask(u, updates)
+            u, s = p.update(u, s, params, **extra)
+            new.append(s)
+        if at == len(parts):
+            u = mask(u, updates)
+        return u, tuple(new)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adafactor(
+    learning_rate: Any = None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    momentum: float | None = None,
+    dtype_momentum: Any = jnp.float32,
+    weight_decay_rate: float | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+    *,
+    caution: bool | Caution = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious Adafactor: :func:`optax.adafactor` (same signature, defaults and state) with the cautious mask.
+
+    optax's chain, with the mask inserted where the spec puts it::
+
+        scale_by_factored_rms -> [clip_by_block_rms] -> (mask: no momentum) -> [scale_by_learning_rate]
+        -> [scale_by_param_block_rms] -> [ema (momentum)] -> (mask: momentum) -> [add_decayed_weights] -> scale(-1)
+
+    Without momentum the mask acts on the clipped, normalized ``u`` (which has the gradient's sign: caution
+    only rescales, where ``g`` has exact zeros); with ``momentum`` it acts on the momentum of the scaled
+    updates (``m' = b m + (1 - b) alpha u``). Weight decay (``weight_decay_rate``, not multiplied by the
+    learning rate, as optax) is never masked. The state is ``optax.adafactor``'s pytree. This is
+    :func:`cautious.spec.adafactor` with ``factor_dims="largest_two"``, ``eps_form="add"``,
+    ``relative_step=False``, ``weight_decay_form="rate"``, ``beta2_decay=-decay_rate``, ``beta1=momentum``,
+    ``d=clipping_threshold`` (``None``: ``inf``), ``eps=(eps, 1e-3)``, ``lr=learning_rate`` (``None``: 1).
+    """
+    _check(
+        dict(
+            **({} if learning_rate is None else {"lr": learning_rate}),
+            beta2_decay=-decay_rate if tf._is_concrete_number(decay_rate) else decay_rate,
+            decay_offset=decay_offset,
+            **({} if clipping_threshold is None else {"clip_threshold": clipping_threshold}),
+            **({} if momentum is None else {"beta1": momentum}),
+            **({} if weight_decay_rate is None else {"weight_decay": weight_decay_rate}),
+            eps=eps,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+        ),
+        {
+            "beta2_decay": "decay_rate (negated)",
+            "clip_threshold": "clipping_threshold",
+            "beta1": "momentum",
+            "weight_decay": "weight_decay_rate",
+        },
+    )
+    c = caution_arg(caution)
+    parts: list[Any] = [optax.scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps)]
+    if clipping_threshold is not None:
+        parts.append(optax.clip_by_block_rms(clipping_threshold))
+    at = len(parts)
+    if learning_rate is not None:
+        parts.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+    if multiply_by_parameter_scale:
+        parts.append(optax.scale_by_param_block_rms())
+    if momentum is not None:
+        parts.append(optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+        at = len(parts)
+    if weight_decay_rate is not None:
+        parts.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
+    parts.append(optax.scale(-1))
+    return _drop_in(_chain_masked_at(parts, at, c))

@@ -1,6 +1,6 @@
 """Cautious optimizers for TensorFlow: Keras 3 optimizer classes (public as :mod:`cautious.tensorflow`).
 
-``AdamW``, ``Adam``, ``Lion`` and ``SGD`` are ``keras.optimizers.Optimizer`` subclasses with
+``AdamW``, ``Adam``, ``Lion``, ``SGD`` and ``Adafactor`` are ``keras.optimizers.Optimizer`` subclasses with
 Keras's names and defaults plus ``caution``, ``cautious_weight_decay`` and (Adam)
 ``eps_placement``. They work with ``model.compile(optimizer=...)`` and with
 ``optimizer.apply_gradients`` in a custom ``tf.GradientTape`` loop, eager, in
@@ -19,6 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from cautious._caution import Caution  # noqa: E402
 from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     SGD,
+    Adafactor,
     Adam,
     AdamW,
     CautiousOptimizer,
@@ -27,4 +28,4 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     RMSprop,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Caution", "CautiousOptimizer", "Adafactor"]

@@ -71,7 +71,7 @@ if keras.backend.backend() != "tensorflow":
         "before importing keras"
     )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer", "Adafactor"]
 
 NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
 
@@ -843,6 +843,176 @@ class RMSprop(CautiousOptimizer):
         return config
 
 
-for _cls in (Adam, Lion, SGD, Nadam, RMSprop):
+class Adafactor(CautiousOptimizer):
+    r"""Cautious Adafactor (Shazeer & Stern 2018), Keras names, defaults and state (``r``, ``c``, ``v``).
+
+    .. math::
+
+        \hat u = g / \sqrt{\hat v}, \quad u = \hat u / \max(1, \operatorname{rms}(\hat u)/d), \quad
+        \alpha_t = \min(\eta, 1/\sqrt t)\,\max(\epsilon_2, \operatorname{rms}(p)), \quad
+        p' = p - \alpha_t\,\text{mask}(u, g)\,\text{scale}\,u
+
+    with Keras's forms (:func:`cautious.spec.adafactor` with ``eps_form="add"``: ``g^2 + epsilon_1``
+    enters the statistics; the last two dims of every tensor with ``ndim >= 2`` are factored; weight
+    decay ``p (1 - lr wd)`` comes first and the parameter scale is measured after it,
+    ``weight_decay_form="lr_before_scale"``). ``relative_step`` is kept for Keras's signature: Keras
+    applies ``min(lr, 1/sqrt(t))`` either way, so it changes nothing. ``u`` has the sign of ``g``:
+    without momentum caution only rescales (by ``n / count``, where ``g`` has exact zeros).
+    ``beta_1 > 0`` (keyword-only; Keras has no momentum) adds momentum over the scaled updates,
+    ``m' = beta_1 m + (1 - beta_1) alpha_t u`` (slots ``momentum``), and caution masks ``m'``.
+    ``caution=False, beta_1=0`` is ``keras.optimizers.Adafactor`` bit for bit for float32 and float64
+    variables (its operations in its order); bfloat16/float16 compute in float32 and round once.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        beta_2_decay: the decay exponent (<= 0). epsilon_1: added to ``g^2``. epsilon_2: the smallest
+            parameter scale. clip_threshold: the RMS clipping threshold (> 0).
+        relative_step: as Keras (no effect on the step; see above).
+        weight_decay: decoupled weight decay, or None.
+        caution, maximize: as in :class:`Adam`. beta_1: momentum (0: none).
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_2_decay: float = -0.8,
+        epsilon_1: float = 1e-30,
+        epsilon_2: float = 1e-3,
+        clip_threshold: float = 1.0,
+        relative_step: bool = True,
+        weight_decay: float | None = None,
+        *,
+        caution: bool | Caution = True,
+        maximize: bool = False,
+        beta_1: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        validate({"eps": epsilon_1}, {"eps": "epsilon_1"})
+        validate({"eps": epsilon_2}, {"eps": "epsilon_2"})
+        kwargs.setdefault("name", "adafactor")
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=False,
+            maximize=maximize,
+            spec_values={
+                "beta2_decay": beta_2_decay,
+                "clip_threshold": clip_threshold,
+                "relative_step": relative_step,
+                "beta1": beta_1,
+            },
+            **kwargs,
+        )
+        self.beta_2_decay = float(beta_2_decay)
+        self.epsilon_1 = float(epsilon_1)
+        self.epsilon_2 = float(epsilon_2)
+        self.clip_threshold = float(clip_threshold)
+        self.relative_step = bool(relative_step)
+        self.beta_1 = float(beta_1)
+
+    def build(self, var_list: list[Any]) -> None:
+        """Keras's slots: ``r`` and ``c`` (factored, ``ndim >= 2``; scalar placeholders otherwise), ``v``."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._r, self._c, self._v = [], [], []
+        for var in var_list:
+            if len(var.shape) < 2:
+                self._r.append(keras.Variable(0, name=var.name, trainable=False))
+                self._c.append(keras.Variable(0, name=var.name, trainable=False))
+            else:
+                self._r.append(self.add_variable(shape=var.shape[:-1], dtype=var.dtype, name=var.name))
+                self._c.append(
+                    self.add_variable(shape=var.shape[:-2] + (var.shape[-1],), dtype=var.dtype, name=var.name)
+                )
+            self._v.append(self.add_variable_from_reference(reference_variable=var, name="velocity"))
+        self.momentums = self.add_optimizer_variables(var_list, "momentum") if self.beta_1 > 0 else []
+
+    @staticmethod
+    def _rms(x: Any) -> Any:
+        return keras.ops.sqrt(keras.ops.mean(keras.ops.square(x)))
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One step with ``keras.optimizers.Adafactor``'s operations, in its order; the mask on ``u`` (or ``m'``)."""
+        n = variable.shape.num_elements()
+        if n == 0:
+            return
+        ops = keras.ops
+        cdt = _ops.compute_dtype(variable.dtype)
+        i = self._get_variable_index(variable)
+        lr = ops.cast(learning_rate, cdt)
+        g = ops.cast(gradient, cdt)
+        if self.maximize:
+            g = -g
+        p = tf.cast(tf.convert_to_tensor(variable), cdt)
+        if self.weight_decay and self._use_weight_decay(variable):  # Keras decays first (_apply_weight_decay)
+            p = p - p * ops.cast(self.weight_decay, cdt) * lr
+        epsilon_2 = ops.cast(self.epsilon_2, cdt)
+        one = ops.cast(1.0, cdt)
+        local_step = ops.cast(self.iterations + 1, cdt)
+        if not callable(self._learning_rate) and self.relative_step:
+            lr = ops.minimum(lr, 1 / ops.sqrt(local_step))
+        r, c, v = self._r[i], self._c[i], self._v[i]
+        rho_t = ops.minimum(lr, 1 / ops.sqrt(local_step))
+        alpha_t = ops.maximum(epsilon_2, self._rms(p)) * rho_t
+        regulated_grad_square = ops.add(ops.square(g), self.epsilon_1)
+        beta_2_t = ops.subtract(1, ops.power(local_step, self.beta_2_decay))
+        assigns = []
+        if len(variable.shape) >= 2:
+            r_new = ops.add(
+                ops.multiply(beta_2_t, ops.cast(r, cdt)),
+                ops.multiply(ops.subtract(1, beta_2_t), ops.mean(regulated_grad_square, axis=-1)),
+            )
+            c_new = ops.add(
+                ops.multiply(beta_2_t, ops.cast(c, cdt)),
+                ops.multiply(ops.subtract(1, beta_2_t), ops.mean(regulated_grad_square, axis=-2)),
+            )
+            v_new = ops.multiply(
+                ops.expand_dims(ops.divide(r_new, ops.mean(r_new, axis=-1, keepdims=True)), axis=-1),
+                ops.expand_dims(c_new, -2),
+            )
+            assigns += [(r, r_new), (c, c_new)]
+        else:
+            v_new = ops.add(
+                ops.multiply(beta_2_t, ops.cast(v, cdt)),
+                ops.multiply(ops.subtract(1, beta_2_t), regulated_grad_square),
+            )
+        assigns.append((v, v_new))
+        u_t = ops.divide(g, ops.sqrt(v_new))
+        u_t_hat = ops.divide(u_t, ops.maximum(one, ops.divide(self._rms(u_t), self.clip_threshold)))
+        if self.beta_1 > 0:  # momentum over the scaled updates; the mask compares m' with g
+            m_var = self.momentums[i]
+            step = _c(self.beta_1, cdt) * ops.cast(m_var, cdt) + _c(1.0 - self.beta_1, cdt) * (alpha_t * u_t_hat)
+            assigns.append((m_var, step))
+        else:
+            step = ops.multiply(alpha_t, u_t_hat)
+        if self.caution is not None:
+            mask = _ops.cautious_mask(step, g)
+            if self.caution.normalize != "none" or self._caution_counts:
+                step = step * tf.cast(self._caution_scale(mask, g, n, variable), cdt)
+            step = tf.where(mask, step, tf.zeros((), cdt))
+        for state_var, value in assigns:
+            self.assign(state_var, value)
+        self.assign(variable, p - step)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("cautious_weight_decay", None)
+        config.update(
+            {
+                "beta_2_decay": self.beta_2_decay,
+                "epsilon_1": self.epsilon_1,
+                "epsilon_2": self.epsilon_2,
+                "clip_threshold": self.clip_threshold,
+                "relative_step": self.relative_step,
+                "beta_1": self.beta_1,
+            }
+        )
+        return config
+
+
+for _cls in (Adam, Lion, SGD, Nadam, RMSprop, Adafactor):
     if _cls.__doc__:
         _cls.__doc__ = _cls.__doc__.replace("{base}", _BASE_KWARGS_DOC)

@@ -1,5 +1,4 @@
-"""PyTorch backend: cautious ``AdamW``, ``Adam``, ``Lion``, ``SGD``, ``NAdam`` and ``RMSprop`` as
-``torch.optim.Optimizer`` classes.
+"""PyTorch backend: cautious ``torch.optim.Optimizer`` classes (AdamW, Adam, Lion, SGD, NAdam, RMSprop, Adafactor).
 
 Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
 
@@ -13,7 +12,7 @@ lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
-from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion, NAdam, RMSprop
+from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Lion, NAdam, RMSprop
 
 __all__ = [
     "AdamW",
@@ -22,6 +21,7 @@ __all__ = [
     "SGD",
     "NAdam",
     "RMSprop",
+    "Adafactor",
     "Caution",
     "fused_available",
     "build_fused",

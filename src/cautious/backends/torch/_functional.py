@@ -42,7 +42,7 @@ from cautious._caution import Caution
 from cautious.backends.torch import _distributed
 from cautious.spec.mask import CautionStats
 
-__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop"]
+__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop", "adafactor"]
 
 _NATIVE_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -1266,3 +1266,198 @@ def rmsprop(
             shardings=_pick(shardings, idx) or None,
             stats=stats,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adafactor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _refuse_dtensor(params: list[Tensor], where: str) -> None:
+    """Adafactor's factored statistics are row and column means over whole tensors: a shard's are not the
+    tensor's, and reducing them would need collectives this path does not make. Refused before any change."""
+    dtensor = _distributed._dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        raise NotImplementedError(
+            f"{where} does not support DTensor parameters: its factored second moment (row and column means "
+            "of g^2, the RMS clipping and the parameter scale) needs reductions across shards; "
+            "use AdamW, Lion or SGD with FSDP2/DTensor, or replicate these parameters"
+        )
+
+
+def _adafactor_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    lr: Any,
+    beta2_decay: float,
+    eps1: float | None,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    beta1: float,
+    maximize: bool,
+    caution: Caution | None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    r"""One Adafactor step over tensors of one device and dtype, all factored or all not (torch.optim's ops).
+
+    ``u = clip(g / sqrt(v_hat))`` (:func:`cautious.spec.adafactor_direction`, torch's form), step size
+    ``alpha = min(lr, 1/sqrt(t)) * max(eps2, rms(p))`` from ``p`` before decay. Without momentum:
+    ``p <- p (1 - lr wd) - alpha * mask * scale * u``; with ``beta1 > 0``: ``m <- lerp(m, alpha u, 1 - beta1)``,
+    ``p <- p (1 - lr wd) - mask * scale * m`` (the mask compares ``u``, or ``m``, with ``g``).
+    """
+    if maximize:
+        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
+    if foreach and state_steps and state_steps[0].is_cpu and not torch.compiler.is_compiling():
+        torch._foreach_add_(state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        _increment_steps_(state_steps)
+    steps = [float(s) for s in _step_values(state_steps)]
+    ws = [t**beta2_decay for t in steps]
+    alphas = [
+        max(eps2, p.norm(2).item() / (p.numel() ** 0.5)) * min(lr, 1 / (t**0.5))
+        for p, t in zip(params, steps, strict=True)
+    ]
+    if weight_decay != 0:
+        if foreach:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            for p in params:
+                p.mul_(1 - lr * weight_decay)
+    e1 = torch.finfo(params[0].dtype).eps if eps1 is None else eps1  # one dtype per call
+    if row_vars[0] is not None:
+        if foreach:
+            row_means = [torch.norm(g, dim=-1, keepdim=True) for g in grads]
+            torch._foreach_mul_(row_means, row_means)
+            torch._foreach_div_(row_means, [g.size(-1) for g in grads])
+            torch._foreach_lerp_(row_vars, row_means, ws)
+            col_means = [torch.norm(g, dim=-2, keepdim=True) for g in grads]
+            torch._foreach_mul_(col_means, col_means)
+            torch._foreach_div_(col_means, [g.size(-2) for g in grads])
+            torch._foreach_lerp_(col_vars, col_means, ws)
+            var_estimates = [r @ c for r, c in zip(row_vars, col_vars, strict=True)]
+            row_var_means = [r.mean(dim=-2, keepdim=True) for r in row_vars]
+            torch._foreach_clamp_min_(row_var_means, e1)
+            torch._foreach_div_(var_estimates, row_var_means)
+        else:
+            var_estimates = []
+            for g, r, c, w in zip(grads, row_vars, col_vars, ws, strict=True):
+                r.lerp_(torch.norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1)), w)
+                c.lerp_(torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2)), w)
+                var_estimates.append((r @ c).div_(r.mean(dim=-2, keepdim=True).clamp_(min=e1)))
+    else:
+        if foreach:
+            torch._foreach_lerp_(variances, torch._foreach_mul(grads, grads), ws)
+        else:
+            for g, v, w in zip(grads, variances, ws, strict=True):
+                v.lerp_(g * g, w)
+        var_estimates = [v.clone() for v in variances]
+    if foreach:
+        torch._foreach_clamp_min_(var_estimates, e1 * e1)
+        torch._foreach_rsqrt_(var_estimates)
+        torch._foreach_mul_(var_estimates, grads)
+    else:
+        for x, g in zip(var_estimates, grads, strict=True):
+            x.clamp_(min=e1 * e1).rsqrt_().mul_(g)
+    updates = var_estimates
+    denoms = [max(1.0, u.norm(2).item() / ((u.numel() ** 0.5) * d)) for u in updates]
+    if beta1 > 0:  # momentum over the scaled updates (optax, timm): caution masks m'
+        coefs = [a / n for a, n in zip(alphas, denoms, strict=True)]
+        if foreach:
+            torch._foreach_mul_(updates, coefs)
+            torch._foreach_lerp_(exp_avgs, updates, 1 - beta1)
+        else:
+            for u, c, m in zip(updates, coefs, exp_avgs, strict=True):
+                m.lerp_(u.mul_(c), 1 - beta1)
+        steps_ = exp_avgs
+        if caution is not None:
+            steps_, scales = _mask_and_scales(
+                exp_avgs, exp_avgs, grads, caution, foreach=foreach, stats=stats, params=params
+            )
+            _apply_scales_(steps_, scales, foreach=foreach)
+        if foreach:
+            torch._foreach_sub_(params, steps_)
+        else:
+            for p, m in zip(params, steps_, strict=True):
+                p.sub_(m)
+        return
+    if caution is not None:
+        updates, scales = _mask_and_scales(
+            updates, updates, grads, caution, foreach=foreach, stats=stats, params=params
+        )
+        _apply_scales_(updates, scales, foreach=foreach)
+    coefs = [-a / n for a, n in zip(alphas, denoms, strict=True)]
+    if foreach:
+        torch._foreach_mul_(updates, coefs)
+        torch._foreach_add_(params, updates)
+    else:
+        for p, u, c in zip(params, updates, coefs, strict=True):
+            p.add_(u, alpha=c)
+
+
+def adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    lr: Any,
+    beta2_decay: float,
+    eps1: float | None,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    beta1: float = 0.0,
+    maximize: bool,
+    caution: Caution | None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious Adafactor: :class:`cautious.backends.torch.Adafactor`, :func:`cautious.spec.adafactor`.
+
+    Paths: single-tensor and foreach (grouped by device, dtype and whether the tensor is factored, as
+    torch.optim's foreach Adafactor); ``fused=True`` is refused (no fused kernel for Adafactor), and the
+    default never picks it. DTensor parameters are refused (:func:`_refuse_dtensor`).
+    """
+    if fused:
+        raise ValueError("fused=True is not supported for Adafactor (no fused kernel); use foreach=True or False")
+    _check_no_fused_foreach(foreach, fused)
+    _refuse_dtensor(params, "cautious.torch.Adafactor")
+    if foreach is None:
+        foreach = _torch_default_foreach(params)
+    if isinstance(lr, Tensor) and lr.dim() != 0:  # as torch.optim.Adafactor: a 0-d tensor lr stays a tensor
+        lr = lr.squeeze()
+    hyper = dict(
+        lr=lr,
+        beta2_decay=float(beta2_decay),
+        eps1=None if eps1 is None else float(eps1),
+        eps2=float(eps2),
+        d=float(d),
+        weight_decay=float(weight_decay),
+        beta1=float(beta1),
+        maximize=maximize,
+        caution=caution,
+    )
+    # an empty tensor has nothing to update (torch.optim.Adafactor divides by its size and raises): its step counts
+    _increment_steps_([st for p, st in zip(params, state_steps, strict=True) if p.numel() == 0])
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    lists = [
+        _pick(x, keep) if x is not None else None
+        for x in (params, grads, row_vars, col_vars, variances, exp_avgs or None, state_steps)
+    ]
+    impl = "foreach" if foreach else "single"
+    for idx in _groups(lists[0], impl, [g.dim() > 1 for g in lists[1]]):
+        _adafactor_tensors(*(_pick(x, idx) for x in lists), foreach=foreach, stats=stats, **hyper)

@@ -34,7 +34,7 @@ from cautious.spec.errors import (
 )
 from cautious.spec.mask import CautionStats
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop", "Adafactor"]
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
@@ -925,6 +925,144 @@ class RMSprop(_CautiousOptimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
+            )
+        return loss
+
+
+class Adafactor(_CautiousOptimizer):
+    r"""Cautious Adafactor (Shazeer & Stern 2018), a drop-in for ``torch.optim.Adafactor``.
+
+    .. math::
+
+        u &= \hat u / \max(1, \operatorname{rms}(\hat u)/d), \quad \hat u = g / \sqrt{\hat v}
+        \quad\text{(factored } \hat v = R C / \max(\bar R, \epsilon_1) \text{ over the last two dims)} \\
+        \alpha_t &= \min(\eta, 1/\sqrt t)\,\max(\epsilon_2, \operatorname{rms}(p)), \qquad
+        p' = p(1 - \eta\lambda) - \alpha_t\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.adafactor` (torch's forms are its defaults). ``u`` has the sign of ``g``, so
+    without momentum caution only rescales (by ``n / count``, where ``g`` has exact zeros). ``beta1 > 0``
+    (keyword-only, off by default as in torch) adds timm's and optax's momentum over the scaled
+    updates, ``m <- beta1 m + (1 - beta1) alpha_t u`` (state ``exp_avg``), and caution masks ``m``.
+    ``caution=False, beta1=0`` reproduces ``torch.optim.Adafactor`` bit for bit, state keys included
+    (``step``, ``row_var``/``col_var`` for tensors with ``dim() > 1``, else ``variance``). ``eps[0]=None``
+    is each parameter's dtype epsilon (torch.optim takes the first parameter's for the whole group).
+    Paths: single-tensor and foreach; no fused path. DTensor parameters are refused.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        beta1: float = 0.0,
+        caution: bool | Caution = True,
+        caution_stats: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if fused:
+            raise ValueError("fused=True is not supported for Adafactor (no fused kernel); use foreach=True or False")
+        defaults = dict(
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            beta1=beta1,
+            caution=caution,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    _CAUTION_KEYS = ("caution",)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            eps1, eps2 = group["eps"]
+        except (TypeError, ValueError):
+            raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {group['eps']!r}") from None
+        if eps1 is not None:
+            validate({"eps": eps1}, {"eps": "eps[0]"})
+        validate({"eps": eps2}, {"eps": "eps[1]"})
+        validate(
+            dict(
+                lr=group["lr"],
+                beta2_decay=group["beta2_decay"],
+                clip_threshold=group["d"],
+                weight_decay=group["weight_decay"],
+                beta1=group["beta1"],
+                maximize=group["maximize"],
+            ),
+            {"clip_threshold": "d"},
+        )
+        return self._check_caution(group)
+
+    def _init_group(self, group, params, grads, row_vars, col_vars, variances, exp_avgs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.is_complex():
+                raise RuntimeError("Adafactor does not support complex parameters")
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                if p.grad.dim() > 1:
+                    state["row_var"] = p.grad.new_zeros([*p.grad.shape[:-1], 1])
+                    state["col_var"] = p.grad.new_zeros([*p.grad.shape[:-2], 1, p.grad.shape[-1]])
+                else:
+                    state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            if group["beta1"] > 0 and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            row_vars.append(state.get("row_var"))
+            col_vars.append(state.get("col_var"))
+            variances.append(state.get("variance"))
+            if group["beta1"] > 0:
+                exp_avgs.append(state["exp_avg"])
+            state_steps.append(state["step"])
+
+    @torch.no_grad()  # as torch.optim.Adafactor (its param groups have no ``differentiable`` key)
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            functional._refuse_dtensor(group["params"], "cautious.torch.Adafactor")
+        for group in self.param_groups:
+            params, grads, row_vars, col_vars, variances, exp_avgs, state_steps = [], [], [], [], [], [], []
+            self._init_group(group, params, grads, row_vars, col_vars, variances, exp_avgs, state_steps)
+            if not params:
+                continue
+            eps1, eps2 = group["eps"]
+            functional.adafactor(
+                params,
+                grads,
+                row_vars,
+                col_vars,
+                variances,
+                exp_avgs,
+                state_steps,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                beta2_decay=group["beta2_decay"],
+                eps1=eps1,
+                eps2=eps2,
+                d=group["d"],
+                weight_decay=group["weight_decay"],
+                beta1=group["beta1"],
+                maximize=group["maximize"],
+                caution=_caution_of(group["caution"]),
                 stats=getattr(self, "_caution_stats", None),
             )
         return loss

@@ -51,9 +51,39 @@ def _spec_hparams(case: Case) -> dict[str, Any]:
     return hp
 
 
+#: optax.adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor"): optax has no
+#: relative step and no maximize, adds eps to g**2, factors the two largest dims, decays by a rate, and
+#: its smallest parameter scale is 1e-3 (``scale_by_param_block_rms``).
+ADAFACTOR_FORMS = {
+    "eps_form": "add",
+    "factor_dims": "largest_two",
+    "relative_step": False,
+    "weight_decay_form": "rate",
+    "maximize": False,
+    "decay_offset": 0,
+    "eps": (float(np.float32(1e-30)), 1e-3),
+}
+
+
+def _adafactor(hp: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+    return cjax.adafactor(
+        learning_rate=hp["lr"],
+        min_dim_size_to_factor=hp["min_dim_size_to_factor"],
+        decay_rate=-hp["beta2_decay"],
+        multiply_by_parameter_scale=hp["multiply_by_parameter_scale"],
+        clipping_threshold=None if hp["d"] == float("inf") else hp["d"],
+        momentum=None if float(hp["beta1"]) == 0 else hp["beta1"],
+        weight_decay_rate=None if float(hp["weight_decay"]) == 0 else hp["weight_decay"],
+        eps=hp["eps"][0],
+        caution=hp["caution"],
+    )
+
+
 def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
     """The :mod:`cautious.jax` optimizer that implements ``case`` (spec defaults, not optax's)."""
     hp = _spec_hparams(case)
+    if case.rule == "adafactor":
+        return _adafactor(hp)
     common = dict(caution=hp["caution"], maximize=hp["maximize"], cautious_weight_decay=hp["cautious_weight_decay"])
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
@@ -138,7 +168,19 @@ class JaxAdapter:
         self.name = "jax-jit" if self.jit else "jax-eager"
         self._compiled: dict[Any, Any] = {}
 
+    def fixed_hparams(self, rule: str) -> dict[str, Any] | None:
+        return dict(ADAFACTOR_FORMS) if rule == "adafactor" else None
+
     def supports(self, case: Case) -> str | None:
+        if case.rule == "adafactor":
+            bad = {k: v for k, v in ADAFACTOR_FORMS.items() if case.hparams.get(k, v) != v}
+            if bad:
+                return f"optax.adafactor has only optax's forms, not {bad}"
+            if case.dtype != "float32":
+                return (
+                    "optax.adafactor computes its decay schedule 1 - t**-0.8 in float32 whatever the dtype "
+                    "(float64 is compared with the spec in tests/backend_jax/test_adafactor.py, to 1e-5 of the step)"
+                )
         if "float64" in (case.dtype, case.state_storage) and not jax.config.jax_enable_x64:
             return "float64 needs jax.config.update('jax_enable_x64', True)"
         if case.rule == "sgd" and float(case.hparams.get("dampening", 0.0)) != 0:
@@ -177,6 +219,8 @@ class JaxAdapter:
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
     ) -> tuple[list[np.ndarray], spec.State]:
         fn, opt = self._step_fn(case)
+        if case.rule == "adafactor":
+            return self._adafactor_step(case, fn, opt, params, grads, state)
         pd, sd = _JNP[case.dtype], _JNP[case.state_storage]
         wide = jnp.float32 if case.dtype in ("bfloat16", "float16") else pd  # see the module docstring
         p = [jnp.asarray(np.asarray(x), wide) for x in params]
@@ -236,3 +280,54 @@ class JaxAdapter:
         else:  # SGD without momentum: no state
             new_leaves = tuple(spec.SGDState(None) for _ in range(n))
         return [out(x, case.dtype) for x in new_p], spec.State(int(state.step) + 1, new_leaves)
+
+    def _adafactor_step(
+        self,
+        case: Case,
+        fn: Any,
+        opt: Any,
+        params: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray],
+        state: spec.State,
+    ) -> tuple[list[np.ndarray], spec.State]:
+        """optax.adafactor's state: ``FactoredState(count, v_row, v_col, v)`` (reduced dims dropped, ``(1,)``
+        placeholders where unused) first in the chain, and an ``EmaState`` with momentum."""
+        hp = case.hparams
+        dt = _JNP[case.dtype]
+        p = [jnp.asarray(np.asarray(x), dt) for x in params]
+        g = [jnp.asarray(np.asarray(x), dt) for x in grads]
+        axes = [spec.factored_axes(np.shape(x), "largest_two", int(hp["min_dim_size_to_factor"])) for x in params]
+        one = jnp.zeros((1,), dt)
+        count = jnp.asarray(state.step, jnp.int32)
+        v_row, v_col, v = [], [], []
+        for s, ax in zip(state.leaves, axes, strict=True):
+            if ax is None:
+                v_row.append(one)
+                v_col.append(one)
+                v.append(jnp.asarray(np.asarray(s.v), dt))
+            else:
+                v_row.append(jnp.asarray(np.squeeze(np.asarray(s.v_row), axis=ax[1]), dt))
+                v_col.append(jnp.asarray(np.squeeze(np.asarray(s.v_col), axis=ax[0]), dt))
+                v.append(one)
+        init = opt.init(p)
+        factored = type(init[0])(count=count, v_row=v_row, v_col=v_col, v=v)
+        parts = [factored, *init[1:]]
+        for i, part in enumerate(parts):
+            if isinstance(part, optax.EmaState):
+                parts[i] = optax.EmaState(count, [jnp.asarray(np.asarray(s.m), jnp.float32) for s in state.leaves])
+        new_p, new_state = fn(p, g, tuple(parts))
+        out = lambda x: None if x is None else np.asarray(x).astype(numpy_dtype(case.dtype))  # noqa: E731
+        ema = next((x for x in new_state if isinstance(x, optax.EmaState)), None)
+        leaves = []
+        for i, ax in enumerate(axes):
+            m = out(ema.ema[i]) if ema is not None else None
+            if np.size(params[i]) == 0:  # optax's means over nothing are NaN in an empty tensor's unused
+                leaves.append(state.leaves[i]._replace(eps1=None))  # statistics; nothing else changes
+                continue
+            if ax is None:
+                leaves.append(spec.AdafactorState(None, None, out(new_state[0].v[i]), m))
+            else:
+                row = np.expand_dims(out(new_state[0].v_row[i]), ax[1])
+                col = np.expand_dims(out(new_state[0].v_col[i]), ax[0])
+                leaves.append(spec.AdafactorState(row, col, None, m))
+        return [out(x) for x in new_p], spec.State(int(state.step) + 1, tuple(leaves))

@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adam, AdamW, Lion, Nadam, RMSprop  # noqa: E402
+from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Lion, Nadam, RMSprop  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 
@@ -57,6 +57,19 @@ _SPEC_DEFAULTS = {
         "momentum_schedule": "dozat",
     },
     "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "centered": False},
+    "adafactor": {"lr": 1e-2, "weight_decay": 0.0},
+}
+
+#: keras.optimizers.Adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor").
+ADAFACTOR_FORMS = {
+    "eps_form": "add",
+    "factor_dims": "last_two",
+    "min_dim_size_to_factor": 0,
+    "relative_step": True,
+    "multiply_by_parameter_scale": True,
+    "weight_decay_form": "lr_before_scale",
+    "decay_offset": 0,
+    "eps": (None, float(np.float32(1e-3))),  # eps[0] is drawn; Keras casts epsilon_2 through float32
 }
 
 
@@ -104,6 +117,18 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
         return RMSprop(
             rho=float(hp["alpha"]), epsilon=float(hp["eps"]), centered=bool(hp["centered"]), weight_decay=wd, **common
         )
+    if case.rule == "adafactor":
+        common.pop("cautious_weight_decay")
+        eps1, eps2 = hp["eps"]
+        return Adafactor(
+            beta_2_decay=float(hp.get("beta2_decay", -0.8)),
+            epsilon_1=float(eps1),
+            epsilon_2=float(eps2),
+            clip_threshold=float(hp.get("d", 1.0)),
+            weight_decay=wd,
+            beta_1=float(hp.get("beta1", 0.0)),
+            **common,
+        )
     return SGD(
         momentum=float(hp["momentum"]),
         nesterov=bool(hp.get("nesterov", False)),
@@ -145,6 +170,10 @@ class _Entry:
             return [opt._momentums[i], opt._velocities[i], opt._u_product]
         if rule == "rmsprop":
             return [opt._velocities[i], opt._average_gradients[i] if opt.centered else None, None]
+        if rule == "adafactor":
+            factored = len(self.vars[i].shape) >= 2
+            m = opt.momentums[i] if opt.beta_1 > 0 else None
+            return [opt._r[i], opt._c[i], None, m] if factored else [None, None, opt._v[i], m]
         return [opt.momentums[i] if opt.momentum != 0 else None]
 
 
@@ -161,9 +190,12 @@ class TFAdapter:
 
     def fixed_hparams(self, rule: str) -> dict[str, Any]:
         """Keras RMSprop's form: eps under the root, v from 0; momentum 0 (with momentum its buffer carries
-        the learning rate, the spec's momentum_form='keras', an update form the suite does not draw)."""
+        the learning rate, the spec's momentum_form='keras', an update form the suite does not draw).
+        Keras Adafactor's forms (:data:`ADAFACTOR_FORMS`)."""
         if rule == "rmsprop":
             return {"eps_in_sqrt": True, "initial_scale": 0.0, "momentum": 0.0, "nesterov": False}
+        if rule == "adafactor":
+            return dict(ADAFACTOR_FORMS)
         return {}
 
     def supports(self, case: Case) -> str | None:
@@ -172,6 +204,10 @@ class TFAdapter:
             not hp.get("eps_in_sqrt") or float(hp.get("momentum", 0.0)) != 0 or hp.get("initial_scale")
         ):
             return "Keras RMSprop: eps under the root, v from 0, momentum only in its velocity (update) form"
+        if case.rule == "adafactor":
+            bad = {k: v for k, v in ADAFACTOR_FORMS.items() if k != "eps" and hp.get(k, v) != v}
+            if bad or hp["eps"][1] != ADAFACTOR_FORMS["eps"][1] or hp["eps"][0] is None:
+                return f"keras.optimizers.Adafactor has only Keras's forms, not {bad or hp['eps']}"
         if case.dtype not in _TF_DTYPES:
             return f"dtype {case.dtype!r} is not supported"
         if case.state_storage != case.dtype:
@@ -211,12 +247,16 @@ class TFAdapter:
         for i, leaf in enumerate(state.leaves):
             for var, x in zip(entry.state_vars(case.rule, i), leaf):
                 if var is not None and x is not None:
-                    var.assign(self._to_tf(x, dt))
+                    # Adafactor's r and c drop the reduced dim that the spec keeps
+                    var.assign(tf.reshape(self._to_tf(x, dt), var.shape))
         entry.apply([self._to_tf(g, dt) for g in grads])
         out = numpy_dtype(case.dtype)
         read = lambda v: None if v is None else np.asarray(v.numpy()).astype(out)  # noqa: E731
         new_params = [read(v) for v in entry.vars]
         leaves = []
         for i, leaf in enumerate(state.leaves):
-            leaves.append(type(leaf)(*(read(v) for v in entry.state_vars(case.rule, i))))
+            got = [read(v) for v in entry.state_vars(case.rule, i)]
+            if case.rule == "adafactor":  # back to the spec's kept dims
+                got = [None if x is None else x.reshape(np.shape(y)) for x, y in zip(got, leaf)]
+            leaves.append(type(leaf)(*got))
         return new_params, spec.State(int(entry.opt.iterations.numpy()), tuple(leaves))

@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adam, AdamW, Lion, NAdam, RMSprop
+from cautious.torch import SGD, Adafactor, Adam, AdamW, Lion, NAdam, RMSprop
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -71,12 +71,33 @@ class TorchAdapter:
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
 
+    #: torch.optim.Adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor").
+    ADAFACTOR_FORMS = {
+        "eps_form": "clamp",
+        "factor_dims": "last_two",
+        "min_dim_size_to_factor": 0,
+        "relative_step": True,
+        "multiply_by_parameter_scale": True,
+        "weight_decay_form": "lr",
+    }
+
     def fixed_hparams(self, rule: str) -> dict[str, Any]:
-        """torch.optim.RMSprop's forms: ``eps`` after the root, no Nesterov, ``v`` starting at 0."""
-        return {"eps_in_sqrt": False, "nesterov": False, "initial_scale": 0.0} if rule == "rmsprop" else {}
+        """torch.optim's forms: RMSprop's ``eps`` after the root, no Nesterov, ``v`` starting at 0;
+        Adafactor's :attr:`ADAFACTOR_FORMS`."""
+        if rule == "rmsprop":
+            return {"eps_in_sqrt": False, "nesterov": False, "initial_scale": 0.0}
+        if rule == "adafactor":
+            return dict(self.ADAFACTOR_FORMS)
+        return {}
 
     def supports(self, case: Case) -> str | None:
-        if case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop"):
+        if case.rule == "adafactor" and self.impl == "fused":
+            return "Adafactor has no fused kernel (fused=True is refused); use single or foreach"
+        if case.rule == "adafactor":
+            bad = {k: v for k, v in self.ADAFACTOR_FORMS.items() if case.hparams.get(k, v) != v}
+            if bad or case.hparams.get("decay_offset", 0):
+                return f"torch.optim.Adafactor has only torch's forms, not {bad or 'decay_offset'}"
+        elif case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop"):
             return f"unknown rule {case.rule!r}"
         if case.rule == "rmsprop" and (
             case.hparams.get("eps_in_sqrt") or case.hparams.get("nesterov") or case.hparams.get("initial_scale")
@@ -116,6 +137,10 @@ class TorchAdapter:
             for k in ("eps_in_sqrt", "nesterov", "initial_scale"):  # pinned to torch's forms (fixed_hparams)
                 hp.pop(k, None)
             return RMSprop(params, **hp, **kw)
+        if case.rule == "adafactor":
+            for k in (*self.ADAFACTOR_FORMS, "decay_offset"):
+                hp.pop(k, None)
+            return Adafactor(params, **hp, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -159,6 +184,13 @@ class TorchAdapter:
                     st["grad_avg"] = self._tensor(leaf.g_avg, dtype)
                 if leaf.m is not None:
                     st["momentum_buffer"] = self._tensor(leaf.m, dtype)
+            elif rule == "adafactor":
+                st["step"] = step_t
+                for key, x in (("row_var", leaf.v_row), ("col_var", leaf.v_col), ("variance", leaf.v)):
+                    if x is not None:
+                        st[key] = self._tensor(x, dtype)
+                if leaf.m is not None:
+                    st["exp_avg"] = self._tensor(leaf.m, dtype)
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -191,6 +223,12 @@ class TorchAdapter:
                         to_numpy(st["square_avg"], sd),
                         to_numpy(st.get("grad_avg"), sd),
                         to_numpy(st.get("momentum_buffer"), sd),
+                    )
+                )
+            elif rule == "adafactor":
+                leaves.append(
+                    spec.AdafactorState(
+                        *(to_numpy(st.get(k), sd) for k in ("row_var", "col_var", "variance", "exp_avg"))
                     )
                 )
             else:
