@@ -27,17 +27,23 @@ from cautious.spec.mask import (
     kept_count,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
+from cautious.spec.optim import Optimizer, State, adam, adamw, adopt, laprop, lion, make_optimizer, sgd
 from cautious.spec.rules import (
     AdamState,
+    AdoptState,
+    LaPropState,
     LionState,
     Rule,
     SGDState,
     UpdateRule,
     adam_direction,
     adam_rule,
+    adopt_direction,
+    adopt_rule,
     cautious,
     cautious_update,
+    laprop_rule,
+    laprop_update,
     lion_direction,
     lion_rule,
     sgd_direction,
@@ -88,4 +94,12 @@ __all__ = [
     "sgd_velocity_rule",
     "cautious_update",
     "RULES",
+    "adopt",
+    "laprop",
+    "AdoptState",
+    "LaPropState",
+    "adopt_direction",
+    "adopt_rule",
+    "laprop_update",
+    "laprop_rule",
 ]
