@@ -12,13 +12,15 @@ lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
-from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
+from cautious.backends.torch.optim import SGD, Adam, AdamW, Adopt, LaProp, Lion
 
 __all__ = [
     "AdamW",
     "Adam",
     "Lion",
     "SGD",
+    "Adopt",
+    "LaProp",
     "Caution",
     "fused_available",
     "build_fused",
