@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adam, adamw, lion, sgd
+from cautious.backends.jax._alias import adam, adamw, adopt, laprop, lion, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -52,10 +52,14 @@ from cautious.backends.jax._core import (
 )
 from cautious.backends.jax._transforms import (
     ScaleByAdamState,
+    LaPropState,
     ScaleByAmsgradState,
     add_decayed_weights,
+    decoupled_decay,
     negate,
     scale_by_adam,
+    scale_by_adopt,
+    scale_by_laprop,
     scale_by_lion,
     trace,
 )
@@ -82,4 +86,10 @@ __all__ = [
     "caution_scale",
     "apply_caution",
     "whole_update",
+    "adopt",
+    "laprop",
+    "scale_by_adopt",
+    "scale_by_laprop",
+    "decoupled_decay",
+    "LaPropState",
 ]
