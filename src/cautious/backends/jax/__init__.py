@@ -51,8 +51,8 @@ from cautious.backends.jax._core import (
     whole_update,
 )
 from cautious.backends.jax._transforms import (
-    ScaleByAdamState,
     LaPropState,
+    ScaleByAdamState,
     ScaleByAmsgradState,
     add_decayed_weights,
     decoupled_decay,
