@@ -21,8 +21,10 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     SGD,
     Adam,
     AdamW,
+    Adopt,
     CautiousOptimizer,
+    LaProp,
     Lion,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer", "Adopt", "LaProp"]
