@@ -109,6 +109,23 @@ def hparams(draw, rule: str) -> dict:
         hp["weight_decay"] = draw(st.sampled_from(_WD))
         hp["maximize"] = draw(st.booleans())
         hp["cautious_weight_decay"] = draw(st.booleans())
+    elif rule == "adopt":
+        hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
+        hp["eps"] = draw(st.sampled_from(_EPS))
+        hp["clip_exp"] = draw(st.sampled_from([None, 0.25, 0.5, f32(0.333)]))
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["nesterov"] = draw(st.booleans())
+        hp["maximize"] = draw(st.booleans())
+        dec = draw(st.booleans())
+        hp["decoupled_weight_decay"] = dec
+        hp["cautious_weight_decay"] = dec and draw(st.booleans())
+    elif rule == "laprop":
+        hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
+        hp["eps"] = draw(st.sampled_from(_EPS + [f32(1e-15)]))
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["decay_order"] = draw(st.sampled_from(["post_update", "pre_update"]))
+        hp["maximize"] = draw(st.booleans())
+        hp["cautious_weight_decay"] = draw(st.booleans())
     else:
         mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
         nesterov = mom > 0 and draw(st.booleans())
@@ -141,15 +158,15 @@ def cases(
         hp["cautious_weight_decay"] = False
     if hp.get("nesterov") and (not hp.get("momentum") or hp.get("dampening")):
         hp["nesterov"] = False
-    hp = {k: v for k, v in hp.items() if v is not None}
+    hp = {k: v for k, v in hp.items() if v is not None or k == "clip_exp"}  # ADOPT's clip_exp=None: no clipping
     return Case(rule, hp, dtype, state_dtype)
 
 
 def _decoupled(rule: str, hp: Mapping[str, Any]) -> bool:
-    return rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
+    return rule in ("adamw", "lion", "laprop") or bool(hp.get("decoupled_weight_decay", False))
 
 
-def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) -> tuple:
+def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, step: int = 1) -> tuple:
     sd = case.state_storage
     shape = p.shape
     any_arr = lambda: draw(_array(shape, sd))  # noqa: E731
@@ -176,6 +193,13 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw) ->
         return spec.AdamState(m, v, v_max)
     if rule == "lion":
         return spec.LionState(m)
+    if rule == "adopt":
+        return spec.AdoptState(m, round_to(np.abs(any_arr()), sd))
+    if rule == "laprop":
+        # lr_avg as a constant learning rate leaves it after `step` steps: lr (1 - b1^step) (float64)
+        b1 = float(case.hparams.get("betas", (0.9, 0.999))[0])
+        lr_avg = float(case.hparams.get("lr", 4e-4)) * (1.0 - b1**step)
+        return spec.LaPropState(m, round_to(np.abs(any_arr()), sd), np.asarray(lr_avg, np.float64))
     if float(case.hparams.get("momentum", 0.0)) == 0:
         return spec.SGDState(None)
     return spec.SGDState(m)
@@ -209,7 +233,7 @@ def step_inputs(
     else:
         pattern = draw(st.sampled_from(["random", "agree", "disagree", "single", "cancel"]))
         step = draw(st.sampled_from([1, 2, 3, 10, 100, 1000]))
-        leaves = tuple(_state_leaf(case, p, g, pattern, draw) for p, g in zip(params, grad_seq[0]))
+        leaves = tuple(_state_leaf(case, p, g, pattern, draw, step) for p, g in zip(params, grad_seq[0]))
         state = spec.State(step, leaves)
     return params, grad_seq, state
 
@@ -229,6 +253,8 @@ def invalid_hparams(draw, rule: str):
         "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
         "lion": ("lr", "beta1", "beta2", "weight_decay"),
         "sgd": ("lr", "momentum", "dampening", "weight_decay"),
+        "adopt": ("lr", "beta1", "beta2", "eps", "weight_decay", "clip_exp"),
+        "laprop": ("lr", "beta1", "beta2", "eps", "weight_decay", "decay_order"),
     }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))

@@ -52,7 +52,7 @@ from cautious.spec.rules import (
     sgd_velocity_rule,
 )
 
-RULES = ("adam", "adamw", "lion", "sgd")
+RULES = ("adam", "adamw", "lion", "sgd", "adopt", "laprop")
 
 __all__ = [
     "Caution",

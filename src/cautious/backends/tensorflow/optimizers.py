@@ -785,22 +785,23 @@ class LaProp(CautiousOptimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One LaProp step in update form (see the class docstring)."""
         n = variable.shape.num_elements()
-        if n == 0:
-            return
         i = self._get_variable_index(variable)
         m_var, v_var, a_var = self._momentums[i], self._velocities[i], self._lr_avgs[i]
+        lr = tf.cast(learning_rate, tf.float64)
+        lr_avg = self.beta_1 * a_var + (1.0 - self.beta_1) * lr
+        if n == 0:  # no entries, but the learning-rate average moves on (as the spec's state)
+            self.assign(a_var, lr_avg)
+            return
         cdt = _ops.compute_dtype(variable.dtype)
         g = tf.cast(tf.convert_to_tensor(gradient), cdt)
         if self.maximize:
             g = -g
         b1, b2 = self.beta_1, self.beta_2
-        lr = tf.cast(learning_rate, tf.float64)
         t = tf.cast(self.iterations + 1, tf.float64)
         bc2 = 1.0 - tf.pow(tf.constant(b2, tf.float64), t)
         v = _c(b2, cdt) * tf.cast(v_var, cdt) + _c(1.0 - b2, cdt) * (g * g)
         normed = g / (tf.sqrt(v / tf.cast(bc2, cdt)) + _c(self.epsilon, cdt))
         m = _c(b1, cdt) * tf.cast(m_var, cdt) + tf.cast((1.0 - b1) * lr, cdt) * normed
-        lr_avg = b1 * a_var + (1.0 - b1) * lr
         step_size = tf.where(lr_avg != 0, lr / tf.where(lr_avg != 0, lr_avg, 1.0), tf.zeros((), tf.float64))
         coef = step_size
         mask = None

@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adam, AdamW, Lion  # noqa: E402
+from cautious.tensorflow import SGD, Adam, AdamW, Adopt, LaProp, Lion  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 
@@ -48,6 +48,8 @@ _SPEC_DEFAULTS = {
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
     "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0},
+    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "clip_exp": 0.333, "weight_decay": 0.0},
+    "laprop": {"lr": 4e-4, "betas": (0.9, 0.999), "eps": 1e-15, "weight_decay": 0.0},
 }
 
 
@@ -80,6 +82,27 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return Lion(beta_1=float(b1), beta_2=float(b2), weight_decay=wd, **common)
+    if case.rule == "adopt":
+        b1, b2 = hp["betas"]
+        return Adopt(
+            beta_1=float(b1),
+            beta_2=float(b2),
+            epsilon=float(hp["eps"]),
+            clip_exp=hp["clip_exp"],
+            weight_decay=wd,
+            nesterov=bool(hp.get("nesterov", False)),
+            **common,
+        )
+    if case.rule == "laprop":
+        b1, b2 = hp["betas"]
+        return LaProp(
+            beta_1=float(b1),
+            beta_2=float(b2),
+            epsilon=float(hp["eps"]),
+            weight_decay=wd,
+            decay_order=hp.get("decay_order", "post_update"),
+            **common,
+        )
     return SGD(
         momentum=float(hp["momentum"]),
         nesterov=bool(hp.get("nesterov", False)),
@@ -117,6 +140,10 @@ class _Entry:
             return [opt._momentums[i], opt._velocities[i], vh]
         if rule == "lion":
             return [opt._momentums[i]]
+        if rule == "adopt":
+            return [opt._momentums[i], opt._velocities[i]]
+        if rule == "laprop":
+            return [opt._momentums[i], opt._velocities[i], opt._lr_avgs[i]]
         return [opt.momentums[i] if opt.momentum != 0 else None]
 
 
@@ -137,7 +164,7 @@ class TFAdapter:
             return f"dtype {case.dtype!r} is not supported"
         if case.state_storage != case.dtype:
             return "Keras stores optimizer state in the parameter's dtype"
-        decoupled = case.rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
+        decoupled = case.rule in ("adamw", "lion", "laprop") or bool(hp.get("decoupled_weight_decay", False))
         if float(hp.get("weight_decay", 0.0)) != 0 and not decoupled:
             return "coupled (L2) weight decay: Keras weight decay is always decoupled"
         if case.rule == "sgd" and float(hp.get("dampening", 0.0)) != 0:
@@ -172,7 +199,8 @@ class TFAdapter:
         for i, leaf in enumerate(state.leaves):
             for var, x in zip(entry.state_vars(case.rule, i), leaf):
                 if var is not None and x is not None:
-                    var.assign(self._to_tf(x, dt))
+                    # a float64 scalar slot (LaProp's lr_avg) keeps float64 whatever the parameters' dtype
+                    var.assign(self._to_tf(x, dt) if var.dtype == dt else tf.constant(np.asarray(x, np.float64)))
         entry.apply([self._to_tf(g, dt) for g in grads])
         out = numpy_dtype(case.dtype)
         read = lambda v: None if v is None else np.asarray(v.numpy()).astype(out)  # noqa: E731

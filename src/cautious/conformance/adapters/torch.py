@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adam, AdamW, Lion
+from cautious.torch import SGD, Adam, AdamW, Adopt, LaProp, Lion
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -72,8 +72,12 @@ class TorchAdapter:
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
 
     def supports(self, case: Case) -> str | None:
-        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+        if case.rule not in ("adam", "adamw", "lion", "sgd", "adopt", "laprop"):
             return f"unknown rule {case.rule!r}"
+        if case.rule in ("adopt", "laprop") and self.impl == "fused":
+            return f"{case.rule} has no fused kernel (fused=True is refused): single and foreach only"
+        if case.rule == "adopt" and case.hparams.get("nesterov", False):
+            return "cautious.torch.Adopt has timm's signature: no nesterov (optax's option)"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
         if case.state_storage != case.dtype:
@@ -100,6 +104,12 @@ class TorchAdapter:
             return Adam(params, **hp, **kw)
         if case.rule == "lion":
             return Lion(params, **hp, **kw)
+        if case.rule == "adopt":
+            hp.pop("nesterov", None)
+            hp["decoupled"] = hp.pop("decoupled_weight_decay", False)
+            return Adopt(params, **hp, **kw)
+        if case.rule == "laprop":
+            return LaProp(params, **hp, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -108,6 +118,19 @@ class TorchAdapter:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(
+        self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
+    ) -> tuple[list[np.ndarray], spec.State]:
+        if case.rule == "laprop" and case.dtype == "float64":
+            # LaProp keeps 1 - b2^t as a scalar of the default dtype (as timm): float64 training sets it
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                return self._step(case, params, grads, state)
+            finally:
+                torch.set_default_dtype(default)
+        return self._step(case, params, grads, state)
+
+    def _step(
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
     ) -> tuple[list[np.ndarray], spec.State]:
         dtype = _TORCH_DTYPES[case.dtype]
@@ -128,6 +151,14 @@ class TorchAdapter:
             elif rule == "lion":
                 st["step"] = step_t
                 st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif rule in ("adopt", "laprop"):
+                st["step"] = torch.tensor(float(state.step), dtype=torch.get_default_dtype())
+                st["exp_avg"] = self._tensor(leaf.m, dtype)
+                st["exp_avg_sq"] = self._tensor(leaf.v, dtype)
+                if rule == "laprop":
+                    b2 = float(case.hparams.get("betas", (0.9, 0.999))[1])
+                    st["exp_avg_lr_1"] = float(leaf.lr_avg)
+                    st["exp_avg_lr_2"] = torch.tensor(1.0 - b2 ** int(state.step), dtype=torch.get_default_dtype())
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -146,6 +177,11 @@ class TorchAdapter:
                 )
             elif rule == "lion":
                 leaves.append(spec.LionState(to_numpy(st["exp_avg"], sd)))
+            elif rule == "adopt":
+                leaves.append(spec.AdoptState(to_numpy(st["exp_avg"], sd), to_numpy(st["exp_avg_sq"], sd)))
+            elif rule == "laprop":
+                m, v = to_numpy(st["exp_avg"], sd), to_numpy(st["exp_avg_sq"], sd)
+                leaves.append(spec.LaPropState(m, v, np.asarray(float(st["exp_avg_lr_1"]), np.float64)))
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
