@@ -607,6 +607,8 @@ def _judge_errors(name: str, ctx: _Ctx) -> ClauseResult:
         bad += [("eps", -1.0), ("betas", (1.5, 0.999))]
     elif ctx.family == "lion":
         bad += [("betas", (1.5, 0.99))]
+    elif ctx.family in ("adopt", "laprop"):
+        bad += [("eps", -1.0), ("betas", (1.5, 0.999))]
     else:
         bad += [("momentum", -0.5)]
     tried, problems = [], []
