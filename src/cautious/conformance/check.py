@@ -93,6 +93,8 @@ def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarr
     und = sign_und if caution is not None else np.zeros(n, bool)  # the mask decision may go either way
     lion_und = tt.lion_sign_undecided.reshape(-1)
     p = tt.p.reshape(-1)
+    # a subnormal parameter may be read as zero (flush-to-zero): its decay decision may go either way
+    p_flush = (np.abs(p) < tiny(compute_dtype(case.dtype))) & (p != 0)
     kept_l, u_l, d_l, valid_l = [], [], [], []
     for kept, uc, d in itertools.product((False, True), ("ref", -1.0, 0.0, 1.0), (False, True)):
         uval = u if uc == "ref" else np.full(n, uc)
@@ -103,7 +105,7 @@ def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarr
             valid = valid & (not d)
         elif cwd:
             natural = spec.decay_mask(uc_val, p)
-            valid = valid & ((natural == d) | sign_und | lion_und)
+            valid = valid & ((natural == d) | sign_und | lion_und | p_flush)
         else:
             valid = valid & d
         kept_l.append(np.full(n, kept))
@@ -257,6 +259,8 @@ def check_step(
                 continue
             sd = case.state_storage
             tol = tt.state_err[field] * (1 + unit_roundoff(sd)) + _storage_tol(exp, sd)
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond the storage dtype's range: overflows
+                tol = np.where(np.isinf(round_to(exp, sd)) & np.isfinite(exp), np.inf, tol)
             ok, ratio = _match(got, exp, tol)
             if ratio.size:
                 worst = max(worst, float(ratio.max()))
