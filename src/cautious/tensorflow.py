@@ -27,11 +27,25 @@ from cautious.backends.tensorflow import (  # noqa: E402
     Adafactor,
     Adam,
     AdamW,
+    Adopt,
     Caution,
     CautiousOptimizer,
+    LaProp,
     Lion,
     Nadam,
     RMSprop,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Adafactor", "Caution", "CautiousOptimizer"]
+__all__ = [
+    "AdamW",
+    "Adam",
+    "Lion",
+    "SGD",
+    "Nadam",
+    "RMSprop",
+    "Adafactor",
+    "Caution",
+    "CautiousOptimizer",
+    "Adopt",
+    "LaProp",
+]

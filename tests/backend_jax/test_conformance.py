@@ -11,6 +11,7 @@ import jax
 import pytest
 
 import cautious.backends.jax._core as core
+from cautious import spec
 from cautious.conformance import Case, run_conformance
 from cautious.conformance.adapters.jax import JaxAdapter, build_optimizer
 
@@ -21,8 +22,8 @@ def test_x64_is_on():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_conformance(jit):
-    result = run_conformance(JaxAdapter(jit=jit), dtypes=("float32", "float64"), max_examples=50)
-    assert {rule for rule, _ in result.examples} == {"adam", "adamw", "lion", "sgd"}
+    result = run_conformance(JaxAdapter(jit=jit), dtypes=("float32", "float64"), max_examples=75)
+    assert {rule for rule, _ in result.examples} == set(spec.RULES)
 
 
 def test_conformance_fast_count_path(monkeypatch):

@@ -47,6 +47,16 @@ def _direction(case, g, s, t):
     if case.rule == "lion":
         b1, b2 = hp["betas"]
         return spec.lion_direction(g, s, t, beta1=b1, beta2=b2)
+    if case.rule == "adopt":
+        b1, b2 = hp["betas"]
+        clip_exp = hp.get("clip_exp", 0.333)
+        return spec.adopt_direction(
+            g, s, t, beta1=b1, beta2=b2, eps=hp["eps"], clip_exp=clip_exp, nesterov=hp["nesterov"]
+        )
+    if case.rule == "laprop":  # update form: the direction is -delta / lr
+        b1, b2 = hp["betas"]
+        delta, s_new = spec.laprop_update(g, s, t, lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"])
+        return -delta / hp["lr"], s_new
     return spec.sgd_direction(g, s, t, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp["nesterov"])
 
 
@@ -112,7 +122,7 @@ def test_apply_caution_scale_and_inner_product(data):
 
 @given(st.data())
 def test_all_agree_exact_and_mean_clamp_equal_base(data):
-    case = data.draw(_f64_case())
+    case = data.draw(_f64_case(tuple(r for r in spec.RULES if r != "adopt")))  # ADOPT's first u is 0
     # no coupled decay and no maximize, so the gradient the rule consumes is the drawn one.
     case = _with(case, maximize=False, **({} if _decoupled(case) else {"weight_decay": 0.0}))
     params, grad_seq, _ = data.draw(step_inputs(case, max_steps=1, allow_nan=False))
@@ -131,7 +141,7 @@ def test_all_agree_exact_and_mean_clamp_equal_base(data):
 
 
 def _decoupled(case):
-    return case.rule in ("adamw", "lion") or case.hparams.get("decoupled_weight_decay", False)
+    return case.rule in ("adamw", "lion", "laprop") or case.hparams.get("decoupled_weight_decay", False)
 
 
 @given(st.data())
@@ -141,7 +151,8 @@ def test_permutation_equivariance(data):
     p, g, s = params[0], grad_seq[0][0], state.leaves[0]
     assume(p.size > 1)
     perm = np.array(data.draw(st.permutations(range(p.size))))
-    flat = lambda x: None if x is None else x.reshape(-1)[perm].reshape(x.shape)  # noqa: E731
+    # per-tensor scalar state (LaProp's lr_avg) is not permuted
+    flat = lambda x: None if x is None else x if np.size(x) != p.size else x.reshape(-1)[perm].reshape(x.shape)  # noqa: E731
     new, ns = _step(case, [p], [g], state)
     newp, nsp = _step(case, [flat(p)], [flat(g)], spec.State(state.step, (type(s)(*(flat(x) for x in s)),)))
     assert np.array_equal(flat(new[0]), newp[0], equal_nan=True)
@@ -185,9 +196,11 @@ def test_empty_and_zero_dim_tensors():
         ]
         grads = [np.zeros((0, 3), np.float32), np.ones((), np.float32), np.zeros(0, np.float32)]
         new, st1 = opt.step(params, grads, opt.init(params))
+        if rule == "adopt":  # its first step only sets v: take a second one
+            new, st1 = opt.step(params, grads, st1)
         assert new[0].shape == (0, 3) and new[2].shape == (0,)
         assert new[1].shape == () and new[1] < 2.0 and new[1].dtype == np.float32
-        assert st1.step == 1
+        assert st1.step == (2 if rule == "adopt" else 1)
 
 
 def test_product_underflow_does_not_mask():

@@ -33,7 +33,7 @@ from cautious.conformance.case import Case
 from cautious.spec.dtypes import compute_dtype, tiny, unit_roundoff
 from cautious.spec.rules import nadam_mu
 
-__all__ = ["K", "TensorTerms", "tensor_terms"]
+__all__ = ["K", "TensorTerms", "tensor_terms", "decay_order"]
 
 #: Operations' worth of rounding allowed per quantity. Generous enough for any
 #: evaluation order of the formulas; tight enough that a float32 bias correction
@@ -57,6 +57,7 @@ class TensorTerms:
     eta: float | None = None  # the step size multiplying u (None: the case's lr); Adafactor's alpha_t
     err_eta: float = 0.0  # its absolute error bound
     decay_lr: float | None = None  # the lr in the decay factor 1 - lr * wd (None: the case's lr)
+    decay_on: bool = True  # decoupled decay applies at this step (ADOPT: not on its first step)
 
 
 def _ema_mag(x: np.ndarray, y: np.ndarray, b: float) -> np.ndarray:
@@ -262,6 +263,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
                 else:
                     u, err_u = m, err_m
         sign_val, sign_err = u, err_u
+    elif rule == "adopt":
+        u, err_u, sign_val, sign_err = _adopt_terms(hp, g, err_g, s, t, e, tn, state, state_err)
+    elif rule == "laprop":
+        u, err_u, sign_val, sign_err = _laprop_terms(hp, g, err_g, s, t, e, tn, state, state_err)
     else:
         mom = float(hp.get("momentum", 0.0))
         damp = float(hp.get("dampening", 0.0))
@@ -304,7 +309,102 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         undecided |= np.isnan(u) | np.isnan(g)
     else:
         undecided &= ~(np.isnan(u) | np.isnan(g))
-    return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err)
+    decay_on = not (rule == "adopt" and t == 1)
+    return TensorTerms(p, g, err_g, u, err_u, undecided, lion_undecided, state, state_err, decay_on=decay_on)
+
+
+def _adopt_terms(hp, g, err_g, s, t, e, tn, state, state_err):
+    r"""ADOPT (:func:`cautious.spec.rules.adopt_direction`) with bounds; fills ``state``/``state_err``.
+
+    Step 1 is exact: ``u = 0``, ``m' = m``, ``v' = g^2`` (one rounding). Later steps: ``sqrt(v)`` of the
+    stored ``v`` (a subnormal may flush: error ``v``), ``d = max(sqrt(v), eps)`` (1-Lipschitz: the error
+    of the root), ``n = g / d``, the clip (1-Lipschitz in ``n`` and in the bound ``c = (t-1)^e``, whose
+    own error is ``e c``), then the moving averages.
+    """
+    b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.9999)))
+    eps = float(hp.get("eps", 1e-6))
+    clip_exp = hp.get("clip_exp", 0.333)
+    m0, v0 = s
+    g2 = g * g
+    if t == 1:
+        state.update(m=m0, v=g2)
+        state_err.update(m=np.zeros_like(m0), v=e * g2 + 2 * np.abs(g) * err_g + err_g * err_g + _slack(g2, tn))
+        u = np.zeros_like(g)
+        return u, np.zeros_like(g), u, np.zeros_like(g)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        err_v0 = np.where(np.abs(v0) < tn, np.abs(v0), 0.0)
+        r = np.sqrt(v0)
+        lo = r + np.sqrt(np.maximum(v0 - err_v0, 0.0))
+        err_r = np.minimum(np.where(lo > 0, err_v0 / lo, np.inf), np.sqrt(err_v0)) + e * r
+        den = np.maximum(r, eps)
+        den_lo = den - err_r
+        n = g / den
+        err_n = e * np.abs(n) + (err_g + np.abs(n) * err_r) / den_lo
+        err_n = np.where(den_lo > 0, err_n, np.inf)
+        if clip_exp is not None:
+            c = float(t - 1) ** float(clip_exp)
+            n = np.clip(n, -c, c)
+            err_n = err_n + e * c
+        mag_m = _ema_mag(m0, n, b1)
+        m = b1 * m0 + (1 - b1) * n
+        err_m = e * mag_m + (1 - b1) * err_n + _slack(mag_m, tn)
+        if hp.get("nesterov", False):
+            mag_u = b1 * np.abs(m) + (1 - b1) * np.abs(n)
+            u = b1 * m + (1 - b1) * n
+            err_u = e * mag_u + b1 * err_m + (1 - b1) * err_n + _slack(mag_u, tn)
+        else:
+            u, err_u = m, err_m
+        mag_v = _ema_mag(v0, g2, b2)
+        v = b2 * v0 + (1 - b2) * g2
+        err_v = e * mag_v + (1 - b2) * (2 * np.abs(g) * err_g + err_g * err_g) + _slack(mag_v, tn)
+    state.update(m=m, v=v)
+    state_err.update(m=err_m, v=err_v)
+    return u, err_u, u, err_u
+
+
+def _laprop_terms(hp, g, err_g, s, t, e, tn, state, state_err):
+    r"""LaProp (:func:`cautious.spec.rules.laprop_update`) with bounds; fills ``state``/``state_err``.
+
+    The checker's direction is ``u = m' / lr_avg'`` (so ``delta = -lr u``): ``v'`` and ``q = v'/(1-b2^t)``
+    as Adam's (the bias correction with its float64 cancellation, or in the compute dtype with the
+    ``bias_correction`` deviation), ``n = g / (sqrt(q) + eps)``, ``m' = b1 m + (1-b1) lr n``,
+    ``lr_avg' = b1 lr_avg + (1-b1) lr`` (relative error ``e``), and the quotient. ``sign(u) = sign(m')``.
+    """
+    b1, b2 = (float(x) for x in hp.get("betas", (0.9, 0.999)))
+    eps = float(hp.get("eps", 1e-15))
+    lr = float(hp.get("lr", 4e-4))
+    m0, v0, a0 = s
+    g2 = g * g
+    mag_v = _ema_mag(v0, g2, b2)
+    v = b2 * v0 + (1 - b2) * g2
+    err_v = e * mag_v + (1 - b2) * (2 * np.abs(g) * err_g + err_g * err_g) + _slack(mag_v, tn)
+    bc2 = 1 - b2**t
+    rel_bc = e * (1 + b2**t / bc2)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q, err_q = v / bc2, err_v / bc2 + rel_bc * v / bc2
+        r = np.sqrt(q)
+        lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
+        err_r = np.minimum(np.where(lo > 0, err_q / lo, np.inf), np.sqrt(err_q)) + e * r
+        den = r + eps
+        err_den = err_r + e * den
+        den_lo = den - err_den
+        n = g / den
+        err_n = e * np.abs(n) + (err_g + np.abs(n) * err_den) / den_lo
+        err_n = np.where(den_lo > 0, err_n, np.inf)
+        ln = lr * n
+        mag_m = _ema_mag(m0, ln, b1)
+        m = b1 * m0 + (1 - b1) * ln
+        err_m = e * mag_m + (1 - b1) * lr * (err_n + e * np.abs(n)) + _slack(mag_m, tn)
+        a = b1 * float(a0) + (1 - b1) * lr
+        err_a = e * (b1 * abs(float(a0)) + (1 - b1) * lr)
+        if a > 0:
+            u = m / a
+            err_u = e * np.abs(u) + (err_m + np.abs(u) * err_a) / (a - err_a)
+        else:
+            u, err_u = np.zeros_like(m), np.zeros_like(m)
+    state.update(m=m, v=v, lr_avg=np.asarray(a))
+    state_err.update(m=err_m, v=err_v, lr_avg=np.asarray(err_a))
+    return u, err_u, m, err_m
 
 
 def _representable(x: Fraction, cd: str) -> bool:
@@ -345,7 +445,9 @@ def _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t) -> np.ndarra
     gf = np.asarray(g, np.float64).reshape(-1)
     for i in np.flatnonzero(cand.reshape(-1)):
         gi = float(gf[i])
-        if rule == "adam" or rule == "lion":
+        if rule in ("adopt", "laprop"):  # a normalized gradient enters: not decided exactly here (either way)
+            ok = False
+        elif rule == "adam" or rule == "lion":
             b1 = float(hp.get("betas", (0.9, 0.999 if rule == "adam" else 0.99))[0])
             m0 = float(np.asarray(s[0]).reshape(-1)[i])
             ok = _exact_combo(b1, m0, 1 - b1, gi, cd)
@@ -373,7 +475,7 @@ def weight_decay(case: Case) -> float:
 
 def decoupled(case: Case) -> bool:
     """Whether the case's weight decay is decoupled (AdamW, Lion, or the explicit option)."""
-    if case.rule in ("adamw", "lion", "adafactor"):
+    if case.rule in ("adamw", "lion", "adafactor", "laprop"):
         return True
     return bool(case.hparams.get("decoupled_weight_decay", False))
 
@@ -521,3 +623,9 @@ def _adafactor_terms(case: Case, p, g, err_g, s, t: int, e: float, tn: float) ->
         undecided |= (out_u == 0) | (g == 0)
     lion_undecided = np.zeros(g.shape, bool)
     return TensorTerms(p, g, err_g, out_u, out_err, undecided, lion_undecided, state, state_err, eta, err_eta, decay_lr)
+
+
+def decay_order(case: Case) -> str:
+    """``"post_update"`` where decoupled decay shrinks the updated parameter (LaProp's default);
+    else ``"pre_update"``."""
+    return str(case.hparams.get("decay_order", "post_update" if case.rule == "laprop" else "pre_update"))

@@ -611,6 +611,8 @@ def _judge_errors(name: str, ctx: _Ctx) -> ClauseResult:
         bad += [("eps", -1.0), ("betas", (1.5, 0.999)), ("momentum_decay", -1.0)]
     elif ctx.family == "rmsprop":
         bad += [("eps", -1.0), ("alpha", 1.5)]
+    elif ctx.family in ("adopt", "laprop"):
+        bad += [("eps", -1.0), ("betas", (1.5, 0.999))]
     else:
         bad += [("momentum", -0.5)]
     tried, problems = [], []

@@ -134,6 +134,23 @@ def hparams(draw, rule: str) -> dict:
         hp["cautious_weight_decay"] = dec and draw(st.booleans())
     elif rule == "adafactor":
         hp.update(_adafactor_hparams(draw))
+    elif rule == "adopt":
+        hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
+        hp["eps"] = draw(st.sampled_from(_EPS))
+        hp["clip_exp"] = draw(st.sampled_from([None, 0.25, 0.5, f32(0.333)]))
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["nesterov"] = draw(st.booleans())
+        hp["maximize"] = draw(st.booleans())
+        dec = draw(st.booleans())
+        hp["decoupled_weight_decay"] = dec
+        hp["cautious_weight_decay"] = dec and draw(st.booleans())
+    elif rule == "laprop":
+        hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
+        hp["eps"] = draw(st.sampled_from(_EPS + [f32(1e-15)]))
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["decay_order"] = draw(st.sampled_from(["post_update", "pre_update"]))
+        hp["maximize"] = draw(st.booleans())
+        hp["cautious_weight_decay"] = draw(st.booleans())
     else:
         mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
         nesterov = mom > 0 and draw(st.booleans())
@@ -168,12 +185,12 @@ def cases(
         hp["nesterov"] = False
     if rule == "adafactor":
         _fit_adafactor(hp, draw)
-    hp = {k: v for k, v in hp.items() if v is not None}
+    hp = {k: v for k, v in hp.items() if v is not None or k == "clip_exp"}  # ADOPT's clip_exp=None: no clipping
     return Case(rule, hp, dtype, state_dtype)
 
 
 def _decoupled(rule: str, hp: Mapping[str, Any]) -> bool:
-    return rule in ("adamw", "lion", "adafactor") or bool(hp.get("decoupled_weight_decay", False))
+    return rule in ("adamw", "lion", "adafactor", "laprop") or bool(hp.get("decoupled_weight_decay", False))
 
 
 #: Adafactor's named options, drawn unless an adapter pins its framework's form (``fixed_hparams``).
@@ -223,7 +240,7 @@ def _nadam_mu_product(case: Case, step: int) -> float:
     return out
 
 
-def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, step: int = 0) -> tuple:
+def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, step: int = 1) -> tuple:
     sd = case.state_storage
     shape = p.shape
     any_arr = lambda: draw(_array(shape, sd))  # noqa: E731
@@ -261,6 +278,13 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, st
         # a mean gradient with |g_avg| <= sqrt(v) (a variance >= 0, as a run keeps it)
         g_avg = round_to(np.clip(m, -0.5 * np.sqrt(v), 0.5 * np.sqrt(v)), sd) if case.hparams.get("centered") else None
         return spec.RMSpropState(v, g_avg, m if float(case.hparams.get("momentum", 0.0)) != 0 else None)
+    if rule == "adopt":
+        return spec.AdoptState(m, round_to(np.abs(any_arr()), sd))
+    if rule == "laprop":
+        # lr_avg as a constant learning rate leaves it after `step` steps: lr (1 - b1^step) (float64)
+        b1 = float(case.hparams.get("betas", (0.9, 0.999))[0])
+        lr_avg = float(case.hparams.get("lr", 4e-4)) * (1.0 - b1**step)
+        return spec.LaPropState(m, round_to(np.abs(any_arr()), sd), np.asarray(lr_avg, np.float64))
     if float(case.hparams.get("momentum", 0.0)) == 0:
         return spec.SGDState(None)
     return spec.SGDState(m)
@@ -342,6 +366,8 @@ def invalid_hparams(draw, rule: str):
         "nadam": ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay"),
         "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
         "adafactor": ("lr", "beta2_decay", "weight_decay", "eps_form"),
+        "adopt": ("lr", "beta1", "beta2", "eps", "weight_decay", "clip_exp"),
+        "laprop": ("lr", "beta1", "beta2", "eps", "weight_decay", "decay_order"),
     }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))

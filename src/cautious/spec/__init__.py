@@ -33,6 +33,8 @@ from cautious.spec.optim import (
     adafactor,
     adam,
     adamw,
+    adopt,
+    laprop,
     lion,
     make_optimizer,
     nadam,
@@ -43,6 +45,8 @@ from cautious.spec.optim import (
 from cautious.spec.rules import (
     AdafactorState,
     AdamState,
+    AdoptState,
+    LaPropState,
     LionState,
     NAdamState,
     RMSpropState,
@@ -54,9 +58,13 @@ from cautious.spec.rules import (
     adafactor_rule,
     adam_direction,
     adam_rule,
+    adopt_direction,
+    adopt_rule,
     cautious,
     cautious_update,
     factored_axes,
+    laprop_rule,
+    laprop_update,
     lion_direction,
     lion_rule,
     nadam_direction,
@@ -72,7 +80,7 @@ from cautious.spec.rules import (
     sgd_velocity_rule,
 )
 
-RULES = ("adam", "adamw", "lion", "sgd")
+RULES = ("adam", "adamw", "lion", "sgd", "adopt", "laprop")
 
 __all__ = [
     "Caution",
@@ -132,4 +140,12 @@ __all__ = [
     "rmsprop_rule",
     "rmsprop_velocity",
     "rmsprop_velocity_rule",
+    "adopt",
+    "laprop",
+    "AdoptState",
+    "LaPropState",
+    "adopt_direction",
+    "adopt_rule",
+    "laprop_update",
+    "laprop_rule",
 ]

@@ -189,6 +189,14 @@ ERROR_TABLE: tuple[Check, ...] = (
         ("torch", "", "decoupled"),
         choices=("lr", "lr_before_scale", "rate"),
     ),
+    Check("clip_exp", "a finite number >= 0", _nonneg, (-0.25, _NAN, _INF)),
+    Check(
+        "decay_order",
+        "one of 'pre_update', 'post_update'",
+        lambda x: False,
+        ("before", "", "after"),
+        choices=("pre_update", "post_update"),
+    ),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.

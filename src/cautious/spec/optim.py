@@ -58,8 +58,10 @@ from cautious.spec.rules import (
     adafactor_momentum_rule,
     adafactor_rule,
     adam_rule,
+    adopt_rule,
     cautious,
     cautious_update,
+    laprop_rule,
     lion_rule,
     nadam_rule,
     rmsprop_rule,
@@ -80,6 +82,8 @@ __all__ = [
     "nadamw",
     "rmsprop",
     "adafactor",
+    "adopt",
+    "laprop",
 ]
 
 
@@ -129,6 +133,8 @@ def make_optimizer(
     hparams: Mapping[str, Any],
     step_size: Callable[[np.ndarray, int], float] | None = None,
     decay_lr: float | None = None,
+    first_decay_step: int = 1,
+    decay_order: str = "pre_update",
 ) -> Optimizer:
     """Build the generic step around ``rule``; see the module docstring for the math.
 
@@ -139,6 +145,12 @@ def make_optimizer(
     ``step_size(p, t)``, when given, is the learning rate ``eta`` of tensor ``p`` (float64, before
     decay) at step ``t`` in place of ``lr`` (Adafactor: the relative step times the parameter scale);
     ``decay_lr`` replaces ``lr`` in the decay factor ``1 - lr * weight_decay`` (Adafactor's optax form: 1).
+
+    ``first_decay_step``: decoupled decay applies from this step on (ADOPT: 2, its first step
+    only initializes the second moment and leaves the parameters as they are).
+    ``decay_order="post_update"``: decoupled decay shrinks the *updated* parameter,
+    ``p' = (p - eta u)(1 - eta lambda)`` (LaProp's reference code and timm), instead of
+    ``p' = p (1 - eta lambda) - eta u``; the decay mask is still decided from ``p``.
     """
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     wrap = cautious_update if isinstance(rule, UpdateRule) else cautious
@@ -214,7 +226,11 @@ def make_optimizer(
         else:
             u, s_new = inner.direction(g64, s64, t)
             lr_u = eta(p64, t) * u
-        if wd != 0 and decoupled:
+        if wd != 0 and decoupled and t >= first_decay_step and decay_order == "post_update":
+            moved = p64 - lr_u
+            shrunk = moved * decay_factor
+            p_new = shrunk if not cautious_weight_decay else np.where(decay_mask(u, p64), shrunk, moved)
+        elif wd != 0 and decoupled and t >= first_decay_step:
             # multiplicative form p * (1 - lr*wd): an infinite parameter stays infinite (p - lr*wd*p is NaN)
             shrunk = p64 * decay_factor
             p_new = (shrunk if not cautious_weight_decay else np.where(decay_mask(u, p64), shrunk, p64)) - lr_u
@@ -653,4 +669,101 @@ def adafactor(
         hparams=hp,
         step_size=step_size,
         decay_lr=1.0 if weight_decay_form == "rate" else None,
+    )
+
+
+def adopt(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.9999),
+    eps: float = 1e-6,
+    clip_exp: float | None = 0.333,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    *,
+    nesterov: bool = False,
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious ADOPT (:func:`~cautious.spec.rules.adopt_direction`), timm's defaults. ``caution=False`` is plain ADOPT.
+
+    ``clip_exp=None``: no clipping (timm's spelling; optax's ``use_clipping=False``). Weight
+    decay is coupled (L2, timm's default) unless ``decoupled_weight_decay``; decoupled decay
+    starts at step 2, since the first step does not move the parameters (as timm). On the first
+    step ``u = 0``: no entry is kept (``count = 0``, ``scale = Caution.scale(0, n)``) and the
+    update is 0 whatever the scale.
+    """
+    b1, b2 = split_betas(betas)
+    hp = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
+    if clip_exp is not None:
+        hp["clip_exp"] = clip_exp
+    validate(hp, BETA_NAMES)
+    c = _common(
+        caution,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    rule = adopt_rule(
+        beta1=float(b1),
+        beta2=float(b2),
+        eps=float(eps),
+        clip_exp=None if clip_exp is None else float(clip_exp),
+        nesterov=nesterov,
+    )
+    hp.update(
+        clip_exp=clip_exp,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled=decoupled_weight_decay,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    return make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+        first_decay_step=2,
+    )
+
+
+def laprop(
+    lr: float = 4e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-15,
+    weight_decay: float = 0.0,
+    *,
+    decay_order: str = "post_update",
+    maximize: bool = False,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+) -> Optimizer:
+    """Cautious LaProp (:func:`~cautious.spec.rules.laprop_update`), timm's defaults, decoupled decay.
+
+    ``decay_order="post_update"`` (default; LaProp's reference code and timm) decays the updated
+    parameter; ``"pre_update"`` is the AdamW form of the other rules. Caution masks the update
+    ``delta`` against ``-g`` (the whole-update form of an update-form rule, before decay): for
+    ``lr > 0`` that is ``mask(u, g)`` with ``u = -delta / lr``. ``caution=False`` is plain LaProp.
+    """
+    b1, b2 = split_betas(betas)
+    hp = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay, decay_order=decay_order)
+    validate(hp, BETA_NAMES)
+    c = _common(caution, maximize=maximize, cautious_weight_decay=cautious_weight_decay)
+    hp.update(maximize=maximize, decoupled=True, caution=c, cautious_weight_decay=cautious_weight_decay)
+    return make_optimizer(
+        laprop_rule(beta1=float(b1), beta2=float(b2), eps=float(eps)),
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=maximize,
+        caution=c,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+        decay_order=decay_order,
     )

@@ -50,6 +50,12 @@ __all__ = [
     "adafactor_direction",
     "adafactor_rule",
     "adafactor_momentum_rule",
+    "AdoptState",
+    "LaPropState",
+    "adopt_direction",
+    "adopt_rule",
+    "laprop_update",
+    "laprop_rule",
 ]
 
 
@@ -674,3 +680,121 @@ def adafactor_momentum_rule(*, beta1: float, **options: Any) -> UpdateRule:
         return -m, s_new._replace(m=m)
 
     return UpdateRule("adafactor", init, update)
+
+
+# -- ADOPT and LaProp -----------------------------------------------------------------------------------
+
+
+class AdoptState(NamedTuple):
+    """ADOPT's per-tensor state: the first moment ``m`` of normalized gradients and the second moment ``v``."""
+
+    m: np.ndarray
+    v: np.ndarray
+
+
+def adopt_direction(
+    g: np.ndarray,
+    s: AdoptState,
+    step: int,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_exp: float | None = 0.333,
+    nesterov: bool = False,
+) -> tuple[np.ndarray, AdoptState]:
+    r"""ADOPT's direction (Taniguchi et al. 2024, arXiv:2411.02853).
+
+    The first step only initializes the second moment and takes no step:
+
+    .. math::
+
+        t = 1:\quad v' = g^2,\quad m' = m,\quad u = 0
+
+    Every later step normalizes ``g`` by the *previous* second moment, then updates it:
+
+    .. math::
+
+        n &= \operatorname{clip}\big(g / \max(\sqrt{v}, \epsilon),\ \pm c_t\big), \qquad
+        c_t = (t-1)^{\text{clip\_exp}} \\
+        m' &= \beta_1 m + (1-\beta_1) n, \qquad
+        u = m' \text{ (or } \beta_1 m' + (1-\beta_1) n \text{ with nesterov)}, \qquad
+        v' = \beta_2 v + (1-\beta_2) g^2
+
+    ``clip_exp=None``: no clipping. ``t - 1`` is the number of steps that moved the
+    parameters (timm and optax clip at ``(t-1)^e``, with ``e = 0.333`` in timm and
+    ``0.25`` in optax and the paper). ``nesterov`` is optax's option.
+    """
+    if step == 1:
+        return np.zeros_like(g), AdoptState(s.m, g * g)
+    n = g / np.maximum(np.sqrt(s.v), eps)
+    if clip_exp is not None:
+        c = float(step - 1) ** clip_exp
+        n = np.clip(n, -c, c)
+    m = beta1 * s.m + (1.0 - beta1) * n
+    u = beta1 * m + (1.0 - beta1) * n if nesterov else m
+    v = beta2 * s.v + (1.0 - beta2) * (g * g)
+    return u, AdoptState(m, v)
+
+
+def adopt_rule(
+    *, beta1: float, beta2: float, eps: float, clip_exp: float | None = 0.333, nesterov: bool = False
+) -> Rule:
+    """ADOPT as a :class:`Rule`."""
+
+    def init(p: np.ndarray) -> AdoptState:
+        return AdoptState(_zeros_like(p), _zeros_like(p))
+
+    def direction(g: np.ndarray, s: AdoptState, step: int) -> tuple[np.ndarray, AdoptState]:
+        return adopt_direction(g, s, step, beta1=beta1, beta2=beta2, eps=eps, clip_exp=clip_exp, nesterov=nesterov)
+
+    return Rule("adopt", init, direction)
+
+
+class LaPropState(NamedTuple):
+    """LaProp's per-tensor state: momentum ``m`` (it carries the learning rate), second moment ``v``,
+    and ``lr_avg``, the same moving average of the learning rates alone (a float64 scalar)."""
+
+    m: np.ndarray
+    v: np.ndarray
+    lr_avg: np.ndarray
+
+
+def laprop_update(
+    g: np.ndarray, s: LaPropState, step: int, *, lr: float, beta1: float, beta2: float, eps: float
+) -> tuple[np.ndarray, LaPropState]:
+    r"""LaProp's update (Ziyin et al. 2020, arXiv:2002.04839), in update form.
+
+    LaProp normalizes the gradient *before* the momentum, and its momentum carries the
+    learning rate of each step:
+
+    .. math::
+
+        v' &= \beta_2 v + (1-\beta_2) g^2, \qquad
+        n = \frac{g}{\sqrt{v' / (1-\beta_2^t)} + \epsilon} \\
+        m' &= \beta_1 m + (1-\beta_1)\,\eta_t\, n, \qquad
+        \bar\eta' = \beta_1 \bar\eta + (1-\beta_1)\,\eta_t, \qquad
+        \delta = -\frac{\eta_t}{\bar\eta'}\, m'
+
+    ``\bar\eta'`` is the bias correction of ``m'`` (``eta_t (1-beta1^t)`` for a constant
+    learning rate, where ``delta = -eta * u`` with ``u`` Adam-like: the bias-corrected
+    average of ``n``); ``delta = 0`` while ``\bar\eta' = 0``. ``sign(delta) = -sign(m')``.
+    """
+    v = beta2 * s.v + (1.0 - beta2) * (g * g)
+    n = g / (np.sqrt(v / (1.0 - beta2**step)) + eps)
+    m = beta1 * s.m + ((1.0 - beta1) * lr) * n
+    lr_avg = beta1 * s.lr_avg + (1.0 - beta1) * lr
+    step_size = lr / float(lr_avg) if float(lr_avg) != 0 else 0.0
+    return -step_size * m, LaPropState(m, v, np.asarray(lr_avg, dtype=np.float64))
+
+
+def laprop_rule(*, beta1: float, beta2: float, eps: float) -> UpdateRule:
+    """LaProp as an :class:`UpdateRule` (its momentum carries the learning rate)."""
+
+    def init(p: np.ndarray) -> LaPropState:
+        return LaPropState(_zeros_like(p), _zeros_like(p), np.zeros((), np.float64))
+
+    def update(g: np.ndarray, s: LaPropState, step: int, lr: float) -> tuple[np.ndarray, LaPropState]:
+        return laprop_update(g, s, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+
+    return UpdateRule("laprop", init, update)

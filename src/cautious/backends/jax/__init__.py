@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adafactor, adam, adamw, lion, nadam, nadamw, rmsprop, sgd
+from cautious.backends.jax._alias import adafactor, adam, adamw, adopt, laprop, lion, nadam, nadamw, rmsprop, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -51,12 +51,16 @@ from cautious.backends.jax._core import (
     whole_update,
 )
 from cautious.backends.jax._transforms import (
+    LaPropState,
     ScaleByAdamState,
     ScaleByAmsgradState,
     ScaleByNadamState,
     add_decayed_weights,
+    decoupled_decay,
     negate,
     scale_by_adam,
+    scale_by_adopt,
+    scale_by_laprop,
     scale_by_lion,
     scale_by_nadam,
     scale_by_rms,
@@ -94,4 +98,10 @@ __all__ = [
     "scale_by_rms",
     "scale_by_stddev",
     "ScaleByNadamState",
+    "adopt",
+    "laprop",
+    "scale_by_adopt",
+    "scale_by_laprop",
+    "decoupled_decay",
+    "LaPropState",
 ]

@@ -27,7 +27,7 @@ from cautious.backends.jax import _transforms as tf
 from cautious.backends.jax._core import _caution_parts, _cautious, _leaves_like
 from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
 
-__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop", "adafactor"]
+__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop", "adafactor", "adopt", "laprop"]
 
 NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "alpha": "decay"}
 
@@ -596,3 +596,117 @@ def adafactor(
         parts.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
     parts.append(optax.scale(-1))
     return _drop_in(_chain_masked_at(parts, at, c))
+
+
+def adopt(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.9999,
+    eps: Any = 1e-6,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Any = tf._adopt_default_clip,
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    maximize: bool = False,
+    weight_decay: Any = 0.0,
+    decoupled_weight_decay: bool = False,
+    cautious_weight_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious ADOPT: :func:`optax.contrib.adopt` (same signature and defaults: clipping at
+    ``count**0.25``) with the cautious mask on ADOPT's direction.
+
+    The first step only sets ``v = g^2``: ``u = 0``, so no entry is kept (count 0). Keyword-only
+    extras as :func:`adam`: ``weight_decay`` is coupled (L2, timm's default) or, with
+    ``decoupled_weight_decay=True``, decoupled and applied from the second step (the first does
+    not move the parameters). ``caution=False`` with no decay is :func:`optax.contrib.adopt`, same
+    state pytree. See :func:`cautious.spec.adopt` (its ``clip_exp=e`` is ``clip_value_fn=lambda c: c**e``).
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            beta1=b1,
+            beta2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    if not isinstance(use_clipping, bool):
+        raise TypeError(f"use_clipping must be a bool (True or False), got {use_clipping!r}")
+    check_cautious_weight_decay(cautious_weight_decay, decoupled_weight_decay)
+    c = caution_arg(caution)
+    direction = tf.scale_by_adopt(
+        b1, b2, eps, mu_dtype, nesterov=nesterov, use_clipping=use_clipping, clip_value_fn=clip_value_fn
+    )
+    zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
+    parts: list[Any] = [tf.negate()] if maximize else []
+    if not decoupled_weight_decay and not zero:
+        parts.append(tf.add_decayed_weights(weight_decay, mask))
+    parts += [_direction(direction, c, caution_stats), optax.scale_by_learning_rate(learning_rate)]
+    if decoupled_weight_decay:
+        parts.append(
+            tf.decoupled_decay(learning_rate, weight_decay, mask, first_decay_step=2, cautious=cautious_weight_decay)
+        )
+    return _drop_in(optax.chain(*parts))
+
+
+def laprop(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-15,
+    mu_dtype: Any = None,
+    weight_decay: Any = 0.0,
+    mask: Any = None,
+    *,
+    decay_order: str = "post_update",
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    cautious_weight_decay: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious LaProp (optax has none): optax-style arguments, timm's defaults.
+
+    .. math::  o = \text{mask}(\delta, -g)\cdot\text{scale}\cdot\delta, \qquad
+        \delta = -\frac{\eta_t}{\bar\eta'} m'
+
+    :func:`scale_by_laprop` gives the update ``delta`` (its momentum carries the learning rate),
+    masked in the whole-update form before decay, then decoupled decay of the updated parameter
+    (``decay_order="post_update"``, timm and the reference code) or of ``p`` (``"pre_update"``).
+    See :func:`cautious.spec.laprop`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            beta1=b1,
+            beta2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_order=decay_order,
+            maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+    )
+    c = caution_arg(caution)
+    inner = tf.scale_by_laprop(learning_rate, b1, b2, eps, mu_dtype)
+    if c is not None:
+        inner = _cautious(inner, c, form="update", keep_dtype=False, caution_stats=caution_stats)
+    elif caution_stats:
+        raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+    parts: list[Any] = [tf.negate()] if maximize else []
+    parts.append(inner)
+    zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
+    if not zero or cautious_weight_decay:
+        parts.append(
+            tf.decoupled_decay(
+                learning_rate, weight_decay, mask, decay_order=decay_order, cautious=cautious_weight_decay
+            )
+        )
+    return _drop_in(optax.chain(*parts))

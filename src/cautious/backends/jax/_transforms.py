@@ -34,6 +34,10 @@ __all__ = [
     "scale_by_nadam",
     "scale_by_rms",
     "scale_by_stddev",
+    "scale_by_adopt",
+    "LaPropState",
+    "scale_by_laprop",
+    "decoupled_decay",
 ]
 
 ScaleByAdamState = optax.ScaleByAdamState
@@ -459,3 +463,176 @@ def scale_by_stddev(
         return u, optax.ScaleByRStdDevState(mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _adopt_default_clip(count: jax.Array) -> jax.Array:
+    return count**0.25
+
+
+def scale_by_adopt(
+    b1: Any = 0.9,
+    b2: Any = 0.9999,
+    eps: Any = 1e-6,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Any = _adopt_default_clip,
+) -> optax.GradientTransformationExtraArgs:
+    r"""ADOPT's direction, as :func:`cautious.spec.adopt_direction` and :func:`optax.contrib.scale_by_adopt`.
+
+    .. math::
+
+        t = 1:\ u = 0,\ v' = g^2; \qquad
+        t > 1:\ n = \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm c(t-1)),\
+        m' = \beta_1 m + (1-\beta_1) n,\ u = m',\ v' = \beta_2 v + (1-\beta_2) g^2
+
+    optax's signature, arithmetic and state (:class:`optax.ScaleByAdamState`); ``clip_value_fn``
+    gets optax's ``count`` (``t - 1``). On the first step ``u`` and ``m'`` are exactly ``0`` and ``m``
+    (optax computes ``0 * n + m``, NaN where ``n`` is not finite).
+    """
+    mu_dtype = _canonical(mu_dtype)
+
+    def init_fn(params: Any):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=optax.tree.zeros_like(params))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        first = state.count == 0
+        b2_ = jnp.where(state.count > 0, b2, 0)
+        b1_ = jnp.where(state.count > 0, b1, 1)
+        clip = clip_value_fn(state.count) if use_clipping else None
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m, v in zip(g_leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
+            cd = _compute_dtype(g.dtype, m.dtype, v.dtype)
+            gc, mc, vc = g.astype(cd), m.astype(cd), v.astype(cd)
+            v_new = ((1 - b2_) * (gc**2) + b2_ * vc).astype(cd)
+            n = gc / jnp.maximum(jnp.sqrt(vc), eps)
+            if clip is not None:
+                n = jnp.clip(n, -clip, clip)
+            m_new = jnp.where(first, mc, ((1 - b1_) * n + b1_ * mc).astype(cd))
+            u = ((1 - b1_) * n + b1_ * m_new).astype(cd) if nesterov else m_new
+            u = jnp.where(first, jnp.zeros((), cd), u)
+            rows.append((u, _cast(m_new, mu_dtype if mu_dtype is not None else m.dtype), _cast(v_new, v.dtype)))
+        u, mu, nu = _unzip(treedef, rows, 3)
+        return u, ScaleByAdamState(count=_safe_increment(state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scalar_dtype() -> Any:
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def _lr_at(learning_rate: Any, count: jax.Array) -> Any:
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+class LaPropState(NamedTuple):
+    """LaProp's state: ``count``, ``mu`` (the momentum, learning rate inside), ``nu`` and ``lr_avg``
+    (the same moving average of the learning rates alone; a float32 scalar, float64 under x64)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    lr_avg: jax.Array
+
+
+def scale_by_laprop(
+    learning_rate: Any, b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-15, mu_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""LaProp's *update* (learning rate and sign included), as :func:`cautious.spec.laprop_update`.
+
+    .. math::
+
+        v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        m' = \beta_1 m + (1-\beta_1)\,\eta_t \frac{g}{\sqrt{v'/(1-\beta_2^t)} + \epsilon},\quad
+        \bar\eta' = \beta_1 \bar\eta + (1-\beta_1)\eta_t,\quad
+        \delta = -\frac{\eta_t}{\bar\eta'} m'
+
+    The momentum carries each step's learning rate (``learning_rate`` may be a schedule of optax's
+    ``count``), so this transformation outputs the parameter update itself: wrap it with
+    ``cautious(..., form="update")``, never follow it with ``scale_by_learning_rate``.
+    """
+    mu_dtype = _canonical(mu_dtype)
+
+    def init_fn(params: Any):
+        return LaPropState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+            lr_avg=jnp.zeros([], _scalar_dtype()),
+        )
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        t = _safe_increment(state.count)
+        lr = jnp.asarray(_lr_at(learning_rate, state.count), _scalar_dtype())
+        lr_avg = (b1 * state.lr_avg + (1 - b1) * lr).astype(_scalar_dtype())
+        step_size = jnp.where(lr_avg != 0, lr / jnp.where(lr_avg != 0, lr_avg, 1), 0)
+        bc2 = _bias_correction(b2, t)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        rows = []
+        for g, m, v in zip(g_leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
+            cd = _compute_dtype(g.dtype, m.dtype, v.dtype)
+            gc = g.astype(cd)
+            v_new = ((1 - b2) * (gc * gc) + b2 * v.astype(cd)).astype(cd)
+            n = gc / (jnp.sqrt(v_new / bc2.astype(cd)) + eps)
+            m_new = (b1 * m.astype(cd) + ((1 - b1) * lr).astype(cd) * n).astype(cd)
+            delta = (-step_size.astype(cd) * m_new).astype(cd)
+            rows.append((delta, _cast(m_new, mu_dtype if mu_dtype is not None else m.dtype), _cast(v_new, v.dtype)))
+        delta, mu, nu = _unzip(treedef, rows, 3)
+        return delta, LaPropState(count=t, mu=mu, nu=nu, lr_avg=lr_avg)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def decoupled_decay(
+    learning_rate: Any,
+    weight_decay: Any,
+    mask: Any = None,
+    *,
+    decay_order: str = "pre_update",
+    first_decay_step: int = 1,
+    cautious: bool = False,
+) -> optax.GradientTransformation:
+    r"""Decoupled weight decay on a parameter *update* ``o`` (learning rate inside), as the spec's step.
+
+    .. math::
+
+        o' = o - \eta\lambda\, d\, p \ \text{(pre\_update)} \quad\text{or}\quad
+        o' = o - \eta\lambda\, d\, (p + o) \ \text{(post\_update: the updated parameter decays)}
+
+    from step ``first_decay_step`` on (ADOPT: 2), with ``d = 1``, or with ``cautious`` the decay mask
+    of ``u = -o`` and ``p`` (:func:`cautious.spec.decay_mask`). ``learning_rate`` and ``weight_decay``
+    may be schedules of the step count (state: optax's weight-decay-schedule state, a ``count``).
+    """
+
+    def init_fn(params: Any):
+        del params
+        return WeightDecaySchedule(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates: Any, state: Any, params: Any):
+        if params is None:
+            raise ValueError("decoupled_decay needs params: call update(g, state, params)")
+        rate = _lr_at(learning_rate, state.count) * _lr_at(weight_decay, state.count)
+        on = state.count >= first_decay_step - 1
+
+        def leaf(o: jax.Array, p: jax.Array) -> jax.Array:
+            cd = jnp.promote_types(jnp.promote_types(o.dtype, p.dtype), jnp.float32)
+            oc, pc = o.astype(cd), p.astype(cd)
+            base = pc + oc if decay_order == "post_update" else pc
+            keep = on
+            if cautious:
+                opposite = ((oc < 0) & (pc < 0)) | ((oc > 0) & (pc > 0))  # u = -o and p strictly opposite
+                keep = keep & ~opposite
+            return jnp.where(keep, oc - rate * base, oc)
+
+        return jax.tree.map(leaf, updates, params), WeightDecaySchedule(count=_safe_increment(state.count))
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    if mask is not None:
+        return optax.masked(tx, mask)
+    return tx

@@ -22,10 +22,24 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     Adafactor,
     Adam,
     AdamW,
+    Adopt,
     CautiousOptimizer,
+    LaProp,
     Lion,
     Nadam,
     RMSprop,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "Caution", "CautiousOptimizer", "Adafactor"]
+__all__ = [
+    "AdamW",
+    "Adam",
+    "Lion",
+    "SGD",
+    "Nadam",
+    "RMSprop",
+    "Caution",
+    "CautiousOptimizer",
+    "Adafactor",
+    "Adopt",
+    "LaProp",
+]

@@ -71,7 +71,7 @@ if keras.backend.backend() != "tensorflow":
         "before importing keras"
     )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer", "Adafactor"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer", "Adafactor", "Adopt", "LaProp"]
 
 NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
 
@@ -230,10 +230,15 @@ class CautiousOptimizer(keras.optimizers.Optimizer):
             d = p
             if self.cautious_weight_decay:
                 d = tf.where(_ops.decay_keep(sign, p, mask), p, tf.zeros((), cdt))
-            p_new = p_new - decay * d
+            on = self._decay_on()
+            p_new = p_new - decay * d if on is None else tf.where(on, p_new - decay * d, p_new)
         for state_var, value in assigns:
             self.assign(state_var, value)
         self.assign(variable, p_new)
+
+    def _decay_on(self) -> tf.Tensor | None:
+        """Whether decoupled decay applies at this step (a bool tensor), or None: at every step."""
+        return None
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -1013,6 +1018,226 @@ class Adafactor(CautiousOptimizer):
         return config
 
 
-for _cls in (Adam, Lion, SGD, Nadam, RMSprop, Adafactor):
+@keras.saving.register_keras_serializable(package="cautious")
+class Adopt(CautiousOptimizer):
+    r"""Cautious ADOPT (Taniguchi et al. 2024), Keras-style names, timm's defaults (Keras has no ADOPT).
+
+    .. math::
+
+        t = 1:\ u = 0,\ v' = g^2; \qquad
+        t > 1:\ n = \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm (t-1)^{e}),\
+        m' = \beta_1 m + (1-\beta_1) n,\ u = m',\ v' = \beta_2 v + (1-\beta_2) g^2
+
+    See :func:`cautious.spec.adopt`. ``clip_exp=None``: no clipping. Weight decay is decoupled, as in
+    every Keras optimizer (timm's coupled default has no Keras form), and starts at step 2: the first
+    step only sets ``v`` and moves nothing (count 0 with ``caution_stats``). Slots: ``momentum``,
+    ``velocity``.
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 0.001.
+        beta_1, beta_2: decay rates of the moments, in [0, 1). Defaults 0.9, 0.9999.
+        epsilon: floor of ``sqrt(v)``; >= 0. Defaults to 1e-6.
+        clip_exp: clip ``n`` at ``(t-1)**clip_exp`` (>= 0), or None. Defaults to 0.333 (timm).
+        weight_decay: decoupled weight decay, or None.
+        nesterov: optax's Nesterov form ``u = beta_1 m' + (1-beta_1) n``.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.9999,
+        epsilon: float = 1e-6,
+        clip_exp: float | None = 0.333,
+        weight_decay: float | None = None,
+        *,
+        nesterov: bool = False,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={
+                "beta1": beta_1,
+                "beta2": beta_2,
+                "eps": epsilon,
+                "nesterov": nesterov,
+                **({} if clip_exp is None else {"clip_exp": clip_exp}),
+            },
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.clip_exp = None if clip_exp is None else float(clip_exp)
+        self.nesterov = bool(nesterov)
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+
+    def _decay_on(self) -> tf.Tensor:
+        return self.iterations > 0
+
+    def _direction(self, g, variable, cdt):
+        i = self._get_variable_index(variable)
+        m_var, v_var = self._momentums[i], self._velocities[i]
+        m, v = tf.cast(m_var, cdt), tf.cast(v_var, cdt)
+        b1, b2 = self.beta_1, self.beta_2
+        first = tf.equal(self.iterations, 0)
+        n = g / tf.maximum(tf.sqrt(v), _c(self.epsilon, cdt))
+        if self.clip_exp is not None:
+            c = tf.cast(tf.pow(tf.cast(self.iterations, tf.float64), self.clip_exp), cdt)
+            n = tf.clip_by_value(n, -c, c)
+        m_new = _c(b1, cdt) * m + _c(1.0 - b1, cdt) * n
+        u = _c(b1, cdt) * m_new + _c(1.0 - b1, cdt) * n if self.nesterov else m_new
+        v_new = _c(b2, cdt) * v + _c(1.0 - b2, cdt) * (g * g)
+        zero = tf.zeros((), cdt)
+        assigns = [(m_var, tf.where(first, m, m_new)), (v_var, tf.where(first, g * g, v_new))]
+        return tf.where(first, zero, u), None, assigns, None
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "clip_exp": self.clip_exp,
+                "nesterov": self.nesterov,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class LaProp(CautiousOptimizer):
+    r"""Cautious LaProp (Ziyin et al. 2020), Keras-style names, timm's defaults (Keras has no LaProp).
+
+    .. math::
+
+        v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        m' = \beta_1 m + (1-\beta_1)\,\eta_t \frac{g}{\sqrt{v'/(1-\beta_2^t)} + \epsilon},\quad
+        \delta = -\frac{\eta_t}{\bar\eta'} m',\quad
+        p' = \big(p + \text{mask}(\delta, -g)\cdot\text{scale}\cdot\delta\big)(1 - \eta\lambda)
+
+    See :func:`cautious.spec.laprop`. The ``momentum`` slots carry the learning rate (each gradient
+    enters with its own step's rate), ``lr_avg`` (one float64 scalar per variable) is ``\bar\eta``,
+    their bias correction. Caution masks the update ``delta`` against ``-g`` (update form), before
+    decay. ``decay_order="post_update"`` (default; timm, the reference code) decays the updated
+    parameter, ``"pre_update"`` decays ``p`` (AdamW's order).
+
+    Args:
+        learning_rate: float, ``LearningRateSchedule`` or callable. Defaults to 4e-4.
+        beta_1, beta_2: decay rates of the moments, in [0, 1). Defaults 0.9, 0.999.
+        epsilon: added to the denominator; >= 0. Defaults to 1e-15.
+        weight_decay: decoupled weight decay, or None.
+        decay_order: ``"post_update"`` (default) or ``"pre_update"``.
+        caution, cautious_weight_decay, maximize: as in :class:`Adam`.
+        **kwargs: {base}
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 4e-4,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-15,
+        weight_decay: float | None = None,
+        *,
+        decay_order: str = "post_update",
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            spec_values={"beta1": beta_1, "beta2": beta_2, "eps": epsilon, "decay_order": decay_order},
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.decay_order = decay_order
+
+    def build(self, var_list: list[Any]) -> None:
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        self._lr_avgs = []
+        for v in var_list:
+            name = (getattr(v, "path", None) or v.name).replace("/", "_")
+            self._lr_avgs.append(self.add_variable((), "zeros", "float64", name=f"{name}_lr_avg"))
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One LaProp step in update form (see the class docstring)."""
+        n = variable.shape.num_elements()
+        i = self._get_variable_index(variable)
+        m_var, v_var, a_var = self._momentums[i], self._velocities[i], self._lr_avgs[i]
+        lr = tf.cast(learning_rate, tf.float64)
+        lr_avg = self.beta_1 * a_var + (1.0 - self.beta_1) * lr
+        if n == 0:  # no entries, but the learning-rate average moves on (as the spec's state)
+            self.assign(a_var, lr_avg)
+            return
+        cdt = _ops.compute_dtype(variable.dtype)
+        g = tf.cast(tf.convert_to_tensor(gradient), cdt)
+        if self.maximize:
+            g = -g
+        b1, b2 = self.beta_1, self.beta_2
+        t = tf.cast(self.iterations + 1, tf.float64)
+        bc2 = 1.0 - tf.pow(tf.constant(b2, tf.float64), t)
+        v = _c(b2, cdt) * tf.cast(v_var, cdt) + _c(1.0 - b2, cdt) * (g * g)
+        normed = g / (tf.sqrt(v / tf.cast(bc2, cdt)) + _c(self.epsilon, cdt))
+        m = _c(b1, cdt) * tf.cast(m_var, cdt) + tf.cast((1.0 - b1) * lr, cdt) * normed
+        step_size = tf.where(lr_avg != 0, lr / tf.where(lr_avg != 0, lr_avg, 1.0), tf.zeros((), tf.float64))
+        coef = step_size
+        mask = None
+        if self.caution is not None:  # delta = -step_size * m' against -g
+            delta_sign = -tf.cast(step_size, cdt) * m
+            mask = _ops.cautious_mask(delta_sign, -g)
+            if self.caution.normalize != "none" or self._caution_counts:
+                coef = coef * self._caution_scale(mask, g, n, variable)
+        delta = -tf.cast(coef, cdt) * m
+        if mask is not None:
+            delta = tf.where(mask, delta, tf.zeros((), cdt))
+        p = tf.cast(tf.convert_to_tensor(variable), cdt)
+        p_new = p + delta
+        if self.weight_decay and self._use_weight_decay(variable):
+            decay = tf.cast(lr * self.weight_decay, cdt)
+            base = p_new if self.decay_order == "post_update" else p
+            d = base
+            if self.cautious_weight_decay:
+                d = tf.where(_ops.decay_keep(-delta, p, mask), base, tf.zeros((), cdt))
+            p_new = p_new - decay * d
+        self.assign(m_var, m)
+        self.assign(v_var, v)
+        self.assign(a_var, lr_avg)
+        self.assign(variable, p_new)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon, "decay_order": self.decay_order}
+        )
+        return config
+
+
+for _cls in (Adam, Lion, SGD, Nadam, RMSprop, Adafactor, Adopt, LaProp):
     if _cls.__doc__:
         _cls.__doc__ = _cls.__doc__.replace("{base}", _BASE_KWARGS_DOC)

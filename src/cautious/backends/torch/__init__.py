@@ -12,7 +12,7 @@ lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
-from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Lion, NAdam, RMSprop
+from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, NAdam, RMSprop
 
 __all__ = [
     "AdamW",
@@ -22,6 +22,8 @@ __all__ = [
     "NAdam",
     "RMSprop",
     "Adafactor",
+    "Adopt",
+    "LaProp",
     "Caution",
     "fused_available",
     "build_fused",

@@ -42,7 +42,7 @@ from cautious._caution import Caution
 from cautious.backends.torch import _distributed
 from cautious.spec.mask import CautionStats
 
-__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop", "adafactor"]
+__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop", "adafactor", "adopt", "laprop"]
 
 _NATIVE_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -1461,3 +1461,284 @@ def adafactor(
     impl = "foreach" if foreach else "single"
     for idx in _groups(lists[0], impl, [g.dim() > 1 for g in lists[1]]):
         _adafactor_tensors(*(_pick(x, idx) for x in lists), foreach=foreach, stats=stats, **hyper)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ADOPT and LaProp (timm's operations, so that caution=False is timm's Adopt / LaProp bit for bit)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decay_skips(params: list[Tensor], us: list[Tensor], cautious_weight_decay: bool) -> list[Tensor] | None:
+    """Cautious weight decay: where ``u^c`` and ``p`` have strictly opposite signs (no decay there); else None."""
+    if not cautious_weight_decay:
+        return None
+    return [torch.sign(u).mul_(p).lt(0) for p, u in zip(params, us, strict=False)]
+
+
+def _decay_add_(params: list[Tensor], skips: list[Tensor] | None, alpha: float, *, foreach: bool) -> None:
+    """timm's decoupled decay ``p <- p + alpha p`` (``alpha = -lr wd``), kept where ``skips`` says so."""
+    if skips is not None:
+        for p, skip in zip(params, skips, strict=False):
+            p.copy_(torch.where(skip, p, p.add(p, alpha=alpha)))
+    elif foreach:
+        torch._foreach_add_(params, params, alpha=alpha)
+    else:
+        for p in params:
+            p.add_(p, alpha=alpha)
+
+
+def _adopt_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    eps: float,
+    clip_exp: float | None,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """One ADOPT step (:func:`cautious.spec.rules.adopt_direction`): step 1 sets ``v = g^2`` and moves nothing;
+    later steps ``n = clip(g / max(sqrt(v), eps))``, ``m <- lerp(m, n, 1-b1)``, ``u = m``,
+    ``v <- b2 v + (1-b2) g^2``."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        _increment_steps_(state_steps)
+        if weight_decay != 0 and not decoupled:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    else:
+        grads = [-g if maximize else g for g in grads]
+        _increment_steps_(state_steps)
+        if weight_decay != 0 and not decoupled:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=False)]
+    steps = _step_values(state_steps)
+    first = [i for i, t in enumerate(steps) if t == 1]
+    if first:
+        vs, gs = _pick(exp_avg_sqs, first), _pick(grads, first)
+        if foreach:
+            torch._foreach_addcmul_(vs, gs, gs)
+        else:
+            for v, g in zip(vs, gs, strict=False):
+                v.addcmul_(g, g)
+        if caution is not None and stats is not None:  # u = 0: nothing kept, count 0 and the scale of count 0
+            zeros = [torch.zeros_like(g) for g in gs]
+            _mask_and_scales(
+                zeros,
+                zeros,
+                gs,
+                caution,
+                foreach=foreach,
+                shardings=_pick(shardings, first) or None,
+                stats=stats,
+                params=_pick(params, first),
+            )
+        later = [i for i, t in enumerate(steps) if t != 1]
+        if not later:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            _pick(x, later) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)
+        )
+        shardings = _pick(shardings, later) or None
+    clips = None if clip_exp is None else [(float(t) - 1) ** clip_exp for t in steps]
+    if foreach:
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_maximum_(denoms, eps)
+        ns = torch._foreach_div(grads, denoms)
+        if clips is not None:
+            torch._foreach_maximum_(ns, [-c for c in clips])
+            torch._foreach_minimum_(ns, clips)
+        torch._foreach_lerp_(exp_avgs, ns, 1 - beta1)
+    else:
+        for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, strict=False)):
+            n = g.div(torch.clamp(v.sqrt(), eps))
+            if clips is not None:
+                n.clamp_(-clips[i], clips[i])
+            m.lerp_(n, 1 - beta1)
+    us = exp_avgs
+    if caution is not None:
+        us, scales = _mask_and_scales(
+            us, us, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
+        _apply_scales_(us, scales, foreach=foreach)
+    if weight_decay != 0 and decoupled:
+        _decay_add_(params, _decay_skips(params, us, cautious_weight_decay), -lr * weight_decay, foreach=foreach)
+    _descend_(params, us, lr, foreach=foreach)
+    if foreach:
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    else:
+        for v, g in zip(exp_avg_sqs, grads, strict=False):
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+
+@_distributed.on_local_shards
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    eps: float,
+    clip_exp: float | None,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious ADOPT. See :class:`cautious.backends.torch.Adopt` and :func:`cautious.spec.adopt`."""
+    _no_fused("ADOPT", foreach, fused)
+    impl = _plain_resolve(params, foreach)
+    lr = _scalar(lr)
+    params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    for idx in _groups(params, impl, shards=bool(shardings)):
+        _adopt_tensors(
+            *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
+            foreach=impl == "foreach",
+            beta1=float(beta1),
+            beta2=float(beta2),
+            lr=lr,
+            eps=float(eps),
+            clip_exp=None if clip_exp is None else float(clip_exp),
+            weight_decay=float(weight_decay),
+            decoupled=decoupled,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            shardings=_pick(shardings, idx) or None,
+            stats=stats,
+        )
+
+
+def _laprop_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_sizes: list[float],
+    bias_corrections2: list[Tensor],
+    *,
+    foreach: bool,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    eps: float,
+    weight_decay: float,
+    decay_order: str,
+    maximize: bool,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """One LaProp step (:func:`cautious.spec.rules.laprop_update`): ``v <- b2 v + (1-b2) g^2``,
+    ``n = g / (sqrt(v / bc2) + eps)``, ``m <- b1 m + lr (1-b1) n``, ``p <- p - step_size * m^c``
+    (``step_size = lr / lr_avg``, from the class); ``u = m`` is a positive multiple of ``-delta``."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_div(exp_avg_sqs, [_scalar(bc) for bc in bias_corrections2])
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        ns = torch._foreach_div(grads, denoms)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, ns, alpha=lr * (1 - beta1))
+    else:
+        grads = [-g if maximize else g for g in grads]
+        for g, m, v, bc in zip(grads, exp_avgs, exp_avg_sqs, bias_corrections2, strict=False):
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            n = g / v.div(bc).sqrt_().add_(eps)
+            m.mul_(beta1)
+            m.add_(n, alpha=lr * (1 - beta1))
+    us = exp_avgs
+    if caution is not None:
+        # the mask is decided from delta = -step_size * m: where step_size is 0 (lr = 0), delta is 0 (NaN kept)
+        signs = [m if s > 0 else m * s for m, s in zip(exp_avgs, step_sizes, strict=False)]
+        us, scales = _mask_and_scales(
+            us, signs, grads, caution, foreach=foreach, shardings=shardings, stats=stats, params=params
+        )
+        _apply_scales_(us, scales, foreach=foreach)
+    decay = weight_decay != 0
+    skips = _decay_skips(params, us, cautious_weight_decay) if decay else None
+    if decay and decay_order == "pre_update":
+        _decay_add_(params, skips, -lr * weight_decay, foreach=foreach)
+    if foreach and len(set(step_sizes)) == 1:
+        torch._foreach_add_(params, us, alpha=-step_sizes[0])
+    elif foreach:
+        torch._foreach_add_(params, torch._foreach_mul(us, [-s for s in step_sizes]))
+    else:
+        for p, u, s in zip(params, us, step_sizes, strict=False):
+            p.add_(u, alpha=-s)
+    if decay and decay_order == "post_update":
+        _decay_add_(params, skips, -lr * weight_decay, foreach=foreach)
+
+
+@_distributed.on_local_shards
+def laprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_sizes: list[float],
+    bias_corrections2: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    beta1: float,
+    beta2: float,
+    lr: Any,
+    eps: float,
+    weight_decay: float,
+    decay_order: str = "post_update",
+    maximize: bool = False,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+    shardings: list[_distributed.Sharding | None] | None = None,
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious LaProp. See :class:`cautious.backends.torch.LaProp` and :func:`cautious.spec.laprop`.
+
+    ``step_sizes`` (``lr / lr_avg``, 0 while ``lr_avg`` is 0) and ``bias_corrections2`` (``1 - b2^t`` as
+    timm's running product, a 0-d CPU tensor) are per-parameter scalars the optimizer class keeps.
+    """
+    _no_fused("LaProp", foreach, fused)
+    impl = _plain_resolve(params, foreach)
+    lr = _scalar(lr)
+    params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    for idx in _groups(params, impl, shards=bool(shardings)):
+        _laprop_tensors(
+            *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)),
+            foreach=impl == "foreach",
+            beta1=float(beta1),
+            beta2=float(beta2),
+            lr=lr,
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            decay_order=decay_order,
+            maximize=maximize,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            shardings=_pick(shardings, idx) or None,
+            stats=stats,
+        )

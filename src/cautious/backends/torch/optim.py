@@ -34,7 +34,7 @@ from cautious.spec.errors import (
 )
 from cautious.spec.mask import CautionStats
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop", "Adafactor"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop", "Adafactor", "Adopt", "LaProp"]
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
@@ -1063,6 +1063,260 @@ class Adafactor(_CautiousOptimizer):
                 beta1=group["beta1"],
                 maximize=group["maximize"],
                 caution=_caution_of(group["caution"]),
+                stats=getattr(self, "_caution_stats", None),
+            )
+        return loss
+
+
+class _TimmRule(_CautiousOptimizer):
+    """Shared by :class:`Adopt` and :class:`LaProp` (timm's optimizers): no fused kernel, refused up front."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any], caution_stats: bool = False) -> None:
+        if defaults.get("fused"):
+            raise ValueError(
+                f"fused=True is not available for cautious.torch.{type(self).__name__} (no fused kernel for this "
+                "rule); use foreach=True or foreach=False"
+            )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+
+class Adopt(_TimmRule):
+    r"""Cautious ADOPT (Taniguchi et al. 2024), a drop-in for ``timm.optim.Adopt`` (same name, signature,
+    defaults and state: ``step``, ``exp_avg``, ``exp_avg_sq``).
+
+    .. math::
+
+        t = 1:\ v' = g^2,\ p' = p; \qquad
+        t > 1:\ n = \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm (t-1)^{e}),\
+        m' = \beta_1 m + (1-\beta_1) n,\
+        p' = p - \eta\lambda p - \eta\,\text{mask}(m', g)\,\text{scale}\,m',\
+        v' = \beta_2 v + (1-\beta_2) g^2
+
+    See :func:`cautious.spec.adopt`. ``clip_exp=None``: no clipping. ``weight_decay`` is coupled (L2) unless
+    ``decoupled``; decoupled decay starts at step 2 (step 1 moves nothing). ``caution=False`` runs timm's
+    operations (bit for bit). timm's ``corrected_weight_decay``, ``capturable`` and ``differentiable`` are
+    not supported.
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        clip_exp: float | None = 0.333,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        *,
+        maximize: bool = False,
+        caution: bool | Caution = True,
+        caution_stats: bool = False,
+        cautious_weight_decay: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            clip_exp=clip_exp,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=False,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        b1, b2 = split_betas(group["betas"])
+        hp = dict(lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if group["clip_exp"] is not None:
+            hp["clip_exp"] = group["clip_exp"]
+        validate(hp, BETA_NAMES)
+        flags = dict(
+            decoupled_weight_decay=group["decoupled"],
+            maximize=group["maximize"],
+            cautious_weight_decay=group["cautious_weight_decay"],
+        )
+        validate(flags, {"decoupled_weight_decay": "decoupled"})
+        self._check_cwd(group, group["decoupled"])
+        return self._check_caution(group)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, state_steps = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            beta1, beta2 = group["betas"]
+            functional.adopt(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                eps=group["eps"],
+                clip_exp=group["clip_exp"],
+                weight_decay=group["weight_decay"],
+                decoupled=group["decoupled"],
+                maximize=group["maximize"],
+                caution=_caution_of(group["caution"]),
+                cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
+            )
+        return loss
+
+
+class LaProp(_TimmRule):
+    r"""Cautious LaProp (Ziyin et al. 2020), a drop-in for ``timm.optim.LaProp`` (same name, signature, defaults
+    and state: ``step``, ``exp_avg``, ``exp_avg_lr_1``, ``exp_avg_lr_2``, ``exp_avg_sq``).
+
+    .. math::
+
+        v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        m' = \beta_1 m + (1-\beta_1)\,\eta\,\frac{g}{\sqrt{v'/(1-\beta_2^t)} + \epsilon},\quad
+        p' = \big(p - \tfrac{\eta}{\bar\eta'}\,\text{mask}(m', g)\,\text{scale}\,m'\big)(1 - \eta\lambda)
+
+    See :func:`cautious.spec.laprop`. The momentum ``exp_avg`` carries the learning rate; ``exp_avg_lr_1`` is
+    ``\bar\eta``, the same average of the learning rates (its bias correction), and ``exp_avg_lr_2`` is
+    ``1 - beta2^t`` as a running product in the default scalar dtype (as timm). Decoupled decay applies to the
+    updated parameter (``decay_order="post_update"``, timm and the reference code; ``"pre_update"`` is
+    AdamW's order). ``caution=False`` runs timm's operations (bit for bit). timm's
+    ``corrected_weight_decay`` is not supported.
+
+    .. note::
+       ``load_state_dict`` keeps the caution options of this optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 4e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-15,
+        weight_decay: float = 0.0,
+        caution: bool | Caution = True,
+        *,
+        decay_order: str = "post_update",
+        maximize: bool = False,
+        caution_stats: bool = False,
+        cautious_weight_decay: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_order=decay_order,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=False,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        b1, b2 = split_betas(group["betas"])
+        hp = dict(
+            lr=group["lr"],
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decay_order=group["decay_order"],
+        )
+        validate(hp, BETA_NAMES)
+        validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
+        return self._check_caution(group)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2):
+        beta1, beta2 = group["betas"]
+        lr = functional._scalar(group["lr"])
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_lr_1"] = 0.0
+                state["exp_avg_lr_2"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"].add_(1)
+            state["exp_avg_lr_1"] = state["exp_avg_lr_1"] * beta1 + (1 - beta1) * lr
+            state["exp_avg_lr_2"] = state["exp_avg_lr_2"] * beta2 + (1 - beta2)
+            lr_avg = state["exp_avg_lr_1"]
+            step_sizes.append(lr / lr_avg if lr_avg != 0 else 0.0)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            bias_corrections2.append(state["exp_avg_lr_2"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2 = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)
+            beta1, beta2 = group["betas"]
+            functional.laprop(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                step_sizes,
+                bias_corrections2,
+                foreach=group["foreach"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decay_order=group["decay_order"],
+                maximize=group["maximize"],
+                caution=_caution_of(group["caution"]),
+                cautious_weight_decay=group["cautious_weight_decay"],
                 stats=getattr(self, "_caution_stats", None),
             )
         return loss

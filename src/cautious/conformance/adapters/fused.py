@@ -56,6 +56,8 @@ class FusedAdapter:
             return f"no fused kernel for {case.rule} (single-tensor and foreach paths only)"
         if case.rule == "adafactor":
             return "no fused kernel for Adafactor (its row/column statistics are reductions; torch runs single/foreach)"
+        if case.rule in ("adopt", "laprop"):
+            return f"{case.rule} has no fused kernel (fused=True is refused)"
         if case.rule not in ("adam", "adamw", "lion", "sgd"):
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:

@@ -40,7 +40,10 @@ _STATE_TYPES = (
     cjax.ScaleByNadamState,
     optax.ScaleByRmsState,
     optax.ScaleByRStdDevState,
+    cjax.LaPropState,
 )
+#: decoupled_decay's step counter (ADOPT's decay starts at step 2): injected with the step, never a direction
+_DecayCount = type(cjax.decoupled_decay(0.1, 0.1).init(None))
 
 
 def _spec_hparams(case: Case) -> dict[str, Any]:
@@ -128,6 +131,26 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
             maximize=hp["maximize"],
             weight_decay=hp["weight_decay"],
         )
+    if case.rule == "adopt":
+        b1, b2 = hp["betas"]
+        clip_exp = hp["clip_exp"]
+        return cjax.adopt(
+            hp["lr"],
+            b1,
+            b2,
+            hp["eps"],
+            nesterov=hp["nesterov"],
+            use_clipping=clip_exp is not None,
+            clip_value_fn=(lambda count: count ** float(clip_exp)) if clip_exp is not None else (lambda count: count),
+            weight_decay=hp["weight_decay"],
+            decoupled_weight_decay=hp["decoupled_weight_decay"],
+            **common,
+        )
+    if case.rule == "laprop":
+        b1, b2 = hp["betas"]
+        return cjax.laprop(
+            hp["lr"], b1, b2, hp["eps"], weight_decay=hp["weight_decay"], decay_order=hp["decay_order"], **common
+        )
     momentum = hp["momentum"]
     return cjax.sgd(
         hp["lr"],
@@ -141,7 +164,7 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
 
 def _replace_direction_state(state: Any, make: Any) -> Any:
     """Rebuild an optax state tree, replacing every direction state by ``make(old)``."""
-    if isinstance(state, _STATE_TYPES):
+    if isinstance(state, (*_STATE_TYPES, _DecayCount)):
         return make(state)
     if isinstance(state, tuple):
         items = [_replace_direction_state(s, make) for s in state]
@@ -230,6 +253,11 @@ class JaxAdapter:
         leaves = state.leaves
 
         def make(old: Any) -> Any:
+            if isinstance(old, _DecayCount):
+                return _DecayCount(count=count)
+            if isinstance(old, cjax.LaPropState):
+                lr_avg = jnp.asarray(float(leaves[0].lr_avg) if leaves else 0.0, old.lr_avg.dtype)
+                return cjax.LaPropState(count, [arr(s.m) for s in leaves], [arr(s.v) for s in leaves], lr_avg)
             if isinstance(old, optax.ScaleByAdamState):
                 return optax.ScaleByAdamState(count, [arr(s.m) for s in leaves], [arr(s.v) for s in leaves])
             if isinstance(old, cjax.ScaleByAmsgradState):
@@ -264,6 +292,16 @@ class JaxAdapter:
             new_leaves = tuple(spec.RMSpropState(out(ds.nu[i], sd_), None, None) for i in range(n))
         elif isinstance(ds, optax.ScaleByRStdDevState):
             new_leaves = tuple(spec.RMSpropState(out(ds.nu[i], sd_), out(ds.mu[i], sd_), None) for i in range(n))
+        elif isinstance(ds, optax.ScaleByAdamState) and case.rule == "adopt":
+            new_leaves = tuple(
+                spec.AdoptState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage)) for i in range(n)
+            )
+        elif isinstance(ds, cjax.LaPropState):
+            lr_avg = np.asarray(float(ds.lr_avg), np.float64)
+            new_leaves = tuple(
+                spec.LaPropState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage), lr_avg)
+                for i in range(n)
+            )
         elif isinstance(ds, optax.ScaleByAdamState):
             new_leaves = tuple(
                 spec.AdamState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage), None)

@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Lion, Nadam, RMSprop  # noqa: E402
+from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Nadam, RMSprop  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 
@@ -70,6 +70,8 @@ ADAFACTOR_FORMS = {
     "weight_decay_form": "lr_before_scale",
     "decay_offset": 0,
     "eps": (None, float(np.float32(1e-3))),  # eps[0] is drawn; Keras casts epsilon_2 through float32
+    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "clip_exp": 0.333, "weight_decay": 0.0},
+    "laprop": {"lr": 4e-4, "betas": (0.9, 0.999), "eps": 1e-15, "weight_decay": 0.0},
 }
 
 
@@ -129,6 +131,27 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
             beta_1=float(hp.get("beta1", 0.0)),
             **common,
         )
+    if case.rule == "adopt":
+        b1, b2 = hp["betas"]
+        return Adopt(
+            beta_1=float(b1),
+            beta_2=float(b2),
+            epsilon=float(hp["eps"]),
+            clip_exp=hp["clip_exp"],
+            weight_decay=wd,
+            nesterov=bool(hp.get("nesterov", False)),
+            **common,
+        )
+    if case.rule == "laprop":
+        b1, b2 = hp["betas"]
+        return LaProp(
+            beta_1=float(b1),
+            beta_2=float(b2),
+            epsilon=float(hp["eps"]),
+            weight_decay=wd,
+            decay_order=hp.get("decay_order", "post_update"),
+            **common,
+        )
     return SGD(
         momentum=float(hp["momentum"]),
         nesterov=bool(hp.get("nesterov", False)),
@@ -174,6 +197,10 @@ class _Entry:
             factored = len(self.vars[i].shape) >= 2
             m = opt.momentums[i] if opt.beta_1 > 0 else None
             return [opt._r[i], opt._c[i], None, m] if factored else [None, None, opt._v[i], m]
+        if rule == "adopt":
+            return [opt._momentums[i], opt._velocities[i]]
+        if rule == "laprop":
+            return [opt._momentums[i], opt._velocities[i], opt._lr_avgs[i]]
         return [opt.momentums[i] if opt.momentum != 0 else None]
 
 
@@ -212,7 +239,7 @@ class TFAdapter:
             return f"dtype {case.dtype!r} is not supported"
         if case.state_storage != case.dtype:
             return "Keras stores optimizer state in the parameter's dtype"
-        decoupled = case.rule in ("adamw", "lion") or bool(hp.get("decoupled_weight_decay", False))
+        decoupled = case.rule in ("adamw", "lion", "laprop") or bool(hp.get("decoupled_weight_decay", False))
         if float(hp.get("weight_decay", 0.0)) != 0 and not decoupled:
             return "coupled (L2) weight decay: Keras weight decay is always decoupled"
         if case.rule == "sgd" and float(hp.get("dampening", 0.0)) != 0:
@@ -247,8 +274,13 @@ class TFAdapter:
         for i, leaf in enumerate(state.leaves):
             for var, x in zip(entry.state_vars(case.rule, i), leaf):
                 if var is not None and x is not None:
-                    # Adafactor's r and c drop the reduced dim that the spec keeps
-                    var.assign(tf.reshape(self._to_tf(x, dt), var.shape))
+                    # Adafactor's r and c drop the reduced dim that the spec keeps; a float64 scalar slot
+                    # (LaProp's lr_avg) keeps float64 whatever the parameters' dtype
+                    var.assign(
+                        tf.reshape(self._to_tf(x, dt), var.shape)
+                        if var.dtype == dt
+                        else tf.constant(np.asarray(x, np.float64))
+                    )
         entry.apply([self._to_tf(g, dt) for g in grads])
         out = numpy_dtype(case.dtype)
         read = lambda v: None if v is None else np.asarray(v.numpy()).astype(out)  # noqa: E731

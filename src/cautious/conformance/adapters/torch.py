@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adafactor, Adam, AdamW, Lion, NAdam, RMSprop
+from cautious.torch import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, NAdam, RMSprop
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -97,7 +97,7 @@ class TorchAdapter:
             bad = {k: v for k, v in self.ADAFACTOR_FORMS.items() if case.hparams.get(k, v) != v}
             if bad or case.hparams.get("decay_offset", 0):
                 return f"torch.optim.Adafactor has only torch's forms, not {bad or 'decay_offset'}"
-        elif case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop"):
+        elif case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop", "adopt", "laprop"):
             return f"unknown rule {case.rule!r}"
         if case.rule == "rmsprop" and (
             case.hparams.get("eps_in_sqrt") or case.hparams.get("nesterov") or case.hparams.get("initial_scale")
@@ -105,6 +105,10 @@ class TorchAdapter:
             return "torch.optim.RMSprop adds eps after the root, has no Nesterov momentum and starts v at 0"
         if self.impl == "fused" and case.rule in ("nadam", "rmsprop"):
             return f"no fused kernel for {case.rule}"
+        if case.rule in ("adopt", "laprop") and self.impl == "fused":
+            return f"{case.rule} has no fused kernel (fused=True is refused): single and foreach only"
+        if case.rule == "adopt" and case.hparams.get("nesterov", False):
+            return "cautious.torch.Adopt has timm's signature: no nesterov (optax's option)"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
         if case.state_storage != case.dtype:
@@ -141,6 +145,12 @@ class TorchAdapter:
             for k in (*self.ADAFACTOR_FORMS, "decay_offset"):
                 hp.pop(k, None)
             return Adafactor(params, **hp, **kw)
+        if case.rule == "adopt":
+            hp.pop("nesterov", None)
+            hp["decoupled"] = hp.pop("decoupled_weight_decay", False)
+            return Adopt(params, **hp, **kw)
+        if case.rule == "laprop":
+            return LaProp(params, **hp, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -149,6 +159,19 @@ class TorchAdapter:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(
+        self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
+    ) -> tuple[list[np.ndarray], spec.State]:
+        if case.rule == "laprop" and case.dtype == "float64":
+            # LaProp keeps 1 - b2^t as a scalar of the default dtype (as timm): float64 training sets it
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                return self._step(case, params, grads, state)
+            finally:
+                torch.set_default_dtype(default)
+        return self._step(case, params, grads, state)
+
+    def _step(
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
     ) -> tuple[list[np.ndarray], spec.State]:
         dtype = _TORCH_DTYPES[case.dtype]
@@ -191,6 +214,14 @@ class TorchAdapter:
                         st[key] = self._tensor(x, dtype)
                 if leaf.m is not None:
                     st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif rule in ("adopt", "laprop"):
+                st["step"] = torch.tensor(float(state.step), dtype=torch.get_default_dtype())
+                st["exp_avg"] = self._tensor(leaf.m, dtype)
+                st["exp_avg_sq"] = self._tensor(leaf.v, dtype)
+                if rule == "laprop":
+                    b2 = float(case.hparams.get("betas", (0.9, 0.999))[1])
+                    st["exp_avg_lr_1"] = float(leaf.lr_avg)
+                    st["exp_avg_lr_2"] = torch.tensor(1.0 - b2 ** int(state.step), dtype=torch.get_default_dtype())
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -231,6 +262,11 @@ class TorchAdapter:
                         *(to_numpy(st.get(k), sd) for k in ("row_var", "col_var", "variance", "exp_avg"))
                     )
                 )
+            elif rule == "adopt":
+                leaves.append(spec.AdoptState(to_numpy(st["exp_avg"], sd), to_numpy(st["exp_avg_sq"], sd)))
+            elif rule == "laprop":
+                m, v = to_numpy(st["exp_avg"], sd), to_numpy(st["exp_avg_sq"], sd)
+                leaves.append(spec.LaPropState(m, v, np.asarray(float(st["exp_avg_lr_1"]), np.float64)))
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
