@@ -27,10 +27,11 @@ from cautious.spec.mask import (
     kept_count,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
+from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, muon, sgd
 from cautious.spec.rules import (
     AdamState,
     LionState,
+    MuonState,
     Rule,
     SGDState,
     UpdateRule,
@@ -40,10 +41,17 @@ from cautious.spec.rules import (
     cautious_update,
     lion_direction,
     lion_rule,
+    muon_momentum_direction,
+    muon_momentum_rule,
+    muon_orthogonalize,
+    muon_rule,
+    muon_shape_scale,
+    newton_schulz,
     sgd_direction,
     sgd_rule,
     sgd_velocity,
     sgd_velocity_rule,
+    then,
 )
 
 RULES = ("adam", "adamw", "lion", "sgd")
@@ -88,4 +96,13 @@ __all__ = [
     "sgd_velocity_rule",
     "cautious_update",
     "RULES",
+    "muon",
+    "MuonState",
+    "muon_momentum_direction",
+    "muon_momentum_rule",
+    "muon_orthogonalize",
+    "muon_rule",
+    "muon_shape_scale",
+    "newton_schulz",
+    "then",
 ]

@@ -36,7 +36,7 @@ of the array it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,9 +45,11 @@ from cautious._caution import Caution, caution_arg
 from cautious.spec.errors import (
     check_cautious_weight_decay,
     check_momentum_form,
+    check_muon_shape,
     check_nesterov,
     check_param_dtype,
     split_betas,
+    split_ns_coefficients,
     validate,
 )
 from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_update
@@ -58,11 +60,14 @@ from cautious.spec.rules import (
     cautious,
     cautious_update,
     lion_rule,
+    muon_momentum_rule,
+    muon_orthogonalize,
+    muon_rule,
     sgd_rule,
     sgd_velocity_rule,
 )
 
-__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "make_optimizer"]
+__all__ = ["State", "Optimizer", "adam", "adamw", "lion", "sgd", "muon", "make_optimizer"]
 
 
 class State(NamedTuple):
@@ -109,8 +114,12 @@ def make_optimizer(
     caution: Caution | None,
     cautious_weight_decay: bool,
     hparams: Mapping[str, Any],
+    then: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Optimizer:
     """Build the generic step around ``rule``; see the module docstring for the math.
+
+    ``then``: a map applied to the direction after caution (Muon's orthogonalization with
+    ``mask_position="before"``): ``u = then(mask(u0, g) scale u0)`` of the rule's ``u0``.
 
     An :class:`~cautious.spec.rules.UpdateRule` (update form) gives ``delta`` with the
     learning rate inside: ``eta * u`` is replaced by ``-delta``, and caution masks ``delta``
@@ -185,6 +194,8 @@ def make_optimizer(
             u, lr_u = -delta, -delta
         else:
             u, s_new = inner.direction(g64, s64, t)
+            if then is not None:
+                u = then(u)
             lr_u = lr * u
         if wd != 0 and decoupled:
             # multiplicative form p * (1 - lr*wd): an infinite parameter stays infinite (p - lr*wd*p is NaN)
@@ -355,3 +366,92 @@ def sgd(
         cautious_weight_decay=cautious_weight_decay,
         hparams=hp,
     )
+
+
+#: torch.optim.Muon's Newton-Schulz coefficients (Jordan et al. 2024), also optax's and Keras's defaults.
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def muon(
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    *,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    mask_position: str = "after",
+    muon_momentum: str = "ema",
+    ns_eps: str = "clamp",
+    shape_scale: str = "rows_over_cols",
+    rms_rate: float = 0.2,
+) -> Optimizer:
+    r"""Cautious Muon (decoupled decay, as torch.optim.Muon); 2-d parameters only. ``caution=False`` is plain Muon.
+
+    .. math::
+
+        v &= \text{momentum}(g) \quad (\text{muon\_momentum}: :func:`~cautious.spec.muon_momentum_direction`) \\
+        u &= \text{mask}(u_0, g)\,\text{scale}\,u_0,\; u_0 = s(R, C)\,\mathrm{NS}(v)
+            \quad(\text{mask\_position="after"}) \\
+        u &= s(R, C)\,\mathrm{NS}(\text{mask}(v, g)\,\text{scale}\,v)
+            \quad(\text{mask\_position="before"}) \\
+        p' &= p (1 - \eta\lambda) - \eta\,u
+
+    ``NS`` is :func:`~cautious.spec.newton_schulz` (in float64 here) and ``s`` is
+    :func:`~cautious.spec.muon_shape_scale`. The defaults are torch.optim.Muon's; optax's
+    contrib ``muon`` is ``muon_momentum="debiased", ns_eps="add", shape_scale="cols_over_rows"``
+    and Keras's ``muon_momentum="sum", ns_eps="add", shape_scale="rms"`` (docs/spec.md, "Muon").
+    """
+    a, b, c = split_ns_coefficients(ns_coefficients)
+    hp = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        eps=eps,
+        ns_steps=ns_steps,
+        rms_rate=rms_rate,
+        mask_position=mask_position,
+        muon_momentum=muon_momentum,
+        ns_eps=ns_eps,
+        shape_scale=shape_scale,
+    )
+    validate(hp)
+    c_ = _common(caution, nesterov=nesterov, cautious_weight_decay=cautious_weight_decay)
+    coefficients = (float(a), float(b), float(c))
+    ortho = dict(ns_coefficients=coefficients, ns_steps=int(ns_steps), eps=float(eps), ns_eps=ns_eps)
+    shape = dict(shape_scale=shape_scale, rms_rate=float(rms_rate))
+    momentum_kw = dict(momentum=float(momentum), nesterov=nesterov, muon_momentum=muon_momentum)
+    if mask_position == "before" and c_ is not None:
+        rule: Rule = muon_momentum_rule(**momentum_kw)
+        then = muon_orthogonalize(**ortho, **shape)
+    else:
+        rule, then = muon_rule(**momentum_kw, **ortho, **shape), None
+    hp.update(
+        ns_coefficients=coefficients,
+        nesterov=nesterov,
+        maximize=False,
+        decoupled=True,
+        caution=c_,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    opt = make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=False,
+        caution=c_,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+        then=then,
+    )
+
+    def init(params: Sequence[np.ndarray]) -> State:
+        for i, p in enumerate(params):
+            check_muon_shape(f"parameter {i}", np.shape(p))
+        return opt.init(params)
+
+    return opt._replace(init=init)
