@@ -178,6 +178,13 @@ ERROR_TABLE: tuple[Check, ...] = (
         ("original", "", "match_rms_adamw"),
         choices=("rows_over_cols", "cols_over_rows", "rms", "none"),
     ),
+    Check(
+        "adjust_lr_fn",
+        "one of 'original', 'match_rms_adamw'",
+        lambda x: False,
+        ("rms", "", "Original"),
+        choices=("original", "match_rms_adamw"),
+    ),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.

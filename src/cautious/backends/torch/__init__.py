@@ -1,4 +1,4 @@
-"""PyTorch backend: cautious ``AdamW``, ``Adam``, ``Lion`` and ``SGD`` as ``torch.optim.Optimizer`` classes.
+"""PyTorch backend: cautious ``AdamW``, ``Adam``, ``Lion``, ``SGD`` and ``Muon`` as ``torch.optim.Optimizer`` classes.
 
 Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
 
@@ -12,13 +12,14 @@ lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
-from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion
+from cautious.backends.torch.optim import SGD, Adam, AdamW, Lion, Muon
 
 __all__ = [
     "AdamW",
     "Adam",
     "Lion",
     "SGD",
+    "Muon",
     "Caution",
     "fused_available",
     "build_fused",
