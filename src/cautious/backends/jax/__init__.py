@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adam, adamw, lion, sgd
+from cautious.backends.jax._alias import adam, adamw, lion, muon, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -70,6 +70,7 @@ __all__ = [
     "adam",
     "lion",
     "sgd",
+    "muon",
     "scale_by_adam",
     "scale_by_lion",
     "trace",
