@@ -23,6 +23,7 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     AdamW,
     CautiousOptimizer,
     Lion,
+    Muon,
 )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Muon", "Caution", "CautiousOptimizer"]
