@@ -22,7 +22,7 @@ def test_x64_is_on():
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_conformance(jit):
     result = run_conformance(JaxAdapter(jit=jit), dtypes=("float32", "float64"), max_examples=50)
-    assert {rule for rule, _ in result.examples} == {"adam", "adamw", "lion", "sgd"}
+    assert {rule for rule, _ in result.examples} == {"adam", "adamw", "lion", "sgd", "muon"}
 
 
 def test_conformance_fast_count_path(monkeypatch):

@@ -58,7 +58,7 @@ def _reference_step(p, g, m, *, lr, wd, mu, nesterov, caution, position):
     if position == "before":
         v_c, *_ = spec.apply_caution(v.double().numpy(), g.double().numpy(), caution)
         v = torch.from_numpy(v_c).to(v.dtype)
-    o = functional._newton_schulz(v, (3.4445, -4.7750, 2.0315), 5, 1e-7).to(torch.float64).numpy()
+    o = functional._newton_schulz(v, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16).to(torch.float64).numpy()
     if position == "after":
         o, *_ = spec.apply_caution(o, g.double().numpy(), caution)
     ratio = max(1.0, p.shape[0] / p.shape[1]) ** 0.5

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cautious import spec
-from cautious.conformance.bounds import K, TensorTerms, decoupled, tensor_terms, weight_decay
+from cautious.conformance.bounds import K, TensorTerms, caution_on_u, decoupled, tensor_terms, weight_decay
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import compute_dtype, numpy_dtype, round_to, tiny, unit_roundoff
 
@@ -82,7 +82,7 @@ def _match(got: np.ndarray, exp: np.ndarray, tol: np.ndarray) -> tuple[np.ndarra
 
 def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarray]:
     """All admissible (kept, u, decay) outcomes per entry, as (n, O) arrays."""
-    caution = case.caution
+    caution = caution_on_u(case)
     wd = weight_decay(case)
     dec = decoupled(case) and wd != 0
     cwd = bool(case.hparams.get("cautious_weight_decay", False))
@@ -127,7 +127,7 @@ def _check_param(
     e = K * unit_roundoff(cd)
     tn = tiny(cd)
     wd = weight_decay(case)
-    caution = case.caution
+    caution = caution_on_u(case)
     opts = _param_options(case, tt, lr)
     p = tt.p.reshape(-1)[:, None]
     err_u = tt.err_u.reshape(-1)[:, None]

@@ -54,7 +54,7 @@ from cautious.spec.rules import (
     then,
 )
 
-RULES = ("adam", "adamw", "lion", "sgd")
+RULES = ("adam", "adamw", "lion", "sgd", "muon")
 
 __all__ = [
     "Caution",

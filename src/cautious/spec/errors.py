@@ -185,6 +185,13 @@ ERROR_TABLE: tuple[Check, ...] = (
         ("rms", "", "Original"),
         choices=("original", "match_rms_adamw"),
     ),
+    Check(
+        "ns_dtype",
+        "one of 'bfloat16', 'float32', 'float64'",
+        lambda x: False,
+        ("half", "", "float16"),
+        choices=("bfloat16", "float32", "float64"),
+    ),
 )
 
 #: Boolean options: anything but a real ``bool`` (or NumPy bool) is a ``TypeError``.

@@ -937,14 +937,19 @@ def sgd(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _newton_schulz(x: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
-    r"""torch.optim.Muon's orthogonalization, op for op (so ``caution=False`` is bitwise torch's): in bfloat16,
-    on the wide orientation, ``X / max(|X|_F, eps)`` then ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``.
+def _newton_schulz(
+    x: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float, dtype: torch.dtype
+) -> Tensor:
+    r"""torch.optim.Muon's orthogonalization, op for op (so ``caution=False`` is bitwise torch's): in ``dtype``
+    (torch's bfloat16 by default), on the wide orientation, ``X / max(|X|_F, eps)`` then
+    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``.
 
-    The result is bfloat16 (as torch's); :func:`cautious.spec.newton_schulz` is the float64 definition.
+    The result has ``dtype``; :func:`cautious.spec.newton_schulz` is the float64 definition.
     """
     a, b, c = ns_coefficients
-    o = x.bfloat16()
+    # a copy always: torch's x.bfloat16() is x itself for a bfloat16 x, and the in-place division below
+    # would then rescale a bfloat16 momentum buffer (nesterov=False) in torch.optim.Muon
+    o = x.to(dtype, copy=True)
     tall = x.size(0) > x.size(1)
     if tall:
         o = o.T
@@ -980,6 +985,7 @@ def _muon_tensors(
     caution: Caution | None,
     cautious_weight_decay: bool,
     mask_position: str,
+    ns_dtype: str = "bfloat16",
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     r"""One Muon step: ``m <- lerp(m, g, 1-mu)``, ``v = lerp(g, m, mu)`` (nesterov) else ``m``,
@@ -993,7 +999,8 @@ def _muon_tensors(
     if caution is not None and mask_position == "before":
         vs, scales = _mask_and_scales(vs, vs, grads, caution, foreach=foreach, stats=stats, params=params)
         _apply_scales_(vs, scales, foreach=foreach)
-    us = [_newton_schulz(v, ns_coefficients, ns_steps, eps) for v in vs]
+    dtype = getattr(torch, ns_dtype)
+    us = [_newton_schulz(v, ns_coefficients, ns_steps, eps, dtype) for v in vs]
     if caution is not None and mask_position == "after":
         us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach, stats=stats, params=params)
         _apply_scales_(us, scales, foreach=foreach)
@@ -1022,6 +1029,7 @@ def muon(
     caution: Caution | None,
     cautious_weight_decay: bool = False,
     mask_position: str = "after",
+    ns_dtype: str = "bfloat16",
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Muon. See :class:`cautious.backends.torch.Muon` and :func:`cautious.spec.muon`.
@@ -1041,6 +1049,7 @@ def muon(
         caution=caution,
         cautious_weight_decay=cautious_weight_decay,
         mask_position=mask_position,
+        ns_dtype=ns_dtype,
     )
     lr = _scalar(lr)
     for idx in _groups(params, impl):

@@ -669,7 +669,9 @@ class Muon(_CautiousOptimizer):
     See :func:`cautious.spec.muon`. Same arguments and defaults as ``torch.optim.Muon`` (2-d
     parameters only; Newton-Schulz in bfloat16, as torch), plus ``caution``, ``caution_stats``,
     ``cautious_weight_decay`` and ``mask_position`` (``"after"``: mask the orthogonalized update,
-    the default; ``"before"``: mask ``v`` and orthogonalize the masked matrix). State:
+    the default; ``"before"``: mask ``v`` and orthogonalize the masked matrix) and ``ns_dtype``
+    (``"bfloat16"``, torch's, by default; ``"float32"``/``"float64"`` orthogonalize in that dtype,
+    which the conformance suite uses: docs/conformance.md, "Muon"). State:
     ``momentum_buffer`` (as torch). ``foreach=True`` runs the momentum and the mask with foreach
     ops (torch's Muon has no foreach path); there is no fused path (``fused=True`` is refused).
     DTensor parameters are refused: Newton-Schulz needs the whole matrix, and a shard is not one.
@@ -693,6 +695,7 @@ class Muon(_CautiousOptimizer):
         caution_stats: bool = False,
         cautious_weight_decay: bool = False,
         mask_position: str = "after",
+        ns_dtype: str = "bfloat16",
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -715,6 +718,7 @@ class Muon(_CautiousOptimizer):
             caution=caution,
             cautious_weight_decay=cautious_weight_decay,
             mask_position=mask_position,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults, caution_stats=caution_stats)
 
@@ -727,6 +731,7 @@ class Muon(_CautiousOptimizer):
                 eps=group["eps"],
                 ns_steps=group["ns_steps"],
                 mask_position=group["mask_position"],
+                ns_dtype=group.get("ns_dtype", "bfloat16"),
             )
         )
         validate(dict(nesterov=group["nesterov"], cautious_weight_decay=group["cautious_weight_decay"]))
@@ -798,6 +803,7 @@ class Muon(_CautiousOptimizer):
                 caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
                 mask_position=group["mask_position"],
+                ns_dtype=group.get("ns_dtype", "bfloat16"),
                 stats=getattr(self, "_caution_stats", None),
             )
         return loss

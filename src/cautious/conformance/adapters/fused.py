@@ -52,6 +52,8 @@ class FusedAdapter:
         self.name = f"torch-fused-{backend or 'auto'}" + ("" if device == "cpu" else f"-{device}")
 
     def supports(self, case: Case) -> str | None:
+        if case.rule == "muon":
+            return "no fused kernel for Muon (Newton-Schulz is a matrix iteration, not an elementwise step)"
         if case.rule not in ("adam", "adamw", "lion", "sgd"):
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:

@@ -46,6 +46,19 @@ def _spec_hparams(case: Case) -> dict[str, Any]:
 def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
     """The :mod:`cautious.jax` optimizer that implements ``case`` (spec defaults, not optax's)."""
     hp = _spec_hparams(case)
+    if case.rule == "muon":
+        return cjax.muon(
+            hp["lr"],
+            ns_steps=hp["ns_steps"],
+            beta=hp["momentum"],
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            nesterov=hp["nesterov"],
+            consistent_rms=hp["rms_rate"] if hp["shape_scale"] == "rms" else None,
+            caution=hp["caution"],
+            cautious_weight_decay=hp["cautious_weight_decay"],
+            mask_position=hp["mask_position"],
+        )
     common = dict(caution=hp["caution"], maximize=hp["maximize"], cautious_weight_decay=hp["cautious_weight_decay"])
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
@@ -105,9 +118,22 @@ class JaxAdapter:
         self.name = "jax-jit" if self.jit else "jax-eager"
         self._compiled: dict[Any, Any] = {}
 
+    def fixed_hparams(self, rule: str) -> dict[str, Any]:
+        """optax.contrib.muon's forms; nothing pinned for the other rules."""
+        if rule == "muon":
+            return {"muon_momentum": "debiased", "ns_eps": "add", "shape_scale": "cols_over_rows"}
+        return {}
+
     def supports(self, case: Case) -> str | None:
         if "float64" in (case.dtype, case.state_storage) and not jax.config.jax_enable_x64:
             return "float64 needs jax.config.update('jax_enable_x64', True)"
+        if case.rule == "muon":
+            hp = _spec_hparams(case)
+            forms = (hp["muon_momentum"], hp["ns_eps"], hp["shape_scale"])
+            if forms[:2] != ("debiased", "add") or forms[2] not in ("cols_over_rows", "rms"):
+                return f"optax.contrib.muon's forms are muon_momentum='debiased', ns_eps='add', got {forms}"
+            if case.state_storage != case.dtype:
+                return "optax keeps Muon's momentum in the parameter dtype (mu_dtype=None)"
         if case.rule == "sgd" and float(case.hparams.get("dampening", 0.0)) != 0:
             return "optax's momentum (optax.trace) has no dampening"
         return None
@@ -149,14 +175,29 @@ class JaxAdapter:
                 return optax.ScaleByLionState(count, [arr(s.m) for s in leaves])
             return optax.TraceState([arr(s.m) for s in leaves])
 
-        opt_state = _replace_direction_state(opt.init(p), make)
+        if case.rule == "muon":
+            is_muon = lambda x: isinstance(x, optax.contrib.MuonState)  # noqa: E731
+            opt_state = jax.tree.map(
+                lambda s: s._replace(count=count, mu=[arr(x.m) for x in leaves]) if is_muon(s) else s,
+                opt.init(p),
+                is_leaf=is_muon,
+            )
+        else:
+            opt_state = _replace_direction_state(opt.init(p), make)
         new_p, new_state = fn(p, g, opt_state)
         out = lambda x, d: np.asarray(jnp.asarray(x).astype(jnp.float32 if d == "bfloat16" else _JNP[d])).astype(  # noqa: E731
             numpy_dtype(d)
         )
         ds = _find_direction_state(new_state)
         n = len(leaves)
-        if isinstance(ds, optax.ScaleByAdamState):
+        if case.rule == "muon":
+            found = [
+                s
+                for s in jax.tree.leaves(new_state, is_leaf=lambda x: isinstance(x, optax.contrib.MuonState))
+                if isinstance(s, optax.contrib.MuonState)
+            ]
+            new_leaves = tuple(spec.MuonState(out(found[0].mu[i], case.state_storage)) for i in range(n))
+        elif isinstance(ds, optax.ScaleByAdamState):
             new_leaves = tuple(
                 spec.AdamState(out(ds.mu[i], case.state_storage), out(ds.nu[i], case.state_storage), None)
                 for i in range(n)

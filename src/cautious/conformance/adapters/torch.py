@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adam, AdamW, Lion
+from cautious.torch import SGD, Adam, AdamW, Lion, Muon
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -71,9 +71,24 @@ class TorchAdapter:
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
 
+    def fixed_hparams(self, rule: str) -> dict[str, Any]:
+        """torch.optim.Muon's forms (``adjust_lr_fn="original"``); nothing pinned for the other rules."""
+        if rule == "muon":
+            return {"muon_momentum": "ema", "ns_eps": "clamp", "shape_scale": "rows_over_cols"}
+        return {}
+
     def supports(self, case: Case) -> str | None:
-        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+        if case.rule not in ("adam", "adamw", "lion", "sgd", "muon"):
             return f"unknown rule {case.rule!r}"
+        if case.rule == "muon":
+            if self.impl == "fused":
+                return "no fused kernel for Muon (cautious.torch.Muon refuses fused=True)"
+            hp = case.hparams
+            forms = (hp.get("muon_momentum", "ema"), hp.get("ns_eps", "clamp"), hp.get("shape_scale"))
+            if forms[:2] != ("ema", "clamp") or forms[2] not in (None, "rows_over_cols", "rms"):
+                return f"torch.optim.Muon's forms are muon_momentum='ema', ns_eps='clamp', got {forms}"
+            if hp.get("shape_scale") == "rms" and float(hp.get("rms_rate", 0.2)) != 0.2:
+                return "torch's match_rms_adamw has rms_rate 0.2"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
         if case.state_storage != case.dtype:
@@ -100,6 +115,13 @@ class TorchAdapter:
             return Adam(params, **hp, **kw)
         if case.rule == "lion":
             return Lion(params, **hp, **kw)
+        if case.rule == "muon":
+            for k in ("muon_momentum", "ns_eps", "rms_rate"):
+                hp.pop(k, None)
+            shape = hp.pop("shape_scale", "rows_over_cols")
+            adjust = "match_rms_adamw" if shape == "rms" else "original"
+            # orthogonalize in the parameters' dtype (torch's is bfloat16): docs/conformance.md, "Muon"
+            return Muon(params, **hp, adjust_lr_fn=adjust, ns_dtype=case.dtype, foreach=kw["foreach"])
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +150,8 @@ class TorchAdapter:
             elif rule == "lion":
                 st["step"] = step_t
                 st["exp_avg"] = self._tensor(leaf.m, dtype)
+            elif rule == "muon":  # torch.optim.Muon keeps no step: the case's debiased form is declined
+                st["momentum_buffer"] = self._tensor(leaf.m, dtype)
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -146,6 +170,8 @@ class TorchAdapter:
                 )
             elif rule == "lion":
                 leaves.append(spec.LionState(to_numpy(st["exp_avg"], sd)))
+            elif rule == "muon":
+                leaves.append(spec.MuonState(to_numpy(st["momentum_buffer"], sd)))
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
