@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cautious
 from cautious import spec
@@ -137,3 +139,42 @@ def test_ns_coefficients_must_be_a_triple(bad):
         spec.muon(ns_coefficients=bad)
     with pytest.raises(ValueError, match=r"^ns_coefficients must be finite numbers"):
         spec.muon(ns_coefficients=(1.0, float("nan"), 2.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_properties_caution_keeps_state_and_masked_entries_do_not_move(data):
+    from cautious.conformance import Case, spec_optimizer
+    from cautious.conformance.strategies import cases, step_inputs
+
+    case = data.draw(cases(("muon",), dtypes=("float64",)))
+    hp = {**case.hparams, "weight_decay": 0.0, "mask_position": "after", "caution": cautious.Caution("exact")}
+    case = Case("muon", hp, "float64")
+    params, grad_seq, state = data.draw(step_inputs(case, max_steps=1, allow_nan=False))
+    new, s_on = spec_optimizer(case).step(params, grad_seq[0], state)
+    _, s_off = spec_optimizer(Case("muon", {**hp, "caution": False}, "float64")).step(params, grad_seq[0], state)
+    for a, b in zip(s_on.leaves, s_off.leaves, strict=True):
+        assert np.array_equal(a.m, b.m)
+    rule = spec.muon_rule(
+        momentum=hp["momentum"],
+        nesterov=hp["nesterov"],
+        ns_coefficients=(A, B, C),
+        ns_steps=hp["ns_steps"],
+        eps=hp["eps"],
+        muon_momentum=hp["muon_momentum"],
+        ns_eps=hp["ns_eps"],
+        shape_scale=hp["shape_scale"],
+    )
+    for p, g, s, pn in zip(params, grad_seq[0], state.leaves, new, strict=True):
+        with np.errstate(all="ignore"):
+            u, _ = rule.direction(np.asarray(g, np.float64), s, state.step + 1)
+        mask = spec.cautious_mask(u, g)
+        assert np.array_equal(pn[~mask], p[~mask])  # masked entries do not move
+
+
+def test_empty_matrices_step():
+    opt = spec.muon(lr=0.1)
+    params = [np.zeros((0, 3), np.float32), np.full((1, 1), 2.0, np.float32)]
+    new, st1 = opt.step(params, [np.zeros((0, 3), np.float32), np.ones((1, 1), np.float32)], opt.init(params))
+    assert new[0].shape == (0, 3) and new[1][0, 0] < 2.0 and new[1].dtype == np.float32
+    assert st1.step == 1

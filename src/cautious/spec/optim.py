@@ -450,8 +450,9 @@ def muon(
     )
 
     def init(params: Sequence[np.ndarray]) -> State:
+        state = opt.init(params)  # dtypes first, as every optimizer
         for i, p in enumerate(params):
             check_muon_shape(f"parameter {i}", np.shape(p))
-        return opt.init(params)
+        return state
 
     return opt._replace(init=init)
