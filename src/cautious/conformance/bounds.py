@@ -293,6 +293,14 @@ def _quad_max_abs(c0: float, c1: float, c2: float, hi: float) -> float:
     return max(abs(c0 + c1 * x + c2 * x * x) for x in xs)
 
 
+def _fro(x: np.ndarray) -> float:
+    """The Frobenius norm without underflow (error bounds of subnormal size must not square to 0)."""
+    big = float(np.max(np.abs(x))) if x.size else 0.0
+    if big == 0 or not math.isfinite(big):
+        return big
+    return big * float(np.linalg.norm(x / big))
+
+
 def newton_schulz_bound(
     v: np.ndarray, err_v: np.ndarray, *, ns_coefficients, ns_steps: int, eps: float, ns_eps: str, cd: str
 ) -> tuple[np.ndarray, float]:
@@ -315,7 +323,7 @@ def newton_schulz_bound(
     uc = unit_roundoff(cd)
     e = K * uc
     x = np.asarray(v, dtype=np.float64)
-    dv = float(np.linalg.norm(np.asarray(err_v, dtype=np.float64)))
+    dv = _fro(np.asarray(err_v, dtype=np.float64))
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
