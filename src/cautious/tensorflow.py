@@ -32,6 +32,7 @@ from cautious.backends.tensorflow import (  # noqa: E402
     CautiousOptimizer,
     LaProp,
     Lion,
+    Muon,
     Nadam,
     RMSprop,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Adam",
     "Lion",
     "SGD",
+    "Muon",
     "Nadam",
     "RMSprop",
     "Adafactor",

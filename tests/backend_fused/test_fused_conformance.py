@@ -14,7 +14,7 @@ def test_run_conformance(backend):
 
     result = conformance.run_conformance(
         FusedAdapter(backend),
-        rules=("adam", "adamw", "lion", "sgd"),  # ADOPT and LaProp have no fused kernel: declined
+        rules=("adam", "adamw", "lion", "sgd"),  # ADOPT, LaProp and Muon: no fused kernel (declined)
         dtypes=("float32", "float64", "bfloat16", "float16"),
         max_examples=40,
     )
@@ -28,3 +28,4 @@ def test_adapter_declines_stochastic_rounding():
     assert FusedAdapter("cpu", stochastic_rounding=True).supports(Case("adamw", {})) is not None
     assert FusedAdapter("cpu").supports(Case("adamw", {})) is None
     assert "no fused kernel" in FusedAdapter("cpu").supports(Case("adopt", {}))
+    assert "no fused kernel for Muon" in FusedAdapter("cpu").supports(Case("muon", {}))

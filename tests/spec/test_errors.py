@@ -176,6 +176,8 @@ def test_eps_placement_and_caution_options_reject_none():
 def test_integer_parameters_are_refused_not_truncated(rule, dtype, values):
     opt = getattr(spec, rule)(lr=0.5)
     p = np.array(values).astype(dtype)
+    if rule == "muon":  # Muon takes matrices only
+        p = p.reshape(1, -1)
     msg = f"parameter 0 must have a floating-point dtype (float64, float32, bfloat16 or float16), got {dtype}"
     with pytest.raises(ValueError) as info:
         opt.init([p])

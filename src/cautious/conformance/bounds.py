@@ -31,9 +31,10 @@ import numpy as np
 
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import compute_dtype, tiny, unit_roundoff
-from cautious.spec.rules import nadam_mu
+from cautious.spec.mask import apply_caution
+from cautious.spec.rules import muon_shape_scale, nadam_mu
 
-__all__ = ["K", "TensorTerms", "tensor_terms", "decay_order"]
+__all__ = ["K", "TensorTerms", "tensor_terms", "decay_order", "newton_schulz_bound", "caution_on_u"]
 
 #: Operations' worth of rounding allowed per quantity. Generous enough for any
 #: evaluation order of the formulas; tight enough that a float32 bias correction
@@ -267,6 +268,8 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         u, err_u, sign_val, sign_err = _adopt_terms(hp, g, err_g, s, t, e, tn, state, state_err)
     elif rule == "laprop":
         u, err_u, sign_val, sign_err = _laprop_terms(hp, g, err_g, s, t, e, tn, state, state_err)
+    elif rule == "muon":
+        u, err_u, sign_val, sign_err, state, state_err = _muon_terms(case, g, err_g, s, t, e, tn, cd)
     else:
         mom = float(hp.get("momentum", 0.0))
         damp = float(hp.get("dampening", 0.0))
@@ -291,7 +294,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         sign_val, sign_err = u, err_u
 
     # an exactly-zero direction computed exactly by every admitted evaluation order is decided: masked.
-    exact0 = _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t)
+    if rule == "muon":  # NS mixes entries: an exact zero of u is not decided entrywise
+        exact0 = np.zeros(np.shape(u), bool)
+    else:
+        exact0 = _exact_zeros(case, rule, g, err_g, s, sign_val, sign_err, u, t)
     sign_err = np.where(exact0, 0.0, sign_err)
     lion_undecided &= ~exact0
     with np.errstate(invalid="ignore"):
@@ -470,12 +476,12 @@ def weight_decay(case: Case) -> float:
     """The case's weight decay, with the factory default when unset."""
     if "weight_decay" in case.hparams:
         return float(case.hparams["weight_decay"])
-    return 1e-2 if case.rule == "adamw" else 0.0
+    return {"adamw": 1e-2, "muon": 0.1}.get(case.rule, 0.0)
 
 
 def decoupled(case: Case) -> bool:
     """Whether the case's weight decay is decoupled (AdamW, Lion, or the explicit option)."""
-    if case.rule in ("adamw", "lion", "adafactor", "laprop"):
+    if case.rule in ("adamw", "lion", "adafactor", "laprop", "muon"):
         return True
     return bool(case.hparams.get("decoupled_weight_decay", False))
 
@@ -629,3 +635,165 @@ def decay_order(case: Case) -> str:
     """``"post_update"`` where decoupled decay shrinks the updated parameter (LaProp's default);
     else ``"pre_update"``."""
     return str(case.hparams.get("decay_order", "post_update" if case.rule == "laprop" else "pre_update"))
+
+
+# -- Muon: the momentum elementwise, then a bound on Newton-Schulz in the Frobenius norm -----------------
+
+
+def _quad_max_abs(c0: float, c1: float, c2: float, hi: float) -> float:
+    """``max |c0 + c1 x + c2 x^2|`` over ``x`` in ``[0, hi]`` (endpoints and the vertex)."""
+    xs = [0.0, hi]
+    if c2 != 0:
+        vertex = -c1 / (2 * c2)
+        if 0 < vertex < hi:
+            xs.append(vertex)
+    return max(abs(c0 + c1 * x + c2 * x * x) for x in xs)
+
+
+def _fro(x: np.ndarray) -> float:
+    """The Frobenius norm without underflow (error bounds of subnormal size must not square to 0)."""
+    big = float(np.max(np.abs(x))) if x.size else 0.0
+    if big == 0 or not math.isfinite(big):
+        return big
+    return big * float(np.linalg.norm(x / big))
+
+
+def newton_schulz_bound(
+    v: np.ndarray, err_v: np.ndarray, *, ns_coefficients, ns_steps: int, eps: float, ns_eps: str, cd: str
+) -> tuple[np.ndarray, float]:
+    r"""``(NS(v), delta)``: the float64 orthogonalization and a bound ``delta`` on the Frobenius norm of
+    the error of any implementation computing it in ``cd`` from a ``v'`` with ``|v' - v| <= err_v``.
+
+    Derivation in docs/conformance.md ("Muon"). With ``u_c = unit_roundoff(cd)``, a matrix product
+    with inner dimension ``n`` errs by at most ``(n + K) u_c |A||B|`` entrywise, so by
+    ``(n + K) u_c |A|_F |B|_F`` in the Frobenius norm; elementwise operations by ``K u_c`` relative.
+
+    * normalization: ``|X0' - X0|_F <= (|dV|_F + |X0|_F dN) / (D - dN) + K u_c |X0|_F`` with
+      ``dN = |dV|_F + (rc + K) u_c |V|_F`` the error of the norm and ``D`` the denominator;
+    * each step ``X -> p(X) = X q(X^T X)``, ``q(y) = a + b y + c y^2``: the exact map is Lipschitz
+      with constant ``L = max(|p'(s)|, |q(s^2)|)`` over ``s`` in ``[0, |X|_2 + delta]`` (the Frechet
+      derivative of a generalized matrix function is bounded by its first divided differences),
+      and the step adds its own rounding ``R`` (products and sums, with the norms of the computed
+      iterate bounded by the reference's plus ``delta``): ``delta' = L delta + R``.
+    """
+    a, b, c = (float(k) for k in ns_coefficients)
+    uc = unit_roundoff(cd)
+    e = K * uc
+    x = np.asarray(v, dtype=np.float64)
+    dv = _fro(np.asarray(err_v, dtype=np.float64))
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    r, cols = x.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = float(np.linalg.norm(x))
+        den = max(norm, eps) if ns_eps == "clamp" else norm + eps
+        x = x / den
+        if not (np.isfinite(norm) and np.isfinite(dv)):
+            delta = math.inf
+        else:
+            dn = dv + (r * cols + K) * uc * norm
+            fx = float(np.linalg.norm(x))
+            delta = (dv + fx * dn) / (den - dn) + e * fx if den > dn else math.inf
+        for _ in range(int(ns_steps)):
+            gram = x @ x.T
+            gram2 = gram @ gram
+            bmat = b * gram + c * gram2
+            y = bmat @ x
+            x_new = a * x + y
+            if math.isfinite(delta):
+                s2 = float(np.linalg.norm(x, 2)) + delta
+                lip = max(_quad_max_abs(a, 3 * b, 5 * c, s2 * s2), _quad_max_abs(a, b, c, s2 * s2))
+                f = float(np.linalg.norm(x)) + delta  # |X'|_F of the computed iterate
+                fa = f * f  # |A'|_F <= |X'|_F^2 (and |A'|_2 <= |A'|_F)
+                fa2 = fa * fa
+                fb = abs(b) * fa + abs(c) * fa2
+                r_a = (cols + K) * uc * f * f
+                r_b = abs(c) * (r + K) * uc * fa2 + e * (abs(b) * fa + abs(c) * fa2)
+                r_b += (abs(b) + 2 * abs(c) * fa) * r_a
+                r_x = (r + K) * uc * fb * f + e * (abs(a) * f + fb * f) + r_b * f
+                delta = lip * delta + r_x
+            x = x_new
+    return (x.T if tall else x), delta
+
+
+def _muon_terms(case: Case, g, err_g, s, t, e, tn, cd):
+    """Muon's u, err_u, the values the mask is decided from, and the state, with bounds."""
+    hp = case.hparams
+    mu = float(hp.get("momentum", 0.95))
+    nesterov = bool(hp.get("nesterov", True))
+    form = hp.get("muon_momentum", "ema")
+    (m0,) = s
+    if form == "sum":
+        # Keras computes m + (g + m (mu - 1)): its rounding scales with |m| even for mu = 0
+        mag = np.abs(m0) + np.abs(g)
+        m = mu * m0 + g
+        err_m = e * mag + err_g + _slack(mag, tn)
+    else:
+        mag = _ema_mag(m0, g, mu)
+        m = mu * m0 + (1 - mu) * g
+        err_m = e * mag + (1 - mu) * err_g + _slack(mag, tn)
+    if not nesterov:
+        v, err_v = m, err_m
+        if form == "debiased":
+            bc = 1 - mu**t
+            v, err_v = m / bc, err_m / bc + e * np.abs(m / bc) * (1 + mu**t / bc)
+    elif form == "sum":
+        mag = np.abs(g) + mu * np.abs(m)
+        v = g + mu * m
+        err_v = e * mag + err_g + mu * err_m + _slack(mag, tn)
+    elif form == "ema":
+        mag = _ema_mag(g, m, 1 - mu)
+        v = (1 - mu) * g + mu * m
+        err_v = e * mag + (1 - mu) * err_g + mu * err_m + _slack(mag, tn)
+    else:
+        bc1, bc2 = 1 - mu**t, 1 - mu ** (t + 1)
+        t1, t2 = mu * m / bc2, (1 - mu) * g / bc1
+        v = t1 + t2
+        # optax computes 1 - mu**t in the compute dtype: relative error about e * mu**t / (1 - mu**t)
+        err_v = (
+            e * (np.abs(t1) * (1 + mu ** (t + 1) / bc2) + np.abs(t2) * (1 + mu**t / bc1))
+            + mu * err_m / bc2
+            + (1 - mu) * err_g / bc1
+            + _slack(np.abs(t1) + np.abs(t2), tn)
+        )
+    caution = case.caution
+    before = caution is not None and hp.get("mask_position", "after") == "before"
+    undecided_v = np.zeros(np.shape(v), bool)
+    vin, err_in = v, err_v
+    if before:
+        with np.errstate(invalid="ignore"):
+            undecided_v = ((np.abs(v) <= err_v) & (err_v > 0)) | ((np.abs(g) <= err_g) & (err_g > 0))
+        v_c, mask, count, scale = apply_caution(v, g, caution)
+        vin = v_c
+        err_in = np.where(mask, scale * err_v + e * np.abs(v_c), 0.0)
+    shape_scale = muon_shape_scale(
+        np.shape(v), shape_scale=hp.get("shape_scale", "rows_over_cols"), rms_rate=float(hp.get("rms_rate", 0.2))
+    )
+    o, delta = newton_schulz_bound(
+        vin,
+        err_in,
+        ns_coefficients=hp.get("ns_coefficients", (3.4445, -4.7750, 2.0315)),
+        ns_steps=int(hp.get("ns_steps", 5)),
+        eps=float(hp.get("eps", 1e-7)),
+        ns_eps=hp.get("ns_eps", "clamp"),
+        cd=cd,
+    )
+    u = shape_scale * o
+    with np.errstate(invalid="ignore", over="ignore"):
+        err_u = shape_scale * delta + e * np.abs(u) + _slack(np.abs(u), tn)
+    if before and np.any(undecided_v & ~(np.isnan(v) | np.isnan(g))):
+        # a mask decision on v within rounding of zero changes the matrix orthogonalized: unbounded
+        err_u = np.full(np.shape(u), np.inf)
+    err_u = np.broadcast_to(err_u, np.shape(u)).copy()
+    # "before": the mask was applied to v; the checker's elementwise mask is then off (caution_on_u)
+    sign_val, sign_err = u, err_u
+    return u, err_u, sign_val, sign_err, {"m": m}, {"m": err_m}
+
+
+def caution_on_u(case: Case):
+    """The caution the checker applies elementwise to ``u``: None for Muon with ``mask_position="before"``
+    (the mask is inside the reference's ``u``, see :func:`_muon_terms`)."""
+    if case.rule == "muon" and case.hparams.get("mask_position", "after") == "before":
+        return None
+    return case.caution

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cautious import spec
-from cautious.conformance.bounds import K, TensorTerms, decay_order, decoupled, tensor_terms, weight_decay
+from cautious.conformance.bounds import K, TensorTerms, caution_on_u, decay_order, decoupled, tensor_terms, weight_decay
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import compute_dtype, numpy_dtype, round_to, tiny, unit_roundoff
 
@@ -82,7 +82,7 @@ def _match(got: np.ndarray, exp: np.ndarray, tol: np.ndarray) -> tuple[np.ndarra
 
 def _param_options(case: Case, tt: TensorTerms, lr: float) -> dict[str, np.ndarray]:
     """All admissible (kept, u, decay) outcomes per entry, as (n, O) arrays."""
-    caution = case.caution
+    caution = caution_on_u(case)
     wd = weight_decay(case)
     dec = decoupled(case) and wd != 0 and tt.decay_on
     cwd = bool(case.hparams.get("cautious_weight_decay", False))
@@ -129,7 +129,7 @@ def _check_param(
     e = K * unit_roundoff(cd)
     tn = tiny(cd)
     wd = weight_decay(case)
-    caution = case.caution
+    caution = caution_on_u(case)
     opts = _param_options(case, tt, lr)
     # a rule with its own per-tensor step size (Adafactor's alpha_t) or decay factor (optax's rate form)
     lr_u = lr if tt.eta is None else tt.eta

@@ -37,6 +37,10 @@ from cautious.spec.dtypes import numpy_dtype, round_to
 
 __all__ = ["CLAUSES", "ClauseResult", "Profile", "PortError", "conformance_profile", "describe_exception"]
 
+#: The rules a clause-by-clause profile judges: the entrywise ones (Muon's Newton-Schulz mixes entries,
+#: so the fixed probes below, which place single entries, do not apply; run_conformance covers it).
+PROFILED_RULES = tuple(r for r in spec.RULES if r != "muon")
+
 #: Every clause, in report order, with what it judges.
 CLAUSES: dict[str, str] = {
     "mask_boundary": "exact zeros (+0, -0, and zero by exact cancellation) are masked and not counted",
@@ -700,7 +704,12 @@ def conformance_profile(
     and admits a masked NaN wherever one arises inside (0 / 0), as if ``nan`` were declared.
     ``clauses`` restricts the run.
     """
-    rules = tuple(rules or spec.RULES)
+    rules = tuple(rules or PROFILED_RULES)
+    if set(rules) - set(PROFILED_RULES):
+        raise ValueError(
+            f"profiles judge the entrywise rules {', '.join(PROFILED_RULES)}, got {rules}; Muon (a matrix "
+            "iteration: the clause probes are entrywise) is judged by run_conformance"
+        )
     deviations = dict(deviations or {})
     unknown = set(deviations) - set(CLAUSES)
     if unknown:

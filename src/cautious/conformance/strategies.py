@@ -23,6 +23,7 @@ from cautious.spec.dtypes import numpy_dtype, round_to
 
 __all__ = [
     "shapes",
+    "matrix_shapes",
     "tensor_lists",
     "cases",
     "step_inputs",
@@ -51,6 +52,11 @@ def shapes(max_tensors: int = 3) -> st.SearchStrategy[list[tuple[int, ...]]]:
         hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=24),
     )
     return st.lists(one, min_size=1, max_size=max_tensors)
+
+
+def matrix_shapes(max_tensors: int = 3) -> st.SearchStrategy[list[tuple[int, ...]]]:
+    """Lists of matrix shapes (Muon orthogonalizes 2-d parameters only): wide, tall and square, 1 to 6 a side."""
+    return st.lists(hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6), min_size=1, max_size=max_tensors)
 
 
 def _elements(dtype: str, allow_nan: bool) -> st.SearchStrategy[float]:
@@ -151,6 +157,17 @@ def hparams(draw, rule: str) -> dict:
         hp["decay_order"] = draw(st.sampled_from(["post_update", "pre_update"]))
         hp["maximize"] = draw(st.booleans())
         hp["cautious_weight_decay"] = draw(st.booleans())
+    elif rule == "muon":
+        hp["momentum"] = draw(st.sampled_from([0.0, f32(0.5), f32(0.9), f32(0.95)]))
+        hp["nesterov"] = draw(st.booleans())
+        hp["weight_decay"] = draw(st.sampled_from(_WD))
+        hp["eps"] = draw(st.sampled_from([f32(1e-7), f32(1e-8)]))
+        hp["ns_steps"] = draw(st.sampled_from([0, 1, 2, 5]))
+        hp["mask_position"] = draw(st.sampled_from(["after", "before"]))
+        hp["cautious_weight_decay"] = draw(st.booleans())
+        hp["muon_momentum"] = draw(st.sampled_from(["ema", "debiased", "sum"]))
+        hp["ns_eps"] = draw(st.sampled_from(["clamp", "add"]))
+        hp["shape_scale"] = draw(st.sampled_from(["rows_over_cols", "cols_over_rows", "rms", "none"]))
     else:
         mom = draw(st.sampled_from([0.0, f32(0.5), f32(0.9)]))
         nesterov = mom > 0 and draw(st.booleans())
@@ -174,6 +191,8 @@ def cases(
 ) -> Case:
     """A :class:`Case`. ``fixed(rule)`` may pin hyperparameters (an implementation's fixed options)."""
     rule = draw(st.sampled_from(list(rules)))
+    if rule == "muon":  # Muon cases: float32/float64 only (docs/conformance.md, "Muon")
+        dtypes = [d for d in dtypes if d in ("float32", "float64")] or ["float32"]
     dtype = draw(st.sampled_from(list(dtypes)))
     state_dtype = "float32" if dtype in ("bfloat16", "float16") else None
     hp = draw(hparams(rule))
@@ -285,6 +304,8 @@ def _state_leaf(case: Case, p: np.ndarray, g: np.ndarray, pattern: str, draw, st
         b1 = float(case.hparams.get("betas", (0.9, 0.999))[0])
         lr_avg = float(case.hparams.get("lr", 4e-4)) * (1.0 - b1**step)
         return spec.LaPropState(m, round_to(np.abs(any_arr()), sd), np.asarray(lr_avg, np.float64))
+    if rule == "muon":
+        return spec.MuonState(m)
     if float(case.hparams.get("momentum", 0.0)) == 0:
         return spec.SGDState(None)
     return spec.SGDState(m)
@@ -324,7 +345,7 @@ def step_inputs(
     arbitrary injected one (m, v, step), with m's signs drawn against g's to make
     all-agree, all-disagree and single-kept tensors common.
     """
-    shape_list = draw(shapes(max_tensors))
+    shape_list = draw(matrix_shapes(max_tensors) if case.rule == "muon" else shapes(max_tensors))
     params = draw(tensor_lists(shape_list, case.dtype))
     n_steps = 1 if fresh_only else draw(st.integers(1, max_steps))
     # Adafactor: no NaN (frameworks differ on a NaN in the clipping RMS: torch's Python max ignores it,
@@ -368,6 +389,7 @@ def invalid_hparams(draw, rule: str):
         "adafactor": ("lr", "beta2_decay", "weight_decay", "eps_form"),
         "adopt": ("lr", "beta1", "beta2", "eps", "weight_decay", "clip_exp"),
         "laprop": ("lr", "beta1", "beta2", "eps", "weight_decay", "decay_order"),
+        "muon": ("lr", "momentum", "eps", "weight_decay", "ns_steps", "mask_position"),
     }[("adam" if rule == "adamw" else rule)]
     keys = keys + (("eps_placement",) if rule in ("adam", "adamw") else ())
     key = draw(st.sampled_from(keys))

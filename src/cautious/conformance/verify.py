@@ -123,7 +123,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from cautious.conformance import register_profiles
-    from cautious.conformance.profile import CLAUSES, ClauseResult, conformance_profile, describe_exception
+    from cautious.conformance.profile import (
+        CLAUSES,
+        PROFILED_RULES,
+        ClauseResult,
+        conformance_profile,
+        describe_exception,
+    )
     from cautious.conformance.targets import Target, load_adapter, resolve
 
     # the suite feeds infinities, NaN and subnormals on purpose: numpy's warnings about them are noise
@@ -149,13 +155,14 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                 name, adapter, job["rules"], job["options"], dtypes, job["max_examples"], job["seed"]
             )
             cells += lane_cells
-            # the clause probes are written for the elementwise rules; Adafactor is judged by its cells
-            profile_rules = [r for r in job["rules"] if r in spec.RULES]
-            if not profile_rules:
+            # the clause probes are written for the elementwise rules (PROFILED_RULES); the others are judged
+            # by their cells only
+            profiled = tuple(r for r in job["rules"] if r in PROFILED_RULES)
+            if not profiled:
                 continue
             prof = conformance_profile(
                 adapter,
-                rules=profile_rules,
+                rules=profiled,
                 dtypes=dtypes,
                 seed=job["seed"],
                 clauses=[c for c in CLAUSES if c != "random"],

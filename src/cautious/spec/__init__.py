@@ -37,6 +37,7 @@ from cautious.spec.optim import (
     laprop,
     lion,
     make_optimizer,
+    muon,
     nadam,
     nadamw,
     rmsprop,
@@ -48,6 +49,7 @@ from cautious.spec.rules import (
     AdoptState,
     LaPropState,
     LionState,
+    MuonState,
     NAdamState,
     RMSpropState,
     Rule,
@@ -67,9 +69,15 @@ from cautious.spec.rules import (
     laprop_update,
     lion_direction,
     lion_rule,
+    muon_momentum_direction,
+    muon_momentum_rule,
+    muon_orthogonalize,
+    muon_rule,
+    muon_shape_scale,
     nadam_direction,
     nadam_mu,
     nadam_rule,
+    newton_schulz,
     rmsprop_direction,
     rmsprop_rule,
     rmsprop_velocity,
@@ -78,9 +86,10 @@ from cautious.spec.rules import (
     sgd_rule,
     sgd_velocity,
     sgd_velocity_rule,
+    then,
 )
 
-RULES = ("adam", "adamw", "lion", "sgd", "adopt", "laprop")
+RULES = ("adam", "adamw", "lion", "sgd", "adopt", "laprop", "muon")
 
 __all__ = [
     "Caution",
@@ -148,4 +157,13 @@ __all__ = [
     "adopt_rule",
     "laprop_update",
     "laprop_rule",
+    "muon",
+    "MuonState",
+    "muon_momentum_direction",
+    "muon_momentum_rule",
+    "muon_orthogonalize",
+    "muon_rule",
+    "muon_shape_scale",
+    "newton_schulz",
+    "then",
 ]

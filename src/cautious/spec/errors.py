@@ -50,6 +50,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "param_dtype_message",
     "check_param_dtype",
+    "MUON_NDIM_MESSAGE",
+    "check_muon_shape",
+    "split_ns_coefficients",
 ]
 
 
@@ -105,6 +108,10 @@ def _positive(x: float) -> bool:
 
 def _count(x: float) -> bool:
     return math.isfinite(x) and x >= 0 and x == int(x)
+
+
+def _ns_steps(x: float) -> bool:
+    return math.isfinite(x) and x.is_integer() and 0 <= x < 100
 
 
 _NAN, _INF = float("nan"), float("inf")
@@ -196,6 +203,50 @@ ERROR_TABLE: tuple[Check, ...] = (
         lambda x: False,
         ("before", "", "after"),
         choices=("pre_update", "post_update"),
+    ),
+    Check("ns_steps", "an integer in [0, 100)", _ns_steps, (-1, 100, 2.5, _NAN)),
+    Check("rms_rate", "a finite number >= 0", _nonneg, (-0.2, _NAN, _INF)),
+    Check(
+        "mask_position",
+        "one of 'after', 'before'",
+        lambda x: False,
+        ("post", "", "After"),
+        choices=("after", "before"),
+    ),
+    Check(
+        "muon_momentum",
+        "one of 'ema', 'debiased', 'sum'",
+        lambda x: False,
+        ("torch", "", "nesterov"),
+        choices=("ema", "debiased", "sum"),
+    ),
+    Check(
+        "ns_eps",
+        "one of 'clamp', 'add'",
+        lambda x: False,
+        ("max", "", "plus"),
+        choices=("clamp", "add"),
+    ),
+    Check(
+        "shape_scale",
+        "one of 'rows_over_cols', 'cols_over_rows', 'rms', 'none'",
+        lambda x: False,
+        ("original", "", "match_rms_adamw"),
+        choices=("rows_over_cols", "cols_over_rows", "rms", "none"),
+    ),
+    Check(
+        "adjust_lr_fn",
+        "one of 'original', 'match_rms_adamw'",
+        lambda x: False,
+        ("rms", "", "Original"),
+        choices=("original", "match_rms_adamw"),
+    ),
+    Check(
+        "ns_dtype",
+        "one of 'bfloat16', 'float32', 'float64'",
+        lambda x: False,
+        ("half", "", "float16"),
+        choices=("bfloat16", "float32", "float64"),
     ),
 )
 
@@ -314,6 +365,30 @@ def check_cautious_weight_decay(cautious_weight_decay: bool, decoupled: bool) ->
     """``ValueError`` if cautious weight decay is asked for with coupled (L2) decay."""
     if cautious_weight_decay and not decoupled:
         raise ValueError(CAUTIOUS_WEIGHT_DECAY_MESSAGE)
+
+
+MUON_NDIM_MESSAGE = "Muon only orthogonalizes 2-d parameters, got {where} with shape {shape}"
+
+
+def check_muon_shape(where: str, shape: tuple[int, ...]) -> None:
+    """``ValueError`` unless a Muon parameter is a matrix (torch.optim.Muon refuses the others too)."""
+    if len(tuple(shape)) != 2:
+        raise ValueError(MUON_NDIM_MESSAGE.format(where=where, shape=tuple(shape)))
+
+
+def split_ns_coefficients(ns_coefficients: Any) -> tuple[Any, Any, Any]:
+    """``(a, b, c)`` of Newton-Schulz; ``TypeError`` unless a triple of real numbers, ``ValueError`` if not finite."""
+    try:
+        a, b, c = ns_coefficients
+    except (TypeError, ValueError):
+        raise TypeError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}") from None
+    for k in (a, b, c):
+        x = _real(k)
+        if x is None:
+            raise TypeError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
+        if not math.isfinite(x):
+            raise ValueError(f"ns_coefficients must be finite numbers, got {ns_coefficients!r}")
+    return a, b, c
 
 
 def split_betas(betas: Any) -> tuple[Any, Any]:

@@ -46,9 +46,11 @@ from cautious._caution import Caution, caution_arg
 from cautious.spec.errors import (
     check_cautious_weight_decay,
     check_momentum_form,
+    check_muon_shape,
     check_nesterov,
     check_param_dtype,
     split_betas,
+    split_ns_coefficients,
     validate,
 )
 from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_update
@@ -63,6 +65,9 @@ from cautious.spec.rules import (
     cautious_update,
     laprop_rule,
     lion_rule,
+    muon_momentum_rule,
+    muon_orthogonalize,
+    muon_rule,
     nadam_rule,
     rmsprop_rule,
     rmsprop_velocity_rule,
@@ -84,6 +89,7 @@ __all__ = [
     "adafactor",
     "adopt",
     "laprop",
+    "muon",
 ]
 
 
@@ -135,8 +141,12 @@ def make_optimizer(
     decay_lr: float | None = None,
     first_decay_step: int = 1,
     decay_order: str = "pre_update",
+    then: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Optimizer:
     """Build the generic step around ``rule``; see the module docstring for the math.
+
+    ``then``: a map applied to the direction after caution (Muon's orthogonalization with
+    ``mask_position="before"``): ``u = then(mask(u0, g) scale u0)`` of the rule's ``u0``.
 
     An :class:`~cautious.spec.rules.UpdateRule` (update form) gives ``delta`` with the
     learning rate inside: ``eta * u`` is replaced by ``-delta``, and caution masks ``delta``
@@ -225,6 +235,8 @@ def make_optimizer(
             u, lr_u = -delta, -delta
         else:
             u, s_new = inner.direction(g64, s64, t)
+            if then is not None:
+                u = then(u)
             lr_u = eta(p64, t) * u
         if wd != 0 and decoupled and t >= first_decay_step and decay_order == "post_update":
             moved = p64 - lr_u
@@ -767,3 +779,93 @@ def laprop(
         hparams=hp,
         decay_order=decay_order,
     )
+
+
+#: torch.optim.Muon's Newton-Schulz coefficients (Jordan et al. 2024), also optax's and Keras's defaults.
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def muon(
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = MUON_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    *,
+    caution: bool | Caution = True,
+    cautious_weight_decay: bool = False,
+    mask_position: str = "after",
+    muon_momentum: str = "ema",
+    ns_eps: str = "clamp",
+    shape_scale: str = "rows_over_cols",
+    rms_rate: float = 0.2,
+) -> Optimizer:
+    r"""Cautious Muon (decoupled decay, as torch.optim.Muon); 2-d parameters only. ``caution=False`` is plain Muon.
+
+    .. math::
+
+        v &= \text{momentum}(g) \quad (\text{muon\_momentum}: :func:`~cautious.spec.muon_momentum_direction`) \\
+        u &= \text{mask}(u_0, g)\,\text{scale}\,u_0,\; u_0 = s(R, C)\,\mathrm{NS}(v)
+            \quad(\text{mask\_position="after"}) \\
+        u &= s(R, C)\,\mathrm{NS}(\text{mask}(v, g)\,\text{scale}\,v)
+            \quad(\text{mask\_position="before"}) \\
+        p' &= p (1 - \eta\lambda) - \eta\,u
+
+    ``NS`` is :func:`~cautious.spec.newton_schulz` (in float64 here) and ``s`` is
+    :func:`~cautious.spec.muon_shape_scale`. The defaults are torch.optim.Muon's; optax's
+    contrib ``muon`` is ``muon_momentum="debiased", ns_eps="add", shape_scale="cols_over_rows"``
+    and Keras's ``muon_momentum="sum", ns_eps="add", shape_scale="rms"`` (docs/spec.md, "Muon").
+    """
+    a, b, c = split_ns_coefficients(ns_coefficients)
+    hp = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        eps=eps,
+        ns_steps=ns_steps,
+        rms_rate=rms_rate,
+        mask_position=mask_position,
+        muon_momentum=muon_momentum,
+        ns_eps=ns_eps,
+        shape_scale=shape_scale,
+    )
+    validate(hp)
+    c_ = _common(caution, nesterov=nesterov, cautious_weight_decay=cautious_weight_decay)
+    coefficients = (float(a), float(b), float(c))
+    ortho = dict(ns_coefficients=coefficients, ns_steps=int(ns_steps), eps=float(eps), ns_eps=ns_eps)
+    shape = dict(shape_scale=shape_scale, rms_rate=float(rms_rate))
+    momentum_kw = dict(momentum=float(momentum), nesterov=nesterov, muon_momentum=muon_momentum)
+    if mask_position == "before" and c_ is not None:
+        rule: Rule = muon_momentum_rule(**momentum_kw)
+        then = muon_orthogonalize(**ortho, **shape)
+    else:
+        rule, then = muon_rule(**momentum_kw, **ortho, **shape), None
+    hp.update(
+        ns_coefficients=coefficients,
+        nesterov=nesterov,
+        maximize=False,
+        decoupled=True,
+        caution=c_,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    opt = make_optimizer(
+        rule,
+        lr=lr,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=False,
+        caution=c_,
+        cautious_weight_decay=cautious_weight_decay,
+        hparams=hp,
+        then=then,
+    )
+
+    def init(params: Sequence[np.ndarray]) -> State:
+        state = opt.init(params)  # dtypes first, as every optimizer
+        for i, p in enumerate(params):
+            check_muon_shape(f"parameter {i}", np.shape(p))
+        return state
+
+    return opt._replace(init=init)

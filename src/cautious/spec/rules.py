@@ -56,6 +56,14 @@ __all__ = [
     "adopt_rule",
     "laprop_update",
     "laprop_rule",
+    "MuonState",
+    "muon_momentum_direction",
+    "newton_schulz",
+    "muon_shape_scale",
+    "muon_momentum_rule",
+    "muon_orthogonalize",
+    "then",
+    "muon_rule",
 ]
 
 
@@ -798,3 +806,168 @@ def laprop_rule(*, beta1: float, beta2: float, eps: float) -> UpdateRule:
         return laprop_update(g, s, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
 
     return UpdateRule("laprop", init, update)
+
+
+# -- Muon: momentum orthogonalized by Newton-Schulz iterations --------------------------------------------
+
+
+class MuonState(NamedTuple):
+    """Muon's per-tensor state: the momentum buffer ``m``."""
+
+    m: np.ndarray
+
+
+def muon_momentum_direction(
+    g: np.ndarray, s: MuonState, step: int, *, momentum: float, nesterov: bool, muon_momentum: str = "ema"
+) -> tuple[np.ndarray, MuonState]:
+    r"""Muon's momentum: the matrix ``v`` that Newton-Schulz orthogonalizes.
+
+    .. math::
+
+        \text{"ema" (torch.optim.Muon):}\quad & m' = \mu m + (1-\mu) g, \quad
+            v = (1-\mu) g + \mu m' \text{ (nesterov) else } m' \\
+        \text{"debiased" (optax.contrib.muon):}\quad & m' = \mu m + (1-\mu) g, \quad
+            v = \frac{\mu m'}{1-\mu^{t+1}} + \frac{(1-\mu) g}{1-\mu^t} \text{ (nesterov) else }
+            \frac{m'}{1-\mu^t} \\
+        \text{"sum" (keras.optimizers.Muon):}\quad & m' = \mu m + g, \quad
+            v = g + \mu m' \text{ (nesterov) else } m'
+
+    "ema" is ``(1-mu)`` times "sum" (same zero start), the same direction: orthogonalization is
+    scale-invariant up to its ``eps``. "debiased" weighs ``g`` and ``m'`` differently with nesterov.
+    """
+    if muon_momentum == "sum":
+        m = momentum * s.m + g
+        return (g + momentum * m if nesterov else m), MuonState(m)
+    m = momentum * s.m + (1.0 - momentum) * g
+    if muon_momentum == "ema":
+        return ((1.0 - momentum) * g + momentum * m if nesterov else m), MuonState(m)
+    if nesterov:
+        v = momentum * m / (1.0 - momentum ** (step + 1)) + (1.0 - momentum) * g / (1.0 - momentum**step)
+    else:
+        v = m / (1.0 - momentum**step)
+    return v, MuonState(m)
+
+
+def newton_schulz(
+    x: np.ndarray,
+    *,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    ns_eps: str = "clamp",
+) -> np.ndarray:
+    r"""Orthogonalize a matrix by ``ns_steps`` quintic Newton-Schulz iterations (Jordan et al. 2024), in float64.
+
+    .. math::
+
+        X_0 &= X / \max(\lVert X\rVert_F, \epsilon) \text{ (ns\_eps="clamp": torch)}
+              \text{ or } X / (\lVert X\rVert_F + \epsilon) \text{ ("add": optax, Keras)} \\
+        A_k &= X_k X_k^\top, \qquad X_{k+1} = a X_k + (b A_k + c A_k^2) X_k
+
+    on the wide orientation (a tall ``X`` is transposed first and back at the end). With
+    ``X = U S V^T`` the result is ``U p(S) V^T`` for the odd polynomial ``p`` iterated: the
+    singular vectors of ``X`` are kept and the singular values pushed towards (0.7, 1.2) with
+    torch's default coefficients. Entries are not sign-preserving: ``sign(NS(X)_ij)`` need not be
+    ``sign(X_ij)``, which is why the mask position matters (docs/spec.md, "Muon").
+    """
+    a, b, c = (float(k) for k in ns_coefficients)
+    x = np.asarray(x, dtype=np.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = float(np.linalg.norm(x))
+    x = x / (max(norm, eps) if ns_eps == "clamp" else norm + eps)
+    for _ in range(int(ns_steps)):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if tall else x
+
+
+def muon_shape_scale(shape: tuple[int, ...], *, shape_scale: str, rms_rate: float = 0.2) -> float:
+    r"""The per-matrix factor of Muon's update, from the matrix shape ``(R, C)``.
+
+    .. math::
+
+        \text{"rows\_over\_cols" (torch adjust\_lr\_fn="original")} &: \sqrt{\max(1, R/C)} \\
+        \text{"cols\_over\_rows" (optax, fan\_out/fan\_in of its (in, out) layout)} &: \sqrt{\max(1, C/R)} \\
+        \text{"rms" (torch "match\_rms\_adamw", optax consistent\_rms, Keras rms\_rate)} &:
+            \text{rms\_rate}\cdot\sqrt{\max(R, C)} \\
+        \text{"none"} &: 1
+
+    Computed in float64. It is positive, so it never changes a mask decision.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if shape_scale == "rows_over_cols":
+        return math.sqrt(max(1.0, rows / cols))
+    if shape_scale == "cols_over_rows":
+        return math.sqrt(max(1.0, cols / rows))
+    if shape_scale == "rms":
+        return float(rms_rate) * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def muon_momentum_rule(*, momentum: float, nesterov: bool, muon_momentum: str = "ema") -> Rule:
+    """Muon's momentum as a :class:`Rule`: its direction is the matrix ``v`` to orthogonalize."""
+
+    def direction(g: np.ndarray, s: MuonState, step: int) -> tuple[np.ndarray, MuonState]:
+        return muon_momentum_direction(g, s, step, momentum=momentum, nesterov=nesterov, muon_momentum=muon_momentum)
+
+    return Rule("muon", lambda p: MuonState(_zeros_like(p)), direction)
+
+
+def muon_orthogonalize(
+    *,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    ns_eps: str = "clamp",
+    shape_scale: str = "rows_over_cols",
+    rms_rate: float = 0.2,
+) -> Callable[[np.ndarray], np.ndarray]:
+    r"""The map ``v -> shape_scale(shape) * NS(v)`` that turns Muon's momentum into its direction ``u``."""
+
+    def orthogonalize(v: np.ndarray) -> np.ndarray:
+        o = newton_schulz(v, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, ns_eps=ns_eps)
+        return muon_shape_scale(np.shape(v), shape_scale=shape_scale, rms_rate=rms_rate) * o
+
+    return orthogonalize
+
+
+def then(rule: Rule, fn: Callable[[np.ndarray], np.ndarray], name: str | None = None) -> Rule:
+    """The rule whose direction is ``fn(u)`` of ``rule``'s direction ``u``; same state."""
+
+    def direction(g: np.ndarray, s: Any, step: int) -> tuple[np.ndarray, Any]:
+        u, s_new = rule.direction(g, s, step)
+        return fn(u), s_new
+
+    return Rule(name or rule.name, rule.init, direction)
+
+
+def muon_rule(
+    *,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    muon_momentum: str = "ema",
+    ns_eps: str = "clamp",
+    shape_scale: str = "rows_over_cols",
+    rms_rate: float = 0.2,
+) -> Rule:
+    r"""Muon as a :class:`Rule`: ``u = shape_scale * NS(v)`` of :func:`muon_momentum_direction`'s ``v``.
+
+    Wrapped by :func:`cautious`, this is ``mask_position="after"``. For ``"before"`` the factory
+    (:func:`cautious.spec.muon`) wraps :func:`muon_momentum_rule` instead and orthogonalizes the
+    masked ``v`` (``make_optimizer(..., then=muon_orthogonalize(...))``).
+    """
+    base = muon_momentum_rule(momentum=momentum, nesterov=nesterov, muon_momentum=muon_momentum)
+    ortho = muon_orthogonalize(
+        ns_coefficients=ns_coefficients,
+        ns_steps=ns_steps,
+        eps=eps,
+        ns_eps=ns_eps,
+        shape_scale=shape_scale,
+        rms_rate=rms_rate,
+    )
+    return then(base, ortho)

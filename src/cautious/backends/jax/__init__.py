@@ -38,7 +38,7 @@ See :mod:`cautious.spec` for the algorithm.
 """
 
 from cautious._caution import Caution
-from cautious.backends.jax._alias import adafactor, adam, adamw, adopt, laprop, lion, nadam, nadamw, rmsprop, sgd
+from cautious.backends.jax._alias import adafactor, adam, adamw, adopt, laprop, lion, muon, nadam, nadamw, rmsprop, sgd
 from cautious.backends.jax._core import (
     FORMS,
     CautionStatsState,
@@ -79,6 +79,7 @@ __all__ = [
     "lion",
     "sgd",
     "adafactor",
+    "muon",
     "scale_by_adam",
     "scale_by_lion",
     "trace",

@@ -27,7 +27,7 @@ from cautious.backends.jax import _transforms as tf
 from cautious.backends.jax._core import _caution_parts, _cautious, _leaves_like
 from cautious.spec.errors import NESTEROV_MESSAGE, check_cautious_weight_decay, check_param_dtype, validate
 
-__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop", "adafactor", "adopt", "laprop"]
+__all__ = ["adamw", "adam", "lion", "sgd", "nadam", "nadamw", "rmsprop", "adafactor", "adopt", "laprop", "muon"]
 
 NAMES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "alpha": "decay"}
 
@@ -710,3 +710,121 @@ def laprop(
             )
         )
     return _drop_in(optax.chain(*parts))
+
+
+def muon(
+    learning_rate: Any,
+    ns_coeffs: Any = (3.4445, -4.7750, 2.0315),
+    ns_steps: int = 5,
+    beta: Any = 0.95,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    preconditioning: str = "frobenius",
+    adam_b1: Any = 0.9,
+    adam_b2: Any = 0.999,
+    adam_eps_root: Any = 0.0,
+    adam_weight_decay: Any = 0.0,
+    adam_learning_rate: Any = None,
+    consistent_rms: Any = None,
+    caution: bool | Caution = True,
+    caution_stats: bool = False,
+    cautious_weight_decay: bool = False,
+    mask_position: str = "after",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Cautious Muon: :func:`optax.contrib.muon` with the cautious mask on the Muon and the Adam parts.
+
+    2-d leaves (optax's default partition) take the Muon step
+    ``chain(scale_by_muon, [caution], scale_by_shape, add_decayed_weights, scale_by_learning_rate)``:
+
+    .. math::
+
+        u = \text{mask}(u_0, g)\,\text{scale}\,u_0,\; u_0 = \mathrm{NS}(v)
+        \text{ (mask\_position="after")},\qquad
+        u = \mathrm{NS}(\text{mask}(v, g)\,\text{scale}\,v) \text{ ("before")}
+
+    with ``v`` optax's bias-corrected (Nesterov) momentum (the spec's ``muon_momentum="debiased"``),
+    optax's ``X / (|X|_F + eps)`` (``ns_eps="add"``) and width scale ``sqrt(max(1, fan_out/fan_in))``
+    (``shape_scale="cols_over_rows"``, or ``"rms"`` with ``consistent_rms``); the positive shape
+    scale never changes a mask. Other leaves take optax's Adam branch, :func:`adamw` here (cautious
+    when ``caution`` is on, with the same ``nesterov``). Arguments and defaults as optax's, plus
+    ``caution``, ``caution_stats``, ``cautious_weight_decay`` (Muon leaves) and ``mask_position``;
+    ``muon_weight_dimension_numbers`` (non-2-d Muon leaves) is not supported. The state is optax's
+    pytree. See :func:`cautious.spec.muon`.
+    """
+    _check(
+        dict(
+            lr=learning_rate,
+            eps=eps,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            cautious_weight_decay=cautious_weight_decay,
+            mask_position=mask_position,
+        )
+    )
+    concrete = {"momentum": beta, **({} if consistent_rms is None else {"rms_rate": consistent_rms})}
+    validate(
+        {k: v for k, v in concrete.items() if not callable(v) and not isinstance(v, jax.core.Tracer)},
+        {"momentum": "beta", "rms_rate": "consistent_rms"},
+    )
+    c = caution_arg(caution)
+    if c is not None and mask_position == "before":
+        if adaptive:
+            raise ValueError("adaptive=True is not supported with mask_position='before' in cautious.jax.muon")
+        if caution_stats:
+            raise ValueError("caution_stats=True is not supported with mask_position='before' in cautious.jax.muon")
+        direction: Any = tf.scale_by_muon_masked_first(
+            c, ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, preconditioning=preconditioning
+        )
+    else:
+        direction = _direction(
+            optax.contrib.scale_by_muon(
+                ns_coeffs,
+                ns_steps,
+                beta,
+                eps,
+                mu_dtype,
+                nesterov=nesterov,
+                adaptive=adaptive,
+                preconditioning=preconditioning,
+                weight_dimension_numbers=tf._muon_dim_nums,
+            ),
+            c,
+            caution_stats,
+        )
+    from optax.contrib import _muon
+
+    decay: Any = (
+        tf.add_decayed_weights(weight_decay, weight_decay_mask, cautious=True)
+        if cautious_weight_decay
+        else optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    )
+    muon_part = optax.chain(
+        direction,
+        _muon.scale_by_shape(weight_dimension_numbers=tf._muon_dim_nums, consistent_rms=consistent_rms),
+        decay,
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    adam_kw = dict(
+        b1=adam_b1,
+        b2=adam_b2,
+        eps=eps,
+        eps_root=adam_eps_root,
+        weight_decay=adam_weight_decay,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
+    )
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    # caution off: optax's own AdamW (bit for bit); on: cautious adamw (the same state pytree)
+    adam_part = optax.adamw(adam_lr, **adam_kw) if c is None else adamw(adam_lr, **adam_kw, caution=c)
+    return _drop_in(
+        optax.partition(
+            {"muon": muon_part, "adam": adam_part},
+            lambda params: jax.tree.map(lambda x: "muon" if x.ndim == 2 else "adam", params),
+        )
+    )

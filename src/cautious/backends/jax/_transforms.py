@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cautious._caution import Caution
+from cautious.backends.jax import _core
 from cautious.backends.jax._core import _compute_dtype, register_sign_proxy
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "LaPropState",
     "scale_by_laprop",
     "decoupled_decay",
+    "scale_by_muon_masked_first",
 ]
 
 ScaleByAdamState = optax.ScaleByAdamState
@@ -636,3 +639,63 @@ def decoupled_decay(
     if mask is not None:
         return optax.masked(tx, mask)
     return tx
+
+
+def _muon_dim_nums(tree: Any) -> Any:
+    """optax.contrib.muon's default dimension numbers inside its ``"muon"`` partition: one
+    ``MuonDimensionNumbers()`` per matrix leaf, the partition's ``MaskedNode``\\ s kept."""
+    from optax.contrib import MuonDimensionNumbers
+
+    return jax.tree.map(lambda x: MuonDimensionNumbers(), tree)
+
+
+def scale_by_muon_masked_first(
+    caution: Caution,
+    ns_coeffs: Any = (3.4445, -4.7750, 2.0315),
+    ns_steps: int = 5,
+    beta: Any = 0.95,
+    eps: Any = 1e-8,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = True,
+    preconditioning: str = "frobenius",
+) -> optax.GradientTransformationExtraArgs:
+    r""":func:`optax.contrib.scale_by_muon` with caution *before* orthogonalization (``mask_position="before"``).
+
+    .. math::
+
+        m' = \beta m + (1-\beta) g,\quad
+        v = \frac{\beta m'}{1-\beta^{t+1}} + \frac{(1-\beta) g}{1-\beta^t}
+            \text{ (nesterov) else } \frac{m'}{1-\beta^t},\quad
+        u = \mathrm{NS}(\text{mask}(v, g)\,\text{scale}\,v)
+
+    The mask is :func:`cautious.backends.jax._core.apply_caution` (the one JAX implementation);
+    the state is optax's ``MuonState``, and 2-d leaves with the default dimension numbers only.
+    """
+    from optax.contrib import _muon
+
+    native = optax.contrib.scale_by_muon(
+        ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, preconditioning=preconditioning
+    )
+    dtype = _canonical(mu_dtype)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any):
+        del params, extra
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count_inc = _safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(
+                lambda m, g: beta * m + (1 - beta) * g,
+                optax.tree.bias_correction(mu, beta, _safe_increment(count_inc)),
+                optax.tree.bias_correction(updates, beta, count_inc),
+            )
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
+        masked = jax.tree.map(lambda v, g: _core.apply_caution(v, g, caution), mu_hat, updates)
+        out = jax.tree.map(
+            lambda v: _muon.orthogonalize_via_newton_schulz(v, state.ns_coeffs, ns_steps, preconditioning, eps),
+            masked,
+        )
+        return out, optax.contrib.MuonState(count=count_inc, mu=optax.tree.cast(mu, dtype), ns_coeffs=state.ns_coeffs)
+
+    return optax.GradientTransformationExtraArgs(native.init, update_fn)

@@ -26,6 +26,7 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     CautiousOptimizer,
     LaProp,
     Lion,
+    Muon,
     Nadam,
     RMSprop,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Adam",
     "Lion",
     "SGD",
+    "Muon",
     "Nadam",
     "RMSprop",
     "Caution",

@@ -61,7 +61,7 @@ import tensorflow as tf  # noqa: E402
 
 from cautious._caution import Caution, caution_arg  # noqa: E402
 from cautious.backends.tensorflow import _ops  # noqa: E402
-from cautious.spec.errors import check_nesterov, check_param_dtype, validate  # noqa: E402
+from cautious.spec.errors import check_nesterov, check_param_dtype, split_ns_coefficients, validate  # noqa: E402
 from cautious.spec.mask import CautionStats  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
@@ -71,7 +71,19 @@ if keras.backend.backend() != "tensorflow":
         "before importing keras"
     )
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Nadam", "RMSprop", "CautiousOptimizer", "Adafactor", "Adopt", "LaProp"]
+__all__ = [
+    "AdamW",
+    "Adam",
+    "Lion",
+    "SGD",
+    "Nadam",
+    "RMSprop",
+    "CautiousOptimizer",
+    "Adafactor",
+    "Adopt",
+    "LaProp",
+    "Muon",
+]
 
 NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
 
@@ -1241,3 +1253,152 @@ class LaProp(CautiousOptimizer):
 for _cls in (Adam, Lion, SGD, Nadam, RMSprop, Adafactor, Adopt, LaProp):
     if _cls.__doc__:
         _cls.__doc__ = _cls.__doc__.replace("{base}", _BASE_KWARGS_DOC)
+
+
+@keras.saving.register_keras_serializable(package="cautious")
+class Muon(keras.optimizers.Muon):
+    r"""Cautious Muon, a subclass of ``keras.optimizers.Muon`` (same names, defaults, variables, config).
+
+    Keras's Muon step for the 2-d variables it orthogonalizes (:func:`cautious.spec.muon` with
+    ``muon_momentum="sum"``, ``ns_eps="add"`` and Keras's fixed ``1e-7``, ``shape_scale="rms"``
+    with ``rms_rate``, or ``"none"`` for ``rms_rate=None``):
+
+    .. math::
+
+        m' = \mu m + g,\quad v = g + \mu m' \text{ (nesterov) else } m',\quad
+        u_0 = s\,\mathrm{NS}(v),\quad
+        p' = p - \eta\lambda p - \eta\,\text{mask}(u_0, g)\,\text{scale}\,u_0
+        \text{ (mask\_position="after")}
+
+    or ``u = s NS(mask(v, g) scale v)`` (``"before"``). The variables Keras gives to its AdamW
+    branch (not 2-d, embeddings, ``exclude_layers``) take Keras's AdamW step, masked against
+    ``g`` when caution is on (the cautious Adam direction). Extra keyword-only arguments:
+    ``caution``, ``cautious_weight_decay`` (Muon variables: the decay, which Keras applies
+    before the step, is skipped where the cautious step and the variable have strictly
+    opposite signs) and ``mask_position``. The mask and scale are :mod:`._ops`'s.
+    ``caution=False`` runs Keras's own methods: it is ``keras.optimizers.Muon`` bit for bit.
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        adam_beta_1: float = 0.9,
+        adam_beta_2: float = 0.999,
+        adam_weight_decay: float = 0.004,
+        epsilon: float = 1e-7,
+        weight_decay: float = 0.004,
+        *,
+        caution: bool | Caution = True,
+        cautious_weight_decay: bool = False,
+        mask_position: str = "after",
+        **kwargs: Any,
+    ) -> None:
+        values = dict(
+            beta1=adam_beta_1,
+            beta2=adam_beta_2,
+            eps=epsilon,
+            momentum=kwargs.get("momentum", 0.95),
+            ns_steps=kwargs.get("ns_steps", 5),
+            mask_position=mask_position,
+            nesterov=kwargs.get("nesterov", True),
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        if not callable(learning_rate):
+            values["lr"] = learning_rate
+        if weight_decay is not None:
+            values["weight_decay"] = weight_decay
+        if kwargs.get("rms_rate", 0.2) is not None:
+            values["rms_rate"] = kwargs.get("rms_rate", 0.2)
+        validate(values, {**NAMES, "beta1": "adam_beta_1", "beta2": "adam_beta_2"})
+        if adam_weight_decay is not None:
+            validate({"weight_decay": adam_weight_decay}, {"weight_decay": "adam_weight_decay"})
+        split_ns_coefficients(
+            (kwargs.get("muon_a", 3.4445), kwargs.get("muon_b", -4.7750), kwargs.get("muon_c", 2.0315))
+        )
+        super().__init__(
+            learning_rate=learning_rate,
+            adam_beta_1=adam_beta_1,
+            adam_beta_2=adam_beta_2,
+            adam_weight_decay=adam_weight_decay,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+        self.caution = caution_arg(caution)
+        self.cautious_weight_decay = bool(cautious_weight_decay)
+        self.mask_position = mask_position
+
+    def build(self, var_list: list[Any]) -> None:
+        """Refuse non-floating variables, then build as Keras does."""
+        for v in var_list:
+            check_param_dtype(f"variable {getattr(v, 'path', None) or v.name!r}", tf.as_dtype(v.dtype).name)
+        super().build(var_list)
+
+    def _masked(self, x: tf.Tensor, gradient: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(where(mask(x, g), scale * x, 0), mask)``: the shared mask, count and float64 scale."""
+        g = tf.cast(gradient, x.dtype)
+        mask = _ops.cautious_mask(x, g)
+        n = x.shape.num_elements()
+        scale = _ops.cautious_scale(
+            _ops.kept_count(mask, n), _ops.caution_denominator(g, n, self.caution), self.caution
+        )
+        return tf.where(mask, x * tf.cast(scale, x.dtype), tf.zeros((), x.dtype)), mask
+
+    def _apply_weight_decay(self, variables: Any) -> None:
+        if not self.cautious_weight_decay:
+            return super()._apply_weight_decay(variables)
+        # the Muon variables decay inside their step (the decay mask needs the step's sign)
+        return super()._apply_weight_decay([v for v in variables if self._should_use_adamw(v)])
+
+    def _muon_update_step(self, gradient: Any, variable: Any, lr: Any, m: Any) -> None:
+        if self.caution is None and not self.cautious_weight_decay:
+            return super()._muon_update_step(gradient, variable, lr, m)
+        self.assign_add(m, keras.ops.add(gradient, m * (self.momentum - 1)))
+        v = keras.ops.add(gradient, self.momentum * m) if self.nesterov else m
+        v = tf.convert_to_tensor(v)
+        mask = None
+        if self.caution is not None and self.mask_position == "before":
+            v, _ = self._masked(v, gradient)
+        step = tf.convert_to_tensor(self.lr_adjust(lr * self.zeropower_via_newtonschulz5(v, self.ns_steps)))
+        if self.caution is not None and self.mask_position == "after":
+            step, mask = self._masked(step, gradient)
+        if self.cautious_weight_decay and self.weight_decay and self._use_weight_decay(variable):
+            p = tf.convert_to_tensor(variable)
+            wd = keras.ops.cast(self.weight_decay, variable.dtype)
+            keep = _ops.decay_keep(step, p, mask)
+            self.assign(variable, tf.where(keep, p - p * wd * keras.ops.cast(self.learning_rate, variable.dtype), p))
+        self.assign_sub(variable, step)
+
+    def _adamw_update_step(self, gradient: Any, variable: Any, learning_rate: Any, m: Any, v: Any) -> None:
+        if self.caution is None:
+            return super()._adamw_update_step(gradient, variable, learning_rate, m, v)
+        # Keras's AdamW step, with the step masked against g (sign(step) = sign(m'): the denominator is positive)
+        lr = keras.ops.cast(learning_rate, variable.dtype)
+        gradient = keras.ops.cast(gradient, variable.dtype)
+        t = keras.ops.cast(self.iterations + 1, variable.dtype)
+        b1_t = keras.ops.power(keras.ops.cast(self.adam_beta_1, variable.dtype), t)
+        b2_t = keras.ops.power(keras.ops.cast(self.adam_beta_2, variable.dtype), t)
+        alpha = lr * keras.ops.sqrt(1 - b2_t) / (1 - b1_t)
+        self.assign_add(m, keras.ops.multiply(keras.ops.subtract(gradient, m), 1 - self.adam_beta_1))
+        self.assign_add(v, keras.ops.multiply(keras.ops.subtract(keras.ops.square(gradient), v), 1 - self.adam_beta_2))
+        step = keras.ops.divide(keras.ops.multiply(m, alpha), keras.ops.add(keras.ops.sqrt(v), self.epsilon))
+        step, _ = self._masked(tf.convert_to_tensor(step), gradient)
+        self.assign_sub(variable, step)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "caution": _caution_to_config(self.caution),
+                "cautious_weight_decay": self.cautious_weight_decay,
+                "mask_position": self.mask_position,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Muon:
+        config = dict(config)
+        if "caution" in config:
+            config["caution"] = _caution_from_config(config["caution"])
+        return super().from_config(config, custom_objects=custom_objects)

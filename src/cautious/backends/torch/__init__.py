@@ -1,4 +1,6 @@
-"""PyTorch backend: cautious ``torch.optim.Optimizer`` classes (AdamW, Adam, Lion, SGD, NAdam, RMSprop, Adafactor).
+"""PyTorch backend: cautious ``torch.optim.Optimizer`` classes.
+
+AdamW, Adam, Lion, SGD, NAdam, RMSprop, Adafactor, Adopt, LaProp and Muon.
 
 Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
 
@@ -12,7 +14,7 @@ lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
-from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, NAdam, RMSprop
+from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, NAdam, RMSprop
 
 __all__ = [
     "AdamW",
@@ -24,6 +26,7 @@ __all__ = [
     "Adafactor",
     "Adopt",
     "LaProp",
+    "Muon",
     "Caution",
     "fused_available",
     "build_fused",

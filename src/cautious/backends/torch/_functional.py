@@ -32,6 +32,7 @@ device and dtype on every path, so that a step's counts are reduced together.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -42,7 +43,7 @@ from cautious._caution import Caution
 from cautious.backends.torch import _distributed
 from cautious.spec.mask import CautionStats
 
-__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop", "adafactor", "adopt", "laprop"]
+__all__ = ["adam", "lion", "sgd", "default_foreach", "nadam", "rmsprop", "adafactor", "adopt", "laprop", "muon"]
 
 _NATIVE_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -1741,4 +1742,134 @@ def laprop(
             cautious_weight_decay=cautious_weight_decay,
             shardings=_pick(shardings, idx) or None,
             stats=stats,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Muon
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _newton_schulz(
+    x: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float, dtype: torch.dtype
+) -> Tensor:
+    r"""torch.optim.Muon's orthogonalization, op for op (so ``caution=False`` is bitwise torch's): in ``dtype``
+    (torch's bfloat16 by default), on the wide orientation, ``X / max(|X|_F, eps)`` then
+    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``.
+
+    The result has ``dtype``; :func:`cautious.spec.newton_schulz` is the float64 definition.
+    """
+    a, b, c = ns_coefficients
+    # a copy always: torch's x.bfloat16() is x itself for a bfloat16 x, and the in-place division below
+    # would then rescale a bfloat16 momentum buffer (nesterov=False) in torch.optim.Muon
+    o = x.to(dtype, copy=True)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        o = o.T
+    o.div_(o.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram = o @ o.T
+        o = torch.addmm(o, torch.addmm(gram, gram, gram, beta=b, alpha=c), o, beta=a)
+    return o.T if tall else o
+
+
+def _muon_shape_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """torch.optim.Muon's ``adjust_lr_fn`` factor (:func:`cautious.spec.muon_shape_scale`), a Python float."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
+def _muon_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    *,
+    foreach: bool,
+    lr: Any,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    caution: Caution | None,
+    cautious_weight_decay: bool,
+    mask_position: str,
+    ns_dtype: str = "bfloat16",
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    r"""One Muon step: ``m <- lerp(m, g, 1-mu)``, ``v = lerp(g, m, mu)`` (nesterov) else ``m``,
+    ``u = s(shape) NS(v)``; caution masks ``u`` (``mask_position="after"``) or ``v`` (``"before"``)."""
+    if foreach:
+        torch._foreach_lerp_(momentum_buffer_list, grads, 1 - momentum)
+    else:
+        for m, g in zip(momentum_buffer_list, grads, strict=True):
+            m.lerp_(g, 1 - momentum)
+    vs = [g.lerp(m, momentum) if nesterov else m for g, m in zip(grads, momentum_buffer_list, strict=True)]
+    if caution is not None and mask_position == "before":
+        vs, scales = _mask_and_scales(vs, vs, grads, caution, foreach=foreach, stats=stats, params=params)
+        _apply_scales_(vs, scales, foreach=foreach)
+    dtype = getattr(torch, ns_dtype)
+    us = [_newton_schulz(v, ns_coefficients, ns_steps, eps, dtype) for v in vs]
+    if caution is not None and mask_position == "after":
+        us, scales = _mask_and_scales(us, us, grads, caution, foreach=foreach, stats=stats, params=params)
+        _apply_scales_(us, scales, foreach=foreach)
+    if weight_decay != 0:
+        _decay_(
+            params, us, lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay, foreach=foreach
+        )
+    for p, u in zip(params, us, strict=True):
+        p.add_(u, alpha=-lr * _muon_shape_scale(p.shape, adjust_lr_fn))
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: Any,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    caution: Caution | None,
+    cautious_weight_decay: bool = False,
+    mask_position: str = "after",
+    ns_dtype: str = "bfloat16",
+    stats: dict[Tensor, CautionStats] | None = None,
+) -> None:
+    """Functional cautious Muon. See :class:`cautious.backends.torch.Muon` and :func:`cautious.spec.muon`.
+
+    2-d, non-DTensor parameters (the optimizer class checks). ``foreach=True`` runs the momentum and the
+    mask with ``torch._foreach_*`` ops; Newton-Schulz is per matrix on every path. No fused path.
+    """
+    impl = "foreach" if foreach else "single"
+    hyper = dict(
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        nesterov=nesterov,
+        ns_coefficients=tuple(float(k) for k in ns_coefficients),
+        eps=float(eps),
+        ns_steps=int(ns_steps),
+        adjust_lr_fn=adjust_lr_fn,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        mask_position=mask_position,
+        ns_dtype=ns_dtype,
+    )
+    lr = _scalar(lr)
+    for idx in _groups(params, impl):
+        _muon_tensors(
+            *(_pick(x, idx) for x in (params, grads, momentum_buffer_list)),
+            foreach=impl == "foreach",
+            stats=stats,
+            lr=lr,
+            **hyper,
         )

@@ -24,17 +24,20 @@ import torch
 from torch import Tensor
 
 from cautious._caution import Caution, as_caution, caution_arg
+from cautious.backends.torch import _distributed
 from cautious.backends.torch import _functional as functional
 from cautious.spec.errors import (
     check_cautious_weight_decay,
+    check_muon_shape,
     check_nesterov,
     check_param_dtype,
     split_betas,
+    split_ns_coefficients,
     validate,
 )
 from cautious.spec.mask import CautionStats
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop", "Adafactor", "Adopt", "LaProp"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "NAdam", "RMSprop", "Adafactor", "Adopt", "LaProp", "Muon"]
 
 BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
@@ -1317,6 +1320,158 @@ class LaProp(_TimmRule):
                 maximize=group["maximize"],
                 caution=_caution_of(group["caution"]),
                 cautious_weight_decay=group["cautious_weight_decay"],
+                stats=getattr(self, "_caution_stats", None),
+            )
+        return loss
+
+
+class Muon(_CautiousOptimizer):
+    r"""Cautious Muon (momentum orthogonalized by Newton-Schulz), a drop-in for ``torch.optim.Muon``.
+
+    .. math::
+
+        m' = \mu m + (1-\mu) g,\quad v = (1-\mu) g + \mu m' \text{ (nesterov) else } m',\quad
+        u = s(R, C)\,\mathrm{NS}(v),\quad
+        p' = p (1 - \eta\lambda) - \eta\,\text{mask}(u, g)\,\text{scale}\,u
+
+    See :func:`cautious.spec.muon`. Same arguments and defaults as ``torch.optim.Muon`` (2-d
+    parameters only; Newton-Schulz in bfloat16, as torch), plus ``caution``, ``caution_stats``,
+    ``cautious_weight_decay`` and ``mask_position`` (``"after"``: mask the orthogonalized update,
+    the default; ``"before"``: mask ``v`` and orthogonalize the masked matrix) and ``ns_dtype``
+    (``"bfloat16"``, torch's, by default; ``"float32"``/``"float64"`` orthogonalize in that dtype,
+    which the conformance suite uses: docs/conformance.md, "Muon"). State:
+    ``momentum_buffer`` (as torch). ``foreach=True`` runs the momentum and the mask with foreach
+    ops (torch's Muon has no foreach path); there is no fused path (``fused=True`` is refused).
+    DTensor parameters are refused: Newton-Schulz needs the whole matrix, and a shard is not one.
+    """
+
+    _CAUTION_KEYS = ("caution", "cautious_weight_decay", "mask_position")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        caution: bool | Caution = True,
+        caution_stats: bool = False,
+        cautious_weight_decay: bool = False,
+        mask_position: str = "after",
+        ns_dtype: str = "bfloat16",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if fused:
+            raise ValueError(
+                "fused=True is not supported by cautious.torch.Muon (no fused kernel for Muon): "
+                "use foreach=True or the single-tensor path"
+            )
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            foreach=foreach,
+            differentiable=False,
+            caution=caution,
+            cautious_weight_decay=cautious_weight_decay,
+            mask_position=mask_position,
+            ns_dtype=ns_dtype,
+        )
+        super().__init__(params, defaults, caution_stats=caution_stats)
+
+    def _validate(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        validate(
+            dict(
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                eps=group["eps"],
+                ns_steps=group["ns_steps"],
+                mask_position=group["mask_position"],
+                ns_dtype=group.get("ns_dtype", "bfloat16"),
+            )
+        )
+        validate(dict(nesterov=group["nesterov"], cautious_weight_decay=group["cautious_weight_decay"]))
+        if group["adjust_lr_fn"] is not None:  # torch's None means "original"
+            validate(dict(adjust_lr_fn=group["adjust_lr_fn"]))
+        split_ns_coefficients(group["ns_coefficients"])
+        return self._check_caution(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: its parameters must be 2-d, and not DTensors (Newton-Schulz needs the whole matrix)."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        dtensor = _distributed._dtensor_type()
+        try:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                name = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
+                if dtensor is not None and isinstance(p, dtensor):
+                    raise ValueError(
+                        f"cautious.torch.Muon does not support DTensor parameters (parameter {name}): "
+                        "Newton-Schulz orthogonalizes the whole matrix, and a shard is not one"
+                    )
+                check_muon_shape(f"parameter {name}", tuple(p.shape))
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _init_group(self, group, params, grads, momentum_buffer_list):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if torch.is_complex(p):
+                raise RuntimeError("cautious.torch.Muon does not support complex parameters (as torch.optim.Muon)")
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            momentum_buffer_list.append(state["momentum_buffer"])
+
+    @_use_grad
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        groups = []
+        for group in self.param_groups:  # every check before the first change
+            params, grads, momentum_buffer_list = [], [], []
+            self._init_group(group, params, grads, momentum_buffer_list)
+            groups.append((group, params, grads, momentum_buffer_list))
+        for group, params, grads, momentum_buffer_list in groups:
+            functional.muon(
+                params,
+                grads,
+                momentum_buffer_list,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                ns_coefficients=group["ns_coefficients"],
+                eps=group["eps"],
+                ns_steps=group["ns_steps"],
+                adjust_lr_fn=group["adjust_lr_fn"],
+                caution=_caution_of(group["caution"]),
+                cautious_weight_decay=group["cautious_weight_decay"],
+                mask_position=group["mask_position"],
+                ns_dtype=group.get("ns_dtype", "bfloat16"),
                 stats=getattr(self, "_caution_stats", None),
             )
         return loss

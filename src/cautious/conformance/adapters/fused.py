@@ -58,6 +58,8 @@ class FusedAdapter:
             return "no fused kernel for Adafactor (its row/column statistics are reductions; torch runs single/foreach)"
         if case.rule in ("adopt", "laprop"):
             return f"{case.rule} has no fused kernel (fused=True is refused)"
+        if case.rule == "muon":
+            return "no fused kernel for Muon (Newton-Schulz is a matrix iteration, not an elementwise step)"
         if case.rule not in ("adam", "adamw", "lion", "sgd"):
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:

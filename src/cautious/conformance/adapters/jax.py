@@ -87,6 +87,19 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
     hp = _spec_hparams(case)
     if case.rule == "adafactor":
         return _adafactor(hp)
+    if case.rule == "muon":
+        return cjax.muon(
+            hp["lr"],
+            ns_steps=hp["ns_steps"],
+            beta=hp["momentum"],
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            nesterov=hp["nesterov"],
+            consistent_rms=hp["rms_rate"] if hp["shape_scale"] == "rms" else None,
+            caution=hp["caution"],
+            cautious_weight_decay=hp["cautious_weight_decay"],
+            mask_position=hp["mask_position"],
+        )
     common = dict(caution=hp["caution"], maximize=hp["maximize"], cautious_weight_decay=hp["cautious_weight_decay"])
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
@@ -191,8 +204,15 @@ class JaxAdapter:
         self.name = "jax-jit" if self.jit else "jax-eager"
         self._compiled: dict[Any, Any] = {}
 
-    def fixed_hparams(self, rule: str) -> dict[str, Any] | None:
-        return dict(ADAFACTOR_FORMS) if rule == "adafactor" else None
+    #: optax's forms of the spec's named options, per rule (nothing pinned for the other rules)
+    FORMS = {
+        "adafactor": ADAFACTOR_FORMS,
+        "muon": {"muon_momentum": "debiased", "ns_eps": "add", "shape_scale": "cols_over_rows"},
+    }
+
+    def fixed_hparams(self, rule: str) -> dict[str, Any]:
+        """optax's forms of ``rule`` (:attr:`FORMS`): adafactor, contrib.muon."""
+        return dict(self.FORMS.get(rule, {}))
 
     def supports(self, case: Case) -> str | None:
         if case.rule == "adafactor":
@@ -206,6 +226,13 @@ class JaxAdapter:
                 )
         if "float64" in (case.dtype, case.state_storage) and not jax.config.jax_enable_x64:
             return "float64 needs jax.config.update('jax_enable_x64', True)"
+        if case.rule == "muon":
+            hp = _spec_hparams(case)
+            forms = (hp["muon_momentum"], hp["ns_eps"], hp["shape_scale"])
+            if forms[:2] != ("debiased", "add") or forms[2] not in ("cols_over_rows", "rms"):
+                return f"optax.contrib.muon's forms are muon_momentum='debiased', ns_eps='add', got {forms}"
+            if case.state_storage != case.dtype:
+                return "optax keeps Muon's momentum in the parameter dtype (mu_dtype=None)"
         if case.rule == "sgd" and float(case.hparams.get("dampening", 0.0)) != 0:
             return "optax's momentum (optax.trace) has no dampening"
         if case.rule == "nadam" and case.hparams.get("momentum_schedule") == "constant":
@@ -275,7 +302,15 @@ class JaxAdapter:
                 return optax.ScaleByRStdDevState([arr(s.g_avg) for s in leaves], [arr(s.v) for s in leaves])
             return optax.TraceState([arr(s.m) for s in leaves])
 
-        opt_state = _replace_direction_state(opt.init(p), make)
+        if case.rule == "muon":
+            is_muon = lambda x: isinstance(x, optax.contrib.MuonState)  # noqa: E731
+            opt_state = jax.tree.map(
+                lambda s: s._replace(count=count, mu=[arr(x.m) for x in leaves]) if is_muon(s) else s,
+                opt.init(p),
+                is_leaf=is_muon,
+            )
+        else:
+            opt_state = _replace_direction_state(opt.init(p), make)
         new_p, new_state = fn(p, g, opt_state)
         out = lambda x, d: np.asarray(jnp.asarray(x).astype(jnp.float32 if d == "bfloat16" else _JNP[d])).astype(  # noqa: E731
             numpy_dtype(d)
@@ -283,7 +318,14 @@ class JaxAdapter:
         ds = _find_direction_state(new_state)
         n = len(leaves)
         sd_ = case.state_storage
-        if case.rule == "nadam" and isinstance(ds, cjax.ScaleByNadamState):
+        if case.rule == "muon":
+            found = [
+                s
+                for s in jax.tree.leaves(new_state, is_leaf=lambda x: isinstance(x, optax.contrib.MuonState))
+                if isinstance(s, optax.contrib.MuonState)
+            ]
+            new_leaves = tuple(spec.MuonState(out(found[0].mu[i], case.state_storage)) for i in range(n))
+        elif case.rule == "nadam" and isinstance(ds, cjax.ScaleByNadamState):
             prod = np.asarray(np.asarray(ds.mu_product, np.float64), numpy_dtype(sd_))
             new_leaves = tuple(spec.NAdamState(out(ds.mu[i], sd_), out(ds.nu[i], sd_), prod) for i in range(n))
         elif case.rule == "nadam":  # optax's state: no mu_product (the constant schedule's is beta1**t)

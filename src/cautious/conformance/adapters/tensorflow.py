@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Nadam, RMSprop  # noqa: E402
+from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, Nadam, RMSprop  # noqa: E402
 
 __all__ = ["TFAdapter", "build_optimizer"]
 
@@ -72,6 +72,7 @@ ADAFACTOR_FORMS = {
     "eps": (None, float(np.float32(1e-3))),  # eps[0] is drawn; Keras casts epsilon_2 through float32
     "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "clip_exp": 0.333, "weight_decay": 0.0},
     "laprop": {"lr": 4e-4, "betas": (0.9, 0.999), "eps": 1e-15, "weight_decay": 0.0},
+    "muon": {"lr": 1e-3, "momentum": 0.95, "weight_decay": 0.1, "nesterov": True, "ns_steps": 5, "rms_rate": 0.2},
 }
 
 
@@ -89,6 +90,17 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
         maximize=bool(hp.get("maximize", False)),
     )
     wd = float(hp["weight_decay"])
+    if case.rule == "muon":
+        common.pop("maximize")
+        return Muon(
+            weight_decay=wd,
+            momentum=float(hp["momentum"]),
+            nesterov=bool(hp["nesterov"]),
+            ns_steps=int(hp["ns_steps"]),
+            rms_rate=float(hp["rms_rate"]) if hp.get("shape_scale", "rms") == "rms" else None,
+            mask_position=hp.get("mask_position", "after"),
+            **common,
+        )
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
         cls = AdamW if case.rule == "adamw" else Adam
@@ -170,7 +182,10 @@ class _Entry:
             self.opt = build_optimizer(case)
         finally:
             keras.config.set_floatx(previous)
-        self.vars = [tf.Variable(tf.zeros(s, dtype), name=f"p{i}") for i, s in enumerate(shapes)]
+        if case.rule == "muon":  # keras.optimizers.Muon routes variables by their Keras path
+            self.vars = [keras.Variable(tf.zeros(s, dtype), dtype=dtype, name=f"p{i}") for i, s in enumerate(shapes)]
+        else:
+            self.vars = [tf.Variable(tf.zeros(s, dtype), name=f"p{i}") for i, s in enumerate(shapes)]
         self.opt.build(self.vars)
         self.dtype = dtype
 
@@ -181,6 +196,19 @@ class _Entry:
             self.apply = apply
         else:
             self.apply = tf.function(apply, jit_compile=(mode == "xla"), reduce_retracing=False)
+        if case.rule == "muon" and case.dtype == "float64":
+            # keras.optimizers.Muon multiplies by floatx constants while it steps: float64 needs floatx float64
+            inner = self.apply
+
+            def apply_float64(grads: list[tf.Tensor]) -> None:
+                previous = keras.config.floatx()
+                keras.config.set_floatx("float64")
+                try:
+                    inner(grads)
+                finally:
+                    keras.config.set_floatx(previous)
+
+            self.apply = apply_float64
 
     def state_vars(self, rule: str, i: int) -> list[Any]:
         opt = self.opt
@@ -201,6 +229,8 @@ class _Entry:
             return [opt._momentums[i], opt._velocities[i]]
         if rule == "laprop":
             return [opt._momentums[i], opt._velocities[i], opt._lr_avgs[i]]
+        if rule == "muon":
+            return [opt.momentums[i]]
         return [opt.momentums[i] if opt.momentum != 0 else None]
 
 
@@ -215,15 +245,19 @@ class TFAdapter:
         self._cache: collections.OrderedDict[Any, _Entry] = collections.OrderedDict()
         self._cache_size = cache_size
 
+    #: Keras's forms of the spec's named options, per rule (nothing pinned for the other rules). RMSprop:
+    #: eps under the root, v from 0, momentum 0 (with momentum its buffer carries the learning rate, the
+    #: spec's momentum_form='keras', an update form the suite does not draw); Muon: its Newton-Schulz eps
+    #: is a fixed 1e-7.
+    FORMS = {
+        "rmsprop": {"eps_in_sqrt": True, "initial_scale": 0.0, "momentum": 0.0, "nesterov": False},
+        "adafactor": ADAFACTOR_FORMS,
+        "muon": {"muon_momentum": "sum", "ns_eps": "add", "eps": 1e-7, "shape_scale": "rms"},
+    }
+
     def fixed_hparams(self, rule: str) -> dict[str, Any]:
-        """Keras RMSprop's form: eps under the root, v from 0; momentum 0 (with momentum its buffer carries
-        the learning rate, the spec's momentum_form='keras', an update form the suite does not draw).
-        Keras Adafactor's forms (:data:`ADAFACTOR_FORMS`)."""
-        if rule == "rmsprop":
-            return {"eps_in_sqrt": True, "initial_scale": 0.0, "momentum": 0.0, "nesterov": False}
-        if rule == "adafactor":
-            return dict(ADAFACTOR_FORMS)
-        return {}
+        """Keras's forms of ``rule`` (:attr:`FORMS`)."""
+        return dict(self.FORMS.get(rule, {}))
 
     def supports(self, case: Case) -> str | None:
         hp = _hp(case)
@@ -235,11 +269,15 @@ class TFAdapter:
             bad = {k: v for k, v in ADAFACTOR_FORMS.items() if k != "eps" and hp.get(k, v) != v}
             if bad or hp["eps"][1] != ADAFACTOR_FORMS["eps"][1] or hp["eps"][0] is None:
                 return f"keras.optimizers.Adafactor has only Keras's forms, not {bad or hp['eps']}"
+        if case.rule == "muon":
+            forms = (hp.get("muon_momentum", "ema"), hp.get("ns_eps", "clamp"), hp.get("shape_scale"))
+            if forms[:2] != ("sum", "add") or forms[2] not in ("rms", "none") or hp.get("eps", 1e-7) != 1e-7:
+                return f"keras.optimizers.Muon's forms are muon_momentum='sum', ns_eps='add', eps=1e-7, got {forms}"
         if case.dtype not in _TF_DTYPES:
             return f"dtype {case.dtype!r} is not supported"
         if case.state_storage != case.dtype:
             return "Keras stores optimizer state in the parameter's dtype"
-        decoupled = case.rule in ("adamw", "lion", "laprop") or bool(hp.get("decoupled_weight_decay", False))
+        decoupled = case.rule in ("adamw", "lion", "laprop", "muon") or bool(hp.get("decoupled_weight_decay", False))
         if float(hp.get("weight_decay", 0.0)) != 0 and not decoupled:
             return "coupled (L2) weight decay: Keras weight decay is always decoupled"
         if case.rule == "sgd" and float(hp.get("dampening", 0.0)) != 0:

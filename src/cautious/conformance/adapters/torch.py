@@ -15,7 +15,7 @@ import torch
 from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
-from cautious.torch import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, NAdam, RMSprop
+from cautious.torch import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, NAdam, RMSprop
 
 __all__ = ["TorchAdapter", "to_torch", "to_numpy"]
 
@@ -81,14 +81,17 @@ class TorchAdapter:
         "weight_decay_form": "lr",
     }
 
+    #: torch.optim's forms of the spec's named options, per rule (nothing pinned for the other rules):
+    #: RMSprop's ``eps`` after the root, no Nesterov, ``v`` from 0; Muon with ``adjust_lr_fn="original"``.
+    FORMS = {
+        "rmsprop": {"eps_in_sqrt": False, "nesterov": False, "initial_scale": 0.0},
+        "adafactor": ADAFACTOR_FORMS,
+        "muon": {"muon_momentum": "ema", "ns_eps": "clamp", "shape_scale": "rows_over_cols"},
+    }
+
     def fixed_hparams(self, rule: str) -> dict[str, Any]:
-        """torch.optim's forms: RMSprop's ``eps`` after the root, no Nesterov, ``v`` starting at 0;
-        Adafactor's :attr:`ADAFACTOR_FORMS`."""
-        if rule == "rmsprop":
-            return {"eps_in_sqrt": False, "nesterov": False, "initial_scale": 0.0}
-        if rule == "adafactor":
-            return dict(self.ADAFACTOR_FORMS)
-        return {}
+        """torch.optim's forms of ``rule`` (:attr:`FORMS`)."""
+        return dict(self.FORMS.get(rule, {}))
 
     def supports(self, case: Case) -> str | None:
         if case.rule == "adafactor" and self.impl == "fused":
@@ -97,7 +100,7 @@ class TorchAdapter:
             bad = {k: v for k, v in self.ADAFACTOR_FORMS.items() if case.hparams.get(k, v) != v}
             if bad or case.hparams.get("decay_offset", 0):
                 return f"torch.optim.Adafactor has only torch's forms, not {bad or 'decay_offset'}"
-        elif case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop", "adopt", "laprop"):
+        elif case.rule not in ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop", "adopt", "laprop", "muon"):
             return f"unknown rule {case.rule!r}"
         if case.rule == "rmsprop" and (
             case.hparams.get("eps_in_sqrt") or case.hparams.get("nesterov") or case.hparams.get("initial_scale")
@@ -109,6 +112,15 @@ class TorchAdapter:
             return f"{case.rule} has no fused kernel (fused=True is refused): single and foreach only"
         if case.rule == "adopt" and case.hparams.get("nesterov", False):
             return "cautious.torch.Adopt has timm's signature: no nesterov (optax's option)"
+        if case.rule == "muon":
+            if self.impl == "fused":
+                return "no fused kernel for Muon (cautious.torch.Muon refuses fused=True)"
+            hp = case.hparams
+            forms = (hp.get("muon_momentum", "ema"), hp.get("ns_eps", "clamp"), hp.get("shape_scale"))
+            if forms[:2] != ("ema", "clamp") or forms[2] not in (None, "rows_over_cols", "rms"):
+                return f"torch.optim.Muon's forms are muon_momentum='ema', ns_eps='clamp', got {forms}"
+            if hp.get("shape_scale") == "rms" and float(hp.get("rms_rate", 0.2)) != 0.2:
+                return "torch's match_rms_adamw has rms_rate 0.2"
         if case.dtype not in _TORCH_DTYPES:
             return f"unknown dtype {case.dtype!r}"
         if case.state_storage != case.dtype:
@@ -151,6 +163,13 @@ class TorchAdapter:
             return Adopt(params, **hp, **kw)
         if case.rule == "laprop":
             return LaProp(params, **hp, **kw)
+        if case.rule == "muon":
+            for k in ("muon_momentum", "ns_eps", "rms_rate"):
+                hp.pop(k, None)
+            shape = hp.pop("shape_scale", "rows_over_cols")
+            adjust = "match_rms_adamw" if shape == "rms" else "original"
+            # orthogonalize in the parameters' dtype (torch's is bfloat16): docs/conformance.md, "Muon"
+            return Muon(params, **hp, adjust_lr_fn=adjust, ns_dtype=case.dtype, foreach=kw["foreach"])
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -222,6 +241,8 @@ class TorchAdapter:
                     b2 = float(case.hparams.get("betas", (0.9, 0.999))[1])
                     st["exp_avg_lr_1"] = float(leaf.lr_avg)
                     st["exp_avg_lr_2"] = torch.tensor(1.0 - b2 ** int(state.step), dtype=torch.get_default_dtype())
+            elif rule == "muon":  # torch.optim.Muon keeps no step: the case's debiased form is declined
+                st["momentum_buffer"] = self._tensor(leaf.m, dtype)
             elif momentum != 0 and state.step > 0:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
@@ -267,6 +288,8 @@ class TorchAdapter:
             elif rule == "laprop":
                 m, v = to_numpy(st["exp_avg"], sd), to_numpy(st["exp_avg_sq"], sd)
                 leaves.append(spec.LaPropState(m, v, np.asarray(float(st["exp_avg_lr_1"]), np.float64)))
+            elif rule == "muon":
+                leaves.append(spec.MuonState(to_numpy(st["momentum_buffer"], sd)))
             else:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
