@@ -7,7 +7,8 @@ Everything every backend must reproduce is defined here, once:
 * :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum) as pure
   direction functions, and :func:`cautious`, the one wrapper that applies caution;
 * :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``,
-  ``sgd`` with ``init`` / ``step`` over immutable state;
+  ``sgd`` with ``init`` / ``step`` over immutable state, and :func:`cautious_optimizer`,
+  caution for any whole optimizer (:func:`whole_step`);
 * :mod:`cautious.spec.errors`: the table of invalid hyperparameters;
 * :mod:`cautious.spec.dtypes`: storage dtypes and the round-once rule.
 
@@ -25,9 +26,10 @@ from cautious.spec.mask import (
     cautious_scale,
     decay_mask,
     kept_count,
+    whole_step,
     whole_update,
 )
-from cautious.spec.optim import Optimizer, State, adam, adamw, lion, make_optimizer, sgd
+from cautious.spec.optim import Optimizer, State, adam, adamw, cautious_optimizer, lion, make_optimizer, sgd
 from cautious.spec.rules import (
     AdamState,
     LionState,
@@ -65,6 +67,7 @@ __all__ = [
     "decay_mask",
     "kept_count",
     "whole_update",
+    "whole_step",
     "Optimizer",
     "State",
     "adam",
@@ -72,6 +75,7 @@ __all__ = [
     "lion",
     "sgd",
     "make_optimizer",
+    "cautious_optimizer",
     "AdamState",
     "LionState",
     "SGDState",
