@@ -22,6 +22,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no cover
     raise ImportError(_MISSING + f" (found keras {getattr(keras, '__version__', '?')})")
 
-from cautious.backends.tensorflow import SGD, Adam, AdamW, Caution, CautiousOptimizer, Lion  # noqa: E402
+from cautious.backends.tensorflow import SGD, Adam, AdamW, Caution, Cautious, CautiousOptimizer, Lion  # noqa: E402
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer", "Cautious"]

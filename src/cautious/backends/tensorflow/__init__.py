@@ -6,6 +6,7 @@ Keras's names and defaults plus ``caution``, ``cautious_weight_decay`` and (Adam
 ``optimizer.apply_gradients`` in a custom ``tf.GradientTape`` loop, eager, in
 ``tf.function`` and under XLA. ``caution=False`` reproduces the matching Keras optimizer.
 See :mod:`cautious.backends.tensorflow.optimizers` for the math and numerics.
+:class:`Cautious` wraps any Keras optimizer (caution for any optimizer, :func:`cautious.spec.cautious_optimizer`).
 
 Importing this module sets ``KERAS_BACKEND=tensorflow`` unless it is already set.
 """
@@ -24,5 +25,6 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     CautiousOptimizer,
     Lion,
 )
+from cautious.backends.tensorflow.wrapper import Cautious  # noqa: E402
 
-__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer"]
+__all__ = ["AdamW", "Adam", "Lion", "SGD", "Caution", "CautiousOptimizer", "Cautious"]
