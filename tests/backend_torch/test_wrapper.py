@@ -195,3 +195,13 @@ def test_refusals_leave_everything_untouched():
     assert torch.equal(w, torch.ones(3)) and not opt.state
     with pytest.raises(ValueError, match="caution_stats=True"):
         opt.caution_stats()
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach"])
+def test_wrapper_conformance_around_every_spec_rule(impl):
+    from cautious.conformance.adapters.torch import TorchWrapperAdapter
+    from cautious.conformance.wrapper import run_wrapper_conformance
+
+    res = run_wrapper_conformance(TorchWrapperAdapter(impl), max_examples=40)
+    assert {rule for rule, _ in res.examples} == set(spec.RULES)
+    assert res.worst <= 1.0
