@@ -85,3 +85,13 @@ def test_caution_false_is_the_bare_optimizer(inner):
         for a, b in zip(jax.tree.leaves(o_b), jax.tree.leaves(o_w)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         params = optax.apply_updates(params, o_b)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_wrapper_conformance_around_every_spec_rule(jit):
+    from cautious.conformance.adapters.jax import JaxWrapperAdapter
+    from cautious.conformance.wrapper import run_wrapper_conformance
+
+    res = run_wrapper_conformance(JaxWrapperAdapter(jit), max_examples=24 if jit else 12)
+    assert {rule for rule, _ in res.examples} == set(spec.RULES)
+    assert res.worst <= 1.0

@@ -179,3 +179,13 @@ def test_refusals_and_shared_learning_rate():
     opt = ctf.Cautious(keras.optimizers.SGD(learning_rate=0.1))
     opt.learning_rate = 0.5
     assert float(opt.inner_optimizer.learning_rate.numpy()) == 0.5
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_wrapper_conformance_around_every_spec_rule(mode):
+    from cautious.conformance.adapters.tensorflow import TFWrapperAdapter
+    from cautious.conformance.wrapper import run_wrapper_conformance
+
+    res = run_wrapper_conformance(TFWrapperAdapter(mode), max_examples=16)
+    assert {rule for rule, _ in res.examples} == set(spec.RULES)
+    assert res.worst <= 1.0

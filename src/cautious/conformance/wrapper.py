@@ -24,12 +24,13 @@ The bound per entry (docs/conformance.md, "Caution for any optimizer") for a kep
 normal for a platform that flushes subnormals); a dropped entry keeps ``p`` exactly (up to such a flush). A mask
 decision is *undecided* where ``|delta|`` is below the smallest normal of the compute dtype (a
 platform may flush it to zero) or, for an implementation that masks the update itself (optax),
-where ``q == p`` (the bare update rounded away); then either outcome and every count in between
-is admitted.
+where ``q == p`` (the bare update rounded away), and where ``g`` is subnormal (flushed: no sign, and
+not counted by ``denominator="nonzero"``); then either outcome and every count in between is admitted.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,12 +108,16 @@ def check_wrapped_step(
             if not measures_delta:
                 und |= (q64 == p64) & ~np.isnan(g64)
             und &= ~np.isnan(delta)
-            n = spec.caution_denominator(g64, caution)
+            sub_g = (np.abs(g64) < flush) & (g64 != 0)
+            und |= sub_g
+            n_hi = spec.caution_denominator(g64, caution)
+            n_lo = n_hi - (int(np.count_nonzero(sub_g)) if caution.denominator == "nonzero" else 0)
             k_min = int(np.count_nonzero(mask & ~und))
             k_max = k_min + int(np.count_nonzero(und))
             ks = range(k_min, k_max + 1) if k_max - k_min <= _MAX_COUNTS else (k_min, k_max)
+            ns = range(n_lo, n_hi + 1) if n_hi - n_lo <= _MAX_COUNTS else (n_lo, n_hi)
             best, best_ratio = None, np.inf
-            for k in ks:
+            for k, n in itertools.product(ks, ns):
                 s = caution.scale(k, n)
                 kept = p64 + s * delta
                 tol = 3.01 * u_c * s * np.abs(delta) + (u_c + u_s) * np.abs(kept) + _ABS[sd] + (1 + s) * flush
@@ -124,7 +129,7 @@ def check_wrapped_step(
                 ratio = np.where(und, np.minimum(r_kept, r_drop), np.where(mask, r_kept, r_drop))
                 worst_k = float(np.max(ratio, initial=0.0))
                 if ok.all():
-                    best, best_ratio = None, min(best_ratio, worst_k)
+                    best, best_ratio = None, worst_k
                     break
                 if best is None or worst_k < best_ratio:
                     j = int(np.argmax(~ok))

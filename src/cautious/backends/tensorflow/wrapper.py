@@ -123,7 +123,8 @@ class Cautious(keras.optimizers.Optimizer):
     # -- shared with the inner optimizer -------------------------------------------------------------
 
     def build(self, var_list: list[Any]) -> None:
-        self.inner_optimizer.build(var_list)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
         super().build(var_list)
         if self.caution_stats_enabled:
             for v in var_list:
