@@ -104,12 +104,11 @@ def check_wrapped_step(
             g_hat = -g64 if maximize else g64
             mask = spec.cautious_mask(delta, -g_hat)
             flush = tiny(cd)  # a platform may flush a subnormal input or result to zero
-            und = (np.abs(delta) < flush) & (delta != 0)
-            if not measures_delta:
-                und |= (q64 == p64) & ~np.isnan(g64)
-            und &= ~np.isnan(delta)
+            # a flush (of a subnormal delta or g) can only turn a kept entry into a dropped one ...
             sub_g = (np.abs(g64) < flush) & (g64 != 0)
-            und |= sub_g
+            und = mask & ~np.isnan(delta) & ~np.isnan(g64) & ((np.abs(delta) < flush) | sub_g)
+            if not measures_delta:  # ... and an update that p + o rounded away may be kept by who masks o itself
+                und |= ~mask & (q64 == p64) & ~np.isnan(g64) & ~sub_g & (g64 != 0)
             n_hi = spec.caution_denominator(g64, caution)
             n_lo = n_hi - (int(np.count_nonzero(sub_g)) if caution.denominator == "nonzero" else 0)
             k_min = int(np.count_nonzero(mask & ~und))
