@@ -125,6 +125,9 @@ def check_wrapped_step(
                 ok_kept, r_kept = _match(got64, kept, tol)
                 ok_drop, r_drop = _match(got64, p64, np.where(np.abs(p64) < flush, flush, 0.0))
                 ok = np.where(und, ok_kept | ok_drop, np.where(mask, ok_kept, ok_drop))
+                # an infinite p: the measured delta is inf - inf = NaN (kept: p' = NaN); who masks the update
+                # itself keeps p infinite. Either is admitted (docs/conformance.md, "Non-finite parameters").
+                ok |= np.isinf(p64) & ((got64 == p64) | np.isnan(got64))
                 ratio = np.where(und, np.minimum(r_kept, r_drop), np.where(mask, r_kept, r_drop))
                 worst_k = float(np.max(ratio, initial=0.0))
                 if ok.all():
