@@ -95,3 +95,15 @@ def test_wrapper_conformance_around_every_spec_rule(jit):
     res = run_wrapper_conformance(JaxWrapperAdapter(jit), max_examples=24 if jit else 12)
     assert {rule for rule, _ in res.examples} == set(spec.RULES)
     assert res.worst <= 1.0
+
+
+def test_an_infinite_update_where_g_is_zero_is_dropped_as_the_spec_says():
+    inf_where_zero = optax.GradientTransformation(
+        lambda params: optax.EmptyState(), lambda g, s, p=None: (jnp.where(g == 0, jnp.inf, -g), s)
+    )
+    g = jnp.array([1.0, 0.0, -1.0, jnp.nan])
+    wrapped = cj.cautious(inf_where_zero, Caution("exact"), form="update")
+    o_c, _ = wrapped.update(g, wrapped.init(jnp.ones(4)), jnp.ones(4))
+    want, mask, count, _ = spec.whole_update(np.array([-1.0, np.inf, 1.0, np.nan]), np.asarray(g), Caution("exact"))
+    assert mask.tolist() == [True, False, True, True] and count == 3
+    np.testing.assert_array_equal(np.asarray(o_c, np.float64), want)

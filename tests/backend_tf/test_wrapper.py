@@ -189,3 +189,23 @@ def test_wrapper_conformance_around_every_spec_rule(mode):
     res = run_wrapper_conformance(TFWrapperAdapter(mode), max_examples=16)
     assert {rule for rule, _ in res.examples} == set(spec.RULES)
     assert res.worst <= 1.0
+
+
+class _InfWhereZero(keras.optimizers.Optimizer):
+    """Steps by -g, and by +inf where g == 0: an infinite step the gradient does not direct."""
+
+    def __init__(self, **kwargs):
+        super().__init__(learning_rate=1.0, **kwargs)
+
+    def update_step(self, gradient, variable, learning_rate):
+        self.assign_add(variable, tf.where(gradient == 0, tf.constant(np.inf, variable.dtype), -gradient))
+
+
+def test_an_infinite_step_where_g_is_zero_is_dropped_as_the_spec_says():
+    v = keras.Variable(np.ones(4), dtype="float64")
+    g = np.array([1.0, 0.0, -1.0, np.nan])
+    opt = ctf.Cautious(_InfWhereZero(), Caution("exact"))
+    opt.apply([tf.constant(g)], [v])
+    want, mask, count, _ = spec.whole_step(np.ones(4), np.array([0.0, np.inf, 2.0, np.nan]), g, Caution("exact"))
+    assert mask.tolist() == [True, False, True, True] and count == 3
+    np.testing.assert_array_equal(v.numpy(), want)

@@ -205,3 +205,28 @@ def test_wrapper_conformance_around_every_spec_rule(impl):
     res = run_wrapper_conformance(TorchWrapperAdapter(impl), max_examples=40)
     assert {rule for rule, _ in res.examples} == set(spec.RULES)
     assert res.worst <= 1.0
+
+
+class _InfWhereZero(torch.optim.Optimizer):
+    """Steps by -g, and by +inf where g == 0: an infinite step the gradient does not direct."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.where(p.grad == 0, torch.inf, -p.grad))
+
+
+def test_an_infinite_step_where_g_is_zero_is_dropped_as_the_spec_says():
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    g = torch.tensor([1.0, 0.0, -1.0, float("nan")], dtype=torch.float64)
+    opt = ct.Cautious(_InfWhereZero([w]), Caution("exact"))
+    w.grad = g.clone()
+    opt.step()
+    q = np.array([0.0, np.inf, 2.0, np.nan])
+    want, mask, count, _ = spec.whole_step(np.ones(4), q, g.numpy(), Caution("exact"))
+    assert mask.tolist() == [True, False, True, True] and count == 3
+    np.testing.assert_array_equal(w.detach().numpy(), want)

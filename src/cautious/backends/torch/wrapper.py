@@ -18,6 +18,7 @@ dtype and rounded once into the parameter.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -240,8 +241,11 @@ class Cautious(torch.optim.Optimizer):
             else:
                 olds = [s.to(cd) for s in snaps]
                 deltas = [p.to(cd) - s for p, s in zip(ps, olds, strict=True)]
-            # the signs the mask reads: the descent direction -delta (+delta when maximizing), NaN where g is NaN
-            signs = [torch.where(g.isnan(), g.to(cd), d if maximize else d.neg()) for g, d in zip(grads, deltas)]
+            # The signs the mask reads: those of the descent direction -delta (+delta when maximizing), NaN where
+            # delta or g is NaN, and finite (times +-2**(emax-1), clamped to [-1, 1]: every nonzero delta, an
+            # infinite one too, keeps its sign), so that a zero g never meets an infinite delta (0 * inf is NaN).
+            big = 2.0 ** (math.frexp(torch.finfo(cd).max)[1] - 2) * (1.0 if maximize else -1.0)
+            signs = [torch.where(g.isnan(), g.to(cd), d.mul(big).clamp_(-1.0, 1.0)) for g, d in zip(grads, deltas)]
             masked, scales = functional._mask_and_scales(
                 deltas, signs, grads, self.caution, foreach=True, stats=self._caution_stats, params=ps
             )
