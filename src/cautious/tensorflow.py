@@ -29,6 +29,7 @@ from cautious.backends.tensorflow import (  # noqa: E402
     AdamW,
     Adopt,
     Caution,
+    Cautious,
     CautiousOptimizer,
     LaProp,
     Lion,
@@ -48,6 +49,7 @@ __all__ = [
     "Adafactor",
     "Caution",
     "CautiousOptimizer",
+    "Cautious",
     "Adopt",
     "LaProp",
 ]

@@ -95,7 +95,7 @@ def test_help_names_the_toml_keys():
 def test_verify_our_numpy_backend_and_bad_arguments(tmp_path):
     out = _run([*CLI, "verify", "--backend", "numpy", "--max-examples", "3", "--rules", "lion"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "numpy/reference" in out.stdout and "10 passed, 0 failed" in out.stdout
+    assert "numpy/reference" in out.stdout and "11 passed, 0 failed" in out.stdout  # 5 options x 2 dtypes + wrapper
     bad = _run([*CLI, "verify", "--backend", "mxnet"], cwd=tmp_path)
     assert bad.returncode != 0 and "unknown backend 'mxnet'" in bad.stderr
     bad = _run([*CLI, "verify", "--target", "x:Y"], cwd=tmp_path)

@@ -60,7 +60,16 @@ Clauses: mask_boundary nan sign_vs_underflow normalization eps_placement bias_co
 Known ports and their profiles: docs/ports.md (cautious verify --known).
 """
 
-OPTIONS = ("off", "mean_clamp", "count_plus_one", "exact", "none")
+OPTIONS = ("off", "mean_clamp", "count_plus_one", "exact", "none", "wrapper")
+
+#: Caution for any optimizer (option ``wrapper``): per backend, the lane whose wrapper is checked around
+#: every rule against the spec's wrapper (:mod:`cautious.conformance.wrapper`): backend -> (lane, adapter, kwargs).
+WRAPPER_LANES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "numpy": ("reference", "cautious.conformance.wrapper:NumpyWrapperAdapter", {}),
+    "torch": ("foreach", "cautious.conformance.adapters.torch:TorchWrapperAdapter", {"impl": "foreach"}),
+    "jax": ("jit", "cautious.conformance.adapters.jax:JaxWrapperAdapter", {"jit": True}),
+    "tensorflow": ("eager", "cautious.conformance.adapters.tensorflow:TFWrapperAdapter", {"mode": "eager"}),
+}
 
 #: The rules ``cautious verify`` checks on our backends by default: the spec's elementwise rules
 #: (which also have the clause probes of the profile) and Adafactor (random cells only).
@@ -116,6 +125,35 @@ def _run_cells(name: str, adapter: Any, rules, options, dtypes, max_examples: in
     return cells
 
 
+def _run_wrapper_cells(name: str, adapter: Any, rules, dtypes, max_examples: int, seed: int) -> list[Cell]:
+    """One cell per rule: the backend's wrapper around the rule's caution-free optimizer (option ``wrapper``)."""
+    from cautious.conformance.runner import ConformanceError
+    from cautious.conformance.wrapper import run_wrapper_conformance
+
+    cells = []
+    for rule in rules:
+        t0 = time.perf_counter()
+        dtype = ",".join(dtypes)
+        try:
+            res = run_wrapper_conformance(adapter, rules=(rule,), dtypes=dtypes, max_examples=max_examples, seed=seed)
+            cell = Cell(name, rule, "wrapper", dtype, "pass", sum(res.examples.values()), res.worst)
+        except ConformanceError as e:
+            cell = Cell(name, rule, "wrapper", dtype, "skip" if "no wrapper example ran" in str(e) else "fail",
+                        detail=str(e))  # fmt: skip
+        except Exception as e:
+            from cautious.conformance.profile import describe_exception
+
+            cell = Cell(name, rule, "wrapper", dtype, "fail", detail=f"{name} raised {describe_exception(e)}")
+        cell.seconds = time.perf_counter() - t0
+        print(
+            f"[{name}] {rule:<6} {'wrapper':<15} {dtype:<8} {cell.result.upper():<4} "
+            f"{cell.examples:>4} ex  worst {cell.worst:.2f}  ({cell.seconds:.1f}s)",
+            flush=True,
+        )
+        cells.append(cell)
+    return cells
+
+
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job (a backend, or a third-party target) in this process: ``{"cells": [...], "profiles": [...]}``."""
     import warnings
@@ -143,6 +181,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     cells: list[Cell] = []
     profiles: list[dict[str, Any]] = []
     if job["kind"] == "backend":
+        wrapper = "wrapper" in job["options"]
+        job = {**job, "options": [o for o in job["options"] if o != "wrapper"]}
         for lane, path, kwargs, _ in LANES[job["backend"]]:
             name = f"{job['backend']}/{lane}"
             try:
@@ -174,6 +214,15 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                 else ClauseResult("matches", detail="see the cells")
             )
             profiles.append({**prof.to_json(), "name": name})
+        if wrapper and job["backend"] in WRAPPER_LANES:
+            lane, path, kwargs = WRAPPER_LANES[job["backend"]]
+            name = f"{job['backend']}/{lane}-wrapper"
+            try:
+                adapter = resolve(path)(**kwargs)
+                budget = max(4, job["max_examples"] // 2)  # half a cell's budget: the group stays within +30 s
+                cells += _run_wrapper_cells(name, adapter, job["rules"], dtypes, budget, job["seed"])
+            except Exception as e:
+                cells.append(Cell(name, "-", "wrapper", "-", "fail", detail=f"cannot build adapter: {e!r}"))
     else:
         target = Target(**job["target"])
         try:

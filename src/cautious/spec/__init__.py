@@ -7,7 +7,8 @@ Everything every backend must reproduce is defined here, once:
 * :mod:`cautious.spec.rules`: base rules (Adam, Lion, SGD-momentum, NAdam, RMSprop, Adafactor) as
   pure direction functions, and :func:`cautious`, the one wrapper that applies caution;
 * :mod:`cautious.spec.optim`: the optimizers ``adam``, ``adamw``, ``lion``, ``sgd``, ``nadam``,
-  ``nadamw``, ``rmsprop``, ``adafactor`` with ``init`` / ``step`` over immutable state;
+  ``nadamw``, ``rmsprop``, ``adafactor`` with ``init`` / ``step`` over immutable state,
+  and :func:`cautious_optimizer`, caution for any whole optimizer (:func:`whole_step`);
 * :mod:`cautious.spec.errors`: the table of invalid hyperparameters;
 * :mod:`cautious.spec.dtypes`: storage dtypes and the round-once rule.
 
@@ -25,6 +26,7 @@ from cautious.spec.mask import (
     cautious_scale,
     decay_mask,
     kept_count,
+    whole_step,
     whole_update,
 )
 from cautious.spec.optim import (
@@ -34,6 +36,7 @@ from cautious.spec.optim import (
     adam,
     adamw,
     adopt,
+    cautious_optimizer,
     laprop,
     lion,
     make_optimizer,
@@ -108,6 +111,7 @@ __all__ = [
     "decay_mask",
     "kept_count",
     "whole_update",
+    "whole_step",
     "Optimizer",
     "State",
     "adam",
@@ -115,6 +119,7 @@ __all__ = [
     "lion",
     "sgd",
     "make_optimizer",
+    "cautious_optimizer",
     "AdamState",
     "LionState",
     "SGDState",

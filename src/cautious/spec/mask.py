@@ -41,6 +41,7 @@ __all__ = [
     "apply_caution",
     "whole_update",
     "CautionStats",
+    "whole_step",
     "decay_mask",
 ]
 
@@ -138,6 +139,50 @@ def whole_update(update: np.ndarray, g: np.ndarray, caution: Caution) -> tuple[n
     ([-0.2, 0.0, 0.4, 0.0], 2, 2.0)
     """
     return apply_caution(update, -np.asarray(g), caution)
+
+
+def whole_step(
+    p: np.ndarray, p_next: np.ndarray, g: np.ndarray, caution: Caution, *, maximize: bool = False
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    r"""Caution for any optimizer: mask the step an optimizer took, ``p -> p_next``, against the gradient.
+
+    ``p_next`` is what an optimizer without caution made of ``p`` from the gradient ``g``. The
+    update is measured as a difference and masked in the whole-update form (:func:`whole_update`):
+
+    .. math::
+
+        \delta = p_{next} - p \ \text{(float64)}, \qquad
+        \hat g = -g \text{ if maximize else } g, \qquad
+        p' = \operatorname{round}\bigl(p + \text{mask}(\delta, -\hat g)\cdot\text{scale}\cdot\delta\bigr)
+
+    ``delta`` is computed in float64 from the stored values and the sum ``p + delta^c`` is rounded
+    once to ``p``'s dtype (a backend computes ``delta`` in its compute dtype, float32 below float64,
+    and so adds one rounding of ``delta``; docs/conformance.md bounds it). ``maximize`` says that
+    the optimizer *ascends* ``g`` (torch's ``maximize=True``): its descent gradient is then ``-g``,
+    so its update is kept where it has the sign of ``+g``. Entries where the mask drops the update
+    keep ``p`` exactly. Zeros, NaN (of ``delta`` or ``g``: kept), the integer count and the scale
+    are as in :func:`apply_caution`; the scale counts the entries of ``p`` (or, with
+    ``denominator="nonzero"``, the nonzero entries of ``g``).
+
+    Returns:
+      ``(p_c, mask, count, scale)`` with ``p_c`` in ``p``'s dtype (bfloat16 is carried in float32;
+      round it with :func:`cautious.spec.round_to`).
+
+    >>> import numpy as np
+    >>> p_c, mask, count, scale = whole_step(
+    ...     np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.9, 1.1, 0.8, 1.0]),
+    ...     np.array([1.0, 1.0, 1.0, 1.0]), Caution("exact"))
+    >>> p_c.round(12).tolist(), count, scale
+    ([0.8, 1.0, 0.6, 1.0], 2, 2.0)
+    """
+    p = np.asarray(p)
+    p64 = np.asarray(p, dtype=np.float64)
+    g64 = np.asarray(g, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = np.asarray(p_next, dtype=np.float64) - p64
+        delta_c, mask, count, scale = whole_update(delta, g64 if not maximize else -g64, caution)
+        p_c = np.asarray(p64 + delta_c, dtype=p.dtype)
+    return p_c, mask, count, scale
 
 
 def decay_mask(u: np.ndarray, p: np.ndarray) -> np.ndarray:

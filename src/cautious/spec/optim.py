@@ -53,7 +53,7 @@ from cautious.spec.errors import (
     split_ns_coefficients,
     validate,
 )
-from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_update
+from cautious.spec.mask import CautionStats, apply_caution, decay_mask, whole_step, whole_update
 from cautious.spec.rules import (
     Rule,
     UpdateRule,
@@ -90,6 +90,7 @@ __all__ = [
     "adopt",
     "laprop",
     "muon",
+    "cautious_optimizer",
 ]
 
 
@@ -869,3 +870,61 @@ def muon(
         return state
 
     return opt._replace(init=init)
+
+
+def cautious_optimizer(optimizer: Optimizer, caution: bool | Caution = True) -> Optimizer:
+    r"""Caution for any optimizer: wrap a whole reference :class:`Optimizer` built with ``caution=False``.
+
+    Each step runs ``optimizer`` unchanged, then masks the step it took per tensor
+    (:func:`cautious.spec.whole_step`):
+
+    .. math::
+
+        p_{next}, s' &= \text{optimizer.step}(p, g, s) \\
+        \delta &= p_{next} - p, \qquad \hat g = -g \text{ if maximize else } g \\
+        p' &= p + \text{mask}(\delta, -\hat g)\cdot\text{scale}\cdot\delta
+
+    ``maximize`` is the inner optimizer's own (its ``hparams["maximize"]``, False when absent).
+    Everything the inner optimizer puts into the step is masked: weight decay too, unlike
+    :func:`adamw`'s form, which masks the direction only (docs/spec.md, "Caution for any
+    optimizer"). ``g`` is the gradient handed to ``step``, before coupled decay. The state is
+    the inner state, untouched (so it moves freely between the bare and the wrapped optimizer).
+    ``caution=False`` returns the bare step.
+
+    Raises ``ValueError`` when ``optimizer`` already has caution on (the mask would apply twice).
+
+    >>> import numpy as np, cautious.spec as spec
+    >>> opt = spec.cautious_optimizer(spec.sgd(lr=0.1, caution=False), spec.Caution("exact"))
+    >>> (p,), _ = opt.step([np.ones(4)], [np.array([1.0, -1.0, 0.0, 2.0])], opt.init([np.ones(4)]))
+    >>> p.round(6).tolist()  # 3 of 4 entries move (g = 0 has no sign): each moves 4/3 as far as bare SGD
+    [0.866667, 1.133333, 1.0, 0.733333]
+    """
+    if optimizer.hparams.get("caution") is not None:
+        raise ValueError(
+            "cautious_optimizer wraps an optimizer built with caution=False "
+            f"(got {optimizer.rule} with caution={optimizer.hparams['caution']!r}: the mask would apply twice)"
+        )
+    c = caution_arg(caution)
+    maximize = bool(optimizer.hparams.get("maximize", False))
+    hparams = dict(optimizer.hparams, caution=c)
+    name = f"cautious_optimizer({optimizer.rule})"
+
+    def masked(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple[list, State, tuple]:
+        nexts, new_state = optimizer.step(params, grads, state)
+        out, stats = [], []
+        for p, q, g in zip(params, nexts, grads, strict=True):
+            p_c, _, count, scale = whole_step(p, q, g, c, maximize=maximize)
+            out.append(p_c)
+            stats.append(CautionStats(count, int(np.size(p)), scale))
+        return out, new_state, tuple(stats)
+
+    def step(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple[list, State]:
+        return masked(params, grads, state)[:2]
+
+    def stats(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: State) -> tuple:
+        return masked(params, grads, state)[2]
+
+    if c is None:
+        off = lambda params, grads, state: (None,) * len(params)  # noqa: E731
+        return Optimizer(optimizer.init, optimizer.step, name, hparams, off)
+    return Optimizer(optimizer.init, step, name, hparams, stats)

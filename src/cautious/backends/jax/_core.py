@@ -299,6 +299,11 @@ def cautious(
       learning rate; with decoupled decay it differs from :func:`cautious.jax.adamw`, which
       never masks the decay.
 
+      This is caution for any optimizer, the one definition the three backends share
+      (:func:`cautious.spec.cautious_optimizer`): torch's and Keras's ``Cautious`` wrappers
+      measure ``o`` as ``p_next - p`` after an in-place step (:func:`cautious.spec.whole_step`),
+      optax hands it over, so here ``o`` is exact and no buffer is needed.
+
     The state is exactly the inner state (the same pytree as without caution), so states and
     checkpoints move freely between ``inner`` and ``cautious(inner)``. Outputs keep the dtype
     that ``inner`` returns (bfloat16/float16 are scaled in float32 and rounded once). See

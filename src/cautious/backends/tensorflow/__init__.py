@@ -6,6 +6,7 @@ Keras's names and defaults plus ``caution``, ``cautious_weight_decay`` and (Adam
 ``optimizer.apply_gradients`` in a custom ``tf.GradientTape`` loop, eager, in
 ``tf.function`` and under XLA. ``caution=False`` reproduces the matching Keras optimizer.
 See :mod:`cautious.backends.tensorflow.optimizers` for the math and numerics.
+:class:`Cautious` wraps any Keras optimizer (caution for any optimizer, :func:`cautious.spec.cautious_optimizer`).
 
 Importing this module sets ``KERAS_BACKEND=tensorflow`` unless it is already set.
 """
@@ -30,6 +31,7 @@ from cautious.backends.tensorflow.optimizers import (  # noqa: E402
     Nadam,
     RMSprop,
 )
+from cautious.backends.tensorflow.wrapper import Cautious  # noqa: E402
 
 __all__ = [
     "AdamW",
@@ -41,6 +43,7 @@ __all__ = [
     "RMSprop",
     "Caution",
     "CautiousOptimizer",
+    "Cautious",
     "Adafactor",
     "Adopt",
     "LaProp",

@@ -2,7 +2,8 @@
 
 AdamW, Adam, Lion, SGD, NAdam, RMSprop, Adafactor, Adopt, LaProp and Muon.
 
-Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`.
+Public import path: :mod:`cautious.torch`. The algorithm is :mod:`cautious.spec`. :class:`Cautious`
+wraps any ``torch.optim.Optimizer`` (caution for any optimizer: :func:`cautious.spec.cautious_optimizer`).
 
 Also public: :func:`fused_available` (whether ``fused=True`` runs on a device), :func:`build_fused`
 (prebuild the native CPU kernel, the CPU default with caution on) and the fused
@@ -15,6 +16,7 @@ from cautious._caution import Caution
 from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
 from cautious.backends.torch.fused import is_available as fused_available
 from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, NAdam, RMSprop
+from cautious.backends.torch.wrapper import Cautious
 
 __all__ = [
     "AdamW",
@@ -33,4 +35,5 @@ __all__ = [
     "fused_adam_",
     "fused_lion_",
     "fused_sgd_",
+    "Cautious",
 ]

@@ -29,7 +29,7 @@ from cautious import spec
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 
-__all__ = ["JaxAdapter"]
+__all__ = ["JaxAdapter", "JaxWrapperAdapter"]
 
 _JNP = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _STATE_TYPES = (
@@ -411,3 +411,38 @@ class JaxAdapter:
                 col = np.expand_dims(out(new_state[0].v_col[i]), ax[0])
                 leaves.append(spec.AdafactorState(row, col, None, m))
         return [out(x) for x in new_p], spec.State(int(state.step) + 1, tuple(leaves))
+
+
+class JaxWrapperAdapter(JaxAdapter):
+    """The conformance wrapper adapter (:mod:`cautious.conformance.wrapper`) for
+    ``cautious.jax.cautious(..., form="update")``: with ``wrap_caution`` set, the case's
+    caution-free optimizer runs wrapped. optax hands over the update itself, so the wrapper
+    masks it exactly (``measures_delta = False``)."""
+
+    measures_delta = False
+
+    def __init__(self, jit: bool = True) -> None:
+        super().__init__(jit)
+        self.name = f"{self.name}-wrapper"
+        self.wrap_caution: Any = None
+
+    def supports(self, case: Case) -> str | None:
+        if case.hparams.get("maximize"):
+            return "the wrapper masks against -g (descent): an optimizer that ascends (maximize=True) is not wrapped"
+        return super().supports(case)
+
+    def _step_fn(self, case: Case) -> Any:
+        if self.wrap_caution is None:
+            return super()._step_fn(case)
+        key = ("wrapper", repr(self.wrap_caution), case.rule, repr(sorted(case.hparams.items())), case.dtype)
+        fn = self._compiled.get(key)
+        if fn is None:
+            opt = cjax.cautious(build_optimizer(case), self.wrap_caution, form="update")
+
+            def fn(params: Any, grads: Any, state: Any) -> Any:
+                updates, new_state = opt.update(grads, state, params)
+                return optax.apply_updates(params, updates), new_state
+
+            fn = (jax.jit(fn), opt) if self.jit else (fn, opt)
+            self._compiled[key] = fn
+        return fn

@@ -37,9 +37,9 @@ import tensorflow as tf  # noqa: E402
 from cautious import spec  # noqa: E402
 from cautious.conformance.case import Case  # noqa: E402
 from cautious.spec.dtypes import numpy_dtype  # noqa: E402
-from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, Nadam, RMSprop  # noqa: E402
+from cautious.tensorflow import SGD, Adafactor, Adam, AdamW, Adopt, Cautious, LaProp, Lion, Muon, Nadam, RMSprop  # noqa: E402
 
-__all__ = ["TFAdapter", "build_optimizer"]
+__all__ = ["TFAdapter", "TFWrapperAdapter", "build_optimizer"]
 
 _MODES = ("eager", "function", "xla")
 _TF_DTYPES = {"float32": tf.float32, "float64": tf.float64, "bfloat16": tf.bfloat16, "float16": tf.float16}
@@ -330,3 +330,50 @@ class TFAdapter:
                 got = [None if x is None else x.reshape(np.shape(y)) for x, y in zip(got, leaf)]
             leaves.append(type(leaf)(*got))
         return new_params, spec.State(int(entry.opt.iterations.numpy()), tuple(leaves))
+
+
+class _WrappedEntry(_Entry):
+    """An :class:`_Entry` whose ``apply`` runs ``cautious.tensorflow.Cautious`` around the entry's optimizer."""
+
+    def __init__(self, case: Case, shapes: list[tuple[int, ...]], mode: str, caution: Any) -> None:
+        super().__init__(case, shapes, mode)
+        self.wrapper = Cautious(self.opt, caution)
+        self.wrapper.build(self.vars)
+
+        def apply(grads: list[tf.Tensor]) -> None:
+            self.wrapper.apply(grads, self.vars)
+
+        if mode == "eager":
+            self.apply = apply
+        else:
+            self.apply = tf.function(apply, jit_compile=(mode == "xla"), reduce_retracing=False)
+
+
+class TFWrapperAdapter(TFAdapter):
+    """The conformance wrapper adapter (:mod:`cautious.conformance.wrapper`) for ``cautious.tensorflow.Cautious``:
+    with ``wrap_caution`` set, the case's caution-free optimizer runs wrapped."""
+
+    measures_delta = True
+
+    def __init__(self, mode: str = "eager", cache_size: int = 64) -> None:
+        super().__init__(mode, cache_size)
+        self.name = f"{self.name}-wrapper"
+        self.wrap_caution: Any = None
+
+    def supports(self, case: Case) -> str | None:
+        if case.hparams.get("maximize"):
+            return "the wrapper masks against -g (descent): an optimizer that ascends (maximize=True) is not wrapped"
+        return super().supports(case)
+
+    def _entry(self, case: Case, shapes: list[tuple[int, ...]]) -> _Entry:
+        if self.wrap_caution is None:
+            return super()._entry(case, shapes)
+        hp = repr(sorted(case.hparams.items()))
+        key = ("wrapper", repr(self.wrap_caution), case.rule, hp, case.dtype, tuple(shapes))
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = _WrappedEntry(case, shapes, self.mode, self.wrap_caution)
+            self._cache[key] = entry
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return entry

@@ -17,7 +17,7 @@ from cautious.conformance.case import Case
 from cautious.spec.dtypes import numpy_dtype
 from cautious.torch import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, NAdam, RMSprop
 
-__all__ = ["TorchAdapter", "to_torch", "to_numpy"]
+__all__ = ["TorchAdapter", "TorchWrapperAdapter", "to_torch", "to_numpy"]
 
 _TORCH_DTYPES = {
     "float64": torch.float64,
@@ -294,3 +294,21 @@ class TorchAdapter:
                 leaves.append(spec.SGDState(to_numpy(st.get("momentum_buffer"), sd) if momentum else None))
         out = [to_numpy(p, case.dtype) for p in ps]
         return out, spec.State(state.step + 1, tuple(leaves))
+
+
+class TorchWrapperAdapter(TorchAdapter):
+    """The conformance wrapper adapter (:mod:`cautious.conformance.wrapper`) for ``cautious.torch.Cautious``:
+    with ``wrap_caution`` set, the case's caution-free optimizer runs wrapped."""
+
+    measures_delta = True
+
+    def __init__(self, impl: str = "foreach", device: str = "cpu") -> None:
+        super().__init__(impl, device)
+        self.name = f"{self.name}-wrapper"
+        self.wrap_caution: Any = None
+
+    def _optimizer(self, case: Case, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        from cautious.torch import Cautious
+
+        opt = super()._optimizer(case, params)
+        return opt if self.wrap_caution is None else Cautious(opt, self.wrap_caution)
