@@ -20,9 +20,10 @@ def _step(case, params, grads, state):
     return spec_optimizer(case).step(params, grads, state)
 
 
-#: The entrywise rules. Muon's Newton-Schulz mixes entries (no permutation equivariance, a fresh
-#: direction need not have the sign of g): its properties are in test_muon.py.
-ENTRYWISE = tuple(r for r in spec.RULES if r != "muon")
+#: The entrywise rules. Muon's Newton-Schulz and Adafactor's factored statistics mix entries (no permutation
+#: equivariance; a fresh Muon direction need not have the sign of g): their properties are in test_muon.py
+#: and test_adafactor.py.
+ENTRYWISE = tuple(r for r in spec.RULES if r not in ("muon", "adafactor"))
 
 
 def _f64_case(rules=ENTRYWISE):
@@ -57,6 +58,30 @@ def _direction(case, g, s, t):
         clip_exp = hp.get("clip_exp", 0.333)
         return spec.adopt_direction(
             g, s, t, beta1=b1, beta2=b2, eps=hp["eps"], clip_exp=clip_exp, nesterov=hp["nesterov"]
+        )
+    if case.rule == "nadam":
+        b1, b2 = hp["betas"]
+        return spec.nadam_direction(
+            g,
+            s,
+            t,
+            beta1=b1,
+            beta2=b2,
+            eps=hp["eps"],
+            momentum_decay=hp["momentum_decay"],
+            momentum_schedule=hp["momentum_schedule"],
+        )
+    if case.rule == "rmsprop":
+        return spec.rmsprop_direction(
+            g,
+            s,
+            t,
+            alpha=hp["alpha"],
+            eps=hp["eps"],
+            momentum=hp["momentum"],
+            centered=hp["centered"],
+            nesterov=hp["nesterov"],
+            eps_in_sqrt=hp["eps_in_sqrt"],
         )
     if case.rule == "laprop":  # update form: the direction is -delta / lr
         b1, b2 = hp["betas"]

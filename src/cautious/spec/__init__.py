@@ -92,7 +92,8 @@ from cautious.spec.rules import (
     then,
 )
 
-RULES = ("adam", "adamw", "lion", "sgd", "adopt", "laprop", "muon")
+#: Every base rule's factory name: what the conformance suite, ``cautious verify`` and the wrapper check cover.
+RULES = ("adam", "adamw", "lion", "sgd", "nadam", "rmsprop", "adafactor", "adopt", "laprop", "muon")
 
 __all__ = [
     "Caution",
