@@ -32,7 +32,9 @@ def test_conformance_fast_count_path(monkeypatch):
 
 
 def test_conformance_low_precision():
-    run_conformance(JaxAdapter(jit=True), dtypes=("bfloat16", "float16"), max_examples=40)
+    # optax.adafactor's float32 schedule: the adapter declines Adafactor in other dtypes (its reason says why)
+    rules = tuple(r for r in spec.RULES if r != "adafactor")
+    run_conformance(JaxAdapter(jit=True), rules=rules, dtypes=("bfloat16", "float16"), max_examples=40)
 
 
 def test_conformance_float32_without_x64():

@@ -58,6 +58,9 @@ _SPEC_DEFAULTS = {
     },
     "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "centered": False},
     "adafactor": {"lr": 1e-2, "weight_decay": 0.0},
+    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "clip_exp": 0.333, "weight_decay": 0.0},
+    "laprop": {"lr": 4e-4, "betas": (0.9, 0.999), "eps": 1e-15, "weight_decay": 0.0},
+    "muon": {"lr": 1e-3, "momentum": 0.95, "weight_decay": 0.1, "nesterov": True, "ns_steps": 5, "rms_rate": 0.2},
 }
 
 #: keras.optimizers.Adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor").
@@ -70,9 +73,6 @@ ADAFACTOR_FORMS = {
     "weight_decay_form": "lr_before_scale",
     "decay_offset": 0,
     "eps": (None, float(np.float32(1e-3))),  # eps[0] is drawn; Keras casts epsilon_2 through float32
-    "adopt": {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "clip_exp": 0.333, "weight_decay": 0.0},
-    "laprop": {"lr": 4e-4, "betas": (0.9, 0.999), "eps": 1e-15, "weight_decay": 0.0},
-    "muon": {"lr": 1e-3, "momentum": 0.95, "weight_decay": 0.1, "nesterov": True, "ns_steps": 5, "rms_rate": 0.2},
 }
 
 
