@@ -70,6 +70,7 @@ class TorchAdapter:
         self.impl = impl
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
+        self._stats: list[tuple[int, int, float] | None] | None = None
 
     def supports(self, case: Case) -> str | None:
         if case.rule not in ("adam", "adamw", "lion", "sgd"):
@@ -93,6 +94,8 @@ class TorchAdapter:
             kw["fused"] = True
         else:
             kw["foreach"] = self.impl == "foreach"
+        if case.caution is not None:
+            kw["caution_stats"] = True  # the telemetry the suite checks (last_stats)
         if case.rule == "adamw":
             hp.pop("decoupled_weight_decay", None)
             return AdamW(params, **hp, **kw)
@@ -104,6 +107,10 @@ class TorchAdapter:
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return to_torch(x, dtype, self.device)
+
+    def last_stats(self) -> list[tuple[int, int, float] | None] | None:
+        """The telemetry (``caution_stats()``) of the last :meth:`step`: ``(count, n, scale)`` per tensor."""
+        return self._stats
 
     # -- one step -----------------------------------------------------------------------------------------
 
@@ -132,6 +139,9 @@ class TorchAdapter:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
         opt.step()
+        self._stats = None
+        if case.caution is not None:
+            self._stats = [None if x is None else (int(x.count), int(x.n), float(x.scale)) for x in opt.caution_stats()]
         sd = case.state_storage
         leaves: list[Any] = []
         for p in ps:
