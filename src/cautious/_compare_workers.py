@@ -78,7 +78,8 @@ def _loop(
 
 
 # -- The optimizers of a job entry ({"rule": "adamw" | "lion", "hparams": {...}, "caution": {...} | None}) --------
-# An entry with "caution_stats": True also turns on the opt-in caution telemetry where a backend has one.
+# An entry with "caution_stats": True also turns on the opt-in caution telemetry where a backend has one;
+# "torch_options" (e.g. {"foreach": False}) are extra keywords of the torch optimizer.
 
 
 def _telemetry(opt_cfg: dict[str, Any]) -> dict[str, bool]:
@@ -108,6 +109,7 @@ def torch_optimizer(params: list, opt_cfg: dict[str, Any]) -> Any:
             eps_placement=hp["eps_placement"],
             caution=caution,
             **_telemetry(opt_cfg),
+            **opt_cfg.get("torch_options", {}),
         )
     return ct.Lion(
         params,
@@ -116,6 +118,7 @@ def torch_optimizer(params: list, opt_cfg: dict[str, Any]) -> Any:
         weight_decay=hp["weight_decay"],
         caution=caution,
         **_telemetry(opt_cfg),
+        **opt_cfg.get("torch_options", {}),
     )
 
 

@@ -10,24 +10,28 @@ from cautious import Caution
 
 CAUTIONS = [Caution(), Caution("count_plus_one", denominator="nonzero"), Caution("exact"), Caution("none")]
 RULES = {
-    "AdamW": (lambda ps, c, fe: ct.AdamW(ps, lr=0.01, weight_decay=0.01, caution=c, caution_stats=True, foreach=fe),
+    "AdamW": (lambda ps, c, kw: ct.AdamW(ps, lr=0.01, weight_decay=0.01, caution=c, caution_stats=True, **kw),
               lambda c: spec.adamw(lr=0.01, weight_decay=0.01, caution=c)),
-    "Lion": (lambda ps, c, fe: ct.Lion(ps, lr=0.01, weight_decay=0.1, caution=c, caution_stats=True, foreach=fe),
+    "Lion": (lambda ps, c, kw: ct.Lion(ps, lr=0.01, weight_decay=0.1, caution=c, caution_stats=True, **kw),
              lambda c: spec.lion(lr=0.01, weight_decay=0.1, caution=c)),
-    "SGD": (lambda ps, c, fe: ct.SGD(ps, lr=0.01, momentum=0.9, caution=c, caution_stats=True, foreach=fe),
+    "SGD": (lambda ps, c, kw: ct.SGD(ps, lr=0.01, momentum=0.9, caution=c, caution_stats=True, **kw),
             lambda c: spec.sgd(lr=0.01, momentum=0.9, caution=c)),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+#: every path; fused=True is the native CPU kernel (or its eager fallback without a compiler)
+PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("caution", CAUTIONS, ids=repr)
 @pytest.mark.parametrize("rule", list(RULES))
-def test_stats_and_steps_match_the_reference(rule, caution, foreach):
+def test_stats_and_steps_match_the_reference(rule, caution, path):
     make, ref_make = RULES[rule]
     rng = np.random.default_rng(0)
     p0 = [rng.standard_normal((6, 5)), rng.standard_normal(7)]
     params = [torch.tensor(p, requires_grad=True) for p in p0]
-    opt, ref = make(params, caution, foreach), ref_make(caution)
+    opt, ref = make(params, caution, PATHS[path]), ref_make(caution)
     rparams, rstate = p0, ref.init(p0)
     for _ in range(3):
         grads = [rng.standard_normal(p.shape) * (rng.random(p.shape) < 0.6) for p in p0]  # exact zeros too
@@ -76,8 +80,12 @@ def test_nonzero_denominator_does_not_inflate_a_sparse_embedding_step():
     assert moved["nonzero"] == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_fused_path_refuses_the_nonzero_denominator():
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match="fused path does not support Caution\\(denominator='nonzero'\\)"):
-        ct.AdamW([p], caution=Caution(denominator="nonzero"), fused=True).step()
+def test_fused_path_runs_the_nonzero_denominator():
+    """fused=True with denominator='nonzero' (formerly refused): n counts g's nonzero entries."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ct.SGD([p], lr=0.5, caution=Caution(denominator="nonzero"), caution_stats=True, fused=True)
+    p.grad = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    opt.step()  # u = g: kept 2 of 4, n = 2 nonzero: scale 1 (with denominator="size" it would be 2)
+    (s,) = opt.caution_stats()
+    assert (int(s.count), s.n, float(s.scale)) == (2, 4, 1.0)
+    assert p.detach().tolist() == [0.5, 1.5, 1.0, 1.0]

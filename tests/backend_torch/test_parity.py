@@ -195,13 +195,16 @@ def test_default_path_per_device(monkeypatch):
     monkeypatch.setattr(cpu, "native_available", lambda dtype, state_dtype=None: dtype == torch.float32)
     assert functional._resolve(cpu_params, None, None, 1e-3, on) == "single"  # no native float64: the loop
     assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "fused"
-    # what the fused path refuses or computes differently keeps the single-tensor default
+    # the nonzero denominator and telemetry run fused too (native CPU and Triton)
     sparse = Caution(denominator="nonzero")
-    assert functional._resolve(cpu_params[:1], None, None, 1e-3, sparse) == "single"
-    assert functional._resolve(cpu_params[:1], None, None, 1e-3, on, stats={}) == "single"
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, sparse) == "fused"
+    assert functional._resolve(cpu_params[:1], None, None, 1e-3, on) == "fused"
+    # what the fused path refuses keeps the single-tensor default
     assert functional._resolve(cpu_params[:1], None, None, 1e-3, on, capturable=True) == "single"
     assert functional._resolve([torch.zeros(2, dtype=torch.complex64)], None, None, 1e-3, on) == "single"
-    assert functional._resolve(cuda_like, None, None, 1e-3, sparse) != "fused"
+    monkeypatch.setattr(fused, "is_available", lambda device: True)
+    assert functional._resolve(cuda_like, None, None, 1e-3, sparse) == "fused"
+    assert functional._resolve(cuda_like, None, None, 1e-3, on) == "fused"
 
     class Sub(torch.Tensor):  # a tensor subclass (DTensor is one) never defaults to the native kernel
         pass

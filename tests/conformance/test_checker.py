@@ -143,6 +143,7 @@ def test_repro_snippet_runs_and_recomputes_the_reference():
 
 class _Broken(NumpyAdapter):
     name = "broken"
+    last_stats = None  # no telemetry offered: this test is about the step's repro (test_telemetry.py has its own)
 
     def step(self, case, params, grads, state):
         new, st = super().step(case, params, grads, state)

@@ -83,12 +83,26 @@ def refusal_ids(world: int) -> list[str]:
     return [] if _full(world) else ["refuse-2d-mesh"]
 
 
+def nonzero_ids(world: int) -> list[str]:
+    """``nonzero-<rule>-<path>``: ``Caution(denominator="nonzero")`` with telemetry on a row-sharded tensor whose
+    gradient is sparse on one shard only (the counts and nonzero denominators of the shards reduced together)."""
+    if world != min(WORLD_SIZES):
+        return []
+    return ["nonzero-adamw-single", "nonzero-adamw-foreach", "nonzero-adamw-fused", "nonzero-lion-fused"]
+
+
 def triton_ids() -> list[str]:
     """The fused path's Triton kernels, on the CPU interpreter (slow: a trajectory takes minutes there).
 
-    The crafted-count scenario for every rule, two on each sharded dimension.
+    The crafted-count scenario for every rule, two on each sharded dimension; the nonzero denominator.
     """
-    return ["count-shard0-adam-fused", "count-shard0-lion-fused", "count-shard1-adamw-fused", "count-shard1-sgd-fused"]
+    return [
+        "count-shard0-adam-fused",
+        "count-shard0-lion-fused",
+        "count-shard1-adamw-fused",
+        "count-shard1-sgd-fused",
+        "nonzero-adamw-fused",
+    ]
 
 
 def free_ports(n: int) -> list[int]:

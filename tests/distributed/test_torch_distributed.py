@@ -90,10 +90,30 @@ def test_2d_mesh_is_refused(world, sid):
     assert "not supported yet" in record(world, sid)["message"]
 
 
+def _check_nonzero(rec: dict) -> None:
+    assert rec["stats"] == [[w, w] for (w,) in rec["want"]], "telemetry differs from the reference's stats"
+    for step in rec["stats"]:  # the nonzero denominator matters here: not the scale of denominator="size"
+        count, n, scale = step[0]
+        assert n == 42 and scale != 1.0 / max(count / n, 1e-3), "the crafted gradients are not sparse enough"
+    assert rec["max_diff"] <= MAX_DIFF, f"sharded and whole-tensor steps differ by {rec['max_diff']}"
+    assert rec["spec_diff"] <= 1e-12, f"the sharded step differs from the reference by {rec['spec_diff']}"
+    assert _all_reduces(rec["comm"]) == 1, json.dumps(rec["comm"])  # counts and denominators together
+
+
+@pytest.mark.parametrize(("world", "sid"), cells(S.nonzero_ids))
+def test_nonzero_denominator_is_reduced_with_the_counts(world, sid):
+    """denominator="nonzero" on DTensor shards (single, foreach, fused): one all-reduce, the whole tensor's step
+    and the reference's telemetry."""
+    _check_nonzero(record(world, sid))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("sid", S.triton_ids())
 def test_triton_kernels_same_design(sid):
     """fused=True with the Triton kernels (CPU interpreter): the same count pass, all-reduce, update pass."""
     rec = record(2, sid, triton=True)
     assert rec["fused_backend"] == "triton"
-    assert rec["per_shard_detected"]
+    if sid.startswith("nonzero"):
+        _check_nonzero(rec)
+    else:
+        assert rec["per_shard_detected"]

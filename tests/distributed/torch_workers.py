@@ -365,6 +365,49 @@ def refuse_2d_mesh(path: str) -> dict:
     raise AssertionError("a 2-d mesh was not refused")
 
 
+def nonzero_denominator(mesh, rule: str, path: str) -> dict:
+    """``Caution(denominator="nonzero")`` with telemetry, two steps on a (7, 6) tensor sharded on rows.
+
+    Rank 0 holds rows 0-3, whose gradient is zero but for row 0; the other rows are dense. The
+    scale's ``n`` is then far from each shard's own: summing only the counts, or not summing the
+    denominators, changes the step. The sharded optimizer must equal the same optimizer on the
+    whole tensor, report the reference's ``Optimizer.stats`` (count, n = 42, scale) and issue one
+    all-reduce per step (the counts and the denominators together).
+    """
+    from torch.distributed.tensor import Shard
+
+    caution = Caution(denominator="nonzero")
+    rows = torch.arange(7.0).reshape(7, 1).expand(7, 6)
+    cols = torch.arange(6.0).reshape(1, 6).expand(7, 6)
+    g1 = torch.where(rows == 0, 1.0, torch.where(rows >= 4, 0.5 - cols / 4, 0.0))
+    g2 = torch.where(rows == 0, -0.3 + cols / 10, torch.where(rows >= 4, 1.0 - rows / 5, 0.0))
+    p0 = torch.linspace(-1.0, 1.0, 42).reshape(7, 6)
+    sharded = nn.Parameter(distribute(mesh, p0, [Shard(0)]))
+    whole = nn.Parameter(p0.clone())
+    opt = make_opt(rule, caution, path, [sharded], caution_stats=True)
+    opt_whole = make_opt(rule, caution, path, [whole], caution_stats=True)
+    ref = spec_optimizer(case_of(rule, caution))
+    rparams = [p0.numpy().copy()]
+    rstate = ref.init(rparams)
+    comm, diff, spec_diff, got, want = {}, 0.0, 0.0, [], []
+    for step, g in enumerate((g1, g2)):
+        sharded.grad = distribute(mesh, g, [Shard(0)])
+        whole.grad = g.clone()
+        want.append([list(s) for s in ref.stats(rparams, [g.numpy()], rstate)])
+        rparams, rstate = ref.step(rparams, [g.numpy()], rstate)
+        if step == 0:
+            comm = comm_counts(opt.step)
+        else:
+            opt.step()
+        opt_whole.step()
+        (after,) = gather([sharded])
+        diff = max(diff, float(np.max(np.abs(after - whole.detach().numpy()))))
+        spec_diff = max(spec_diff, float(np.max(np.abs(after - rparams[0]))))
+        stats = [opt.caution_stats()[0], opt_whole.caution_stats()[0]]
+        got.append([None if s is None else [int(s.count), int(s.n), float(s.scale)] for s in stats])
+    return {"comm": comm, "max_diff": diff, "spec_diff": spec_diff, "stats": got, "want": want}
+
+
 def fused_backend() -> str:
     """The implementation ``fused=True`` runs on the CPU here: ``"cpu"`` (native or eager) or ``"triton"``."""
     from cautious.backends.torch import fused
@@ -380,12 +423,15 @@ def run_one(mesh, sid: str) -> dict:
         return global_count(mesh, *rest)
     if kind in ("ddp", "zero"):
         return wrapped(mesh, kind, *rest)
+    if kind == "nonzero":
+        return nonzero_denominator(mesh, *rest)
     return trajectory(mesh, kind, *rest)
 
 
 def all_ids(world: int) -> list[str]:
     """Scenario order: the fused paths last (a crash in native code then loses the fewest records)."""
     ids = S.refusal_ids(world) + S.wrapper_ids(world) + S.global_count_ids(world) + S.trajectory_ids(world)
+    ids += S.nonzero_ids(world)
     return sorted(ids, key=lambda s: s.endswith("-fused"))
 
 

@@ -78,6 +78,11 @@ class Adapter(Protocol):
     Optionally, ``fixed_hparams(rule) -> dict`` pins the hyperparameters an
     implementation does not vary (``{"caution": Caution(), "amsgrad": False}``), so
     the suite draws only what it implements instead of skipping most cases.
+    ``denominators`` (e.g. ``("size", "nonzero")``) lists the :class:`cautious.Caution`
+    denominators it implements (default: ``"size"`` only). An implementation with caution
+    telemetry offers ``last_stats() -> [(count, n, scale) per tensor] | None``, its telemetry of
+    the last :meth:`step`; the suite checks it against the reference's ``Optimizer.stats``
+    (:func:`cautious.conformance.check.check_stats`). Without it telemetry is not checked.
     """
 
     name: str
@@ -95,6 +100,14 @@ class NumpyAdapter:
     """The reference itself, driven through its own suite (and the template for other adapters)."""
 
     name = "numpy"
+    denominators = ("size", "nonzero")
+
+    def __init__(self) -> None:
+        self._stats: list[tuple[int, int, float]] | None = None
+
+    def last_stats(self) -> list[tuple[int, int, float]] | None:
+        """``Optimizer.stats`` of the last :meth:`step` (``None`` without caution)."""
+        return self._stats
 
     def supports(self, case: Case) -> str | None:
         return None
@@ -102,7 +115,9 @@ class NumpyAdapter:
     def step(
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
     ) -> tuple[list[np.ndarray], spec.State]:
-        new_params, new_state = spec_optimizer(case).step(params, grads, state)
+        opt = spec_optimizer(case)
+        self._stats = None if case.caution is None else [tuple(x) for x in opt.stats(params, grads, state)]
+        new_params, new_state = opt.step(params, grads, state)
         rnd = lambda x, d: None if x is None else spec.round_to(x, d).astype(numpy_dtype(d))  # noqa: E731
         leaves = tuple(type(s)(*(rnd(x, case.state_storage) for x in s)) for s in new_state.leaves)
         return [rnd(p, case.dtype) for p in new_params], spec.State(new_state.step, leaves)

@@ -23,7 +23,7 @@ from cautious.conformance.bounds import K, TensorTerms, caution_on_u, decay_orde
 from cautious.conformance.case import Case
 from cautious.spec.dtypes import compute_dtype, numpy_dtype, round_to, tiny, unit_roundoff
 
-__all__ = ["Mismatch", "StepReport", "check_step", "repro_snippet", "py_float"]
+__all__ = ["Mismatch", "StepReport", "check_step", "check_stats", "repro_snippet", "py_float"]
 
 _ABS_FLOOR = {"float64": 2.0**-1075, "float32": 2.0**-150, "bfloat16": 2.0**-134, "float16": 2.0**-25}
 
@@ -148,9 +148,10 @@ def _check_param(
     k_ref = int(np.count_nonzero(opts["mask_ref"]))
     ks = range(k_certain, k_certain + n_und + 1) if caution is not None else [n]
     post = decay_order(case) == "post_update"
+    dens = _denominators(caution, tt, und)
     best: tuple[float, int, np.ndarray, np.ndarray, np.ndarray] | None = None
-    for k in ks:
-        s = caution.scale(k, n) if caution is not None else 1.0
+    for k, den in itertools.product(ks, dens):
+        s = caution.scale(k, den) if caution is not None else 1.0
         uval = opts["u"]
         kept = opts["kept"]
         step_u = np.where(kept, s * uval, 0.0)
@@ -215,6 +216,63 @@ def _check_param(
             "with the scale the implementation used",
         )
     return mm, worst, None
+
+
+def _denominators(caution: spec.Caution | None, tt: TensorTerms, und: np.ndarray) -> range:
+    """The admissible ``n`` of the scale: the size, or with ``denominator="nonzero"`` the consumed gradient's
+    nonzero entries, where an entry whose ``g`` is within rounding of zero (undecided) may count either way."""
+    if caution is None or caution.denominator == "size":
+        return range(tt.p.size, tt.p.size + 1)
+    nz = tt.g.reshape(-1) != 0  # NaN counts
+    return range(int(np.count_nonzero(nz & ~und)), int(np.count_nonzero(nz | und)) + 1)
+
+
+def check_stats(
+    case: Case,
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    state: spec.State,
+    got: Sequence[tuple[int, int, float] | None],
+) -> list[Mismatch]:
+    """Check an implementation's telemetry of one step (per tensor ``(count, n, scale)``) against the reference.
+
+    ``n`` must equal the tensor's size; ``count`` the reference's kept count, except that each
+    entry whose mask decision is within rounding (undecided, as in :func:`check_step`) may count
+    either way; ``scale`` must be :meth:`cautious.Caution.scale` of the reported count and an
+    admissible denominator, within ``K`` unit roundoffs of the compute dtype (float64 scales are
+    exact). Without caution there is nothing to check. Not checked yet: Muon with
+    ``mask_position="before"``, whose mask is decided on the momentum, before Newton-Schulz, while
+    the bounds here carry the orthogonalized direction.
+    """
+    caution = case.caution
+    if caution is None or (case.rule == "muon" and case.hparams.get("mask_position") == "before"):
+        return []
+    t = int(state.step) + 1
+    out: list[Mismatch] = []
+    if len(got) != len(params):
+        return [Mismatch("len(stats)", (), len(params), len(got), 0.0)]
+    e = K * unit_roundoff(compute_dtype(case.dtype))
+    for i, (p, g, s, st) in enumerate(zip(params, grads, state.leaves, got)):
+        what = f"stats[{i}]"
+        if st is None:
+            out.append(Mismatch(what, (), np.nan, np.nan, 0.0, "no telemetry for this tensor"))
+            continue
+        count, n, scale = int(st[0]), int(st[1]), float(st[2])
+        tt = tensor_terms(case, p, g, tuple(s), t)
+        und = tt.undecided.reshape(-1)
+        mask_ref = spec.cautious_mask(tt.u, tt.g).reshape(-1)
+        lo, hi = int(np.count_nonzero(mask_ref & ~und)), int(np.count_nonzero(mask_ref | und))
+        if n != tt.p.size:
+            out.append(Mismatch(f"{what}.n", (), float(tt.p.size), float(n), 0.0))
+        if not lo <= count <= hi:
+            out.append(Mismatch(f"{what}.count", (), float(int(np.count_nonzero(mask_ref))), float(count), 0.0,
+                                f"admissible {lo}..{hi}"))  # fmt: skip
+            continue
+        exps = [caution.scale(count, den) for den in _denominators(caution, tt, und)]
+        j = int(np.argmin([abs(scale - x) for x in exps]))
+        if not abs(scale - exps[j]) <= e * abs(exps[j]):
+            out.append(Mismatch(f"{what}.scale", (), exps[j], scale, e * abs(exps[j]), f"count {count} of n={n}"))
+    return out
 
 
 def check_step(

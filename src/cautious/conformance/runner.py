@@ -14,7 +14,7 @@ from hypothesis.errors import Unsatisfiable
 
 from cautious import spec
 from cautious.conformance.case import Adapter, Case, NumpyAdapter
-from cautious.conformance.check import StepReport, check_step, py_float, repro_snippet
+from cautious.conformance.check import StepReport, check_stats, check_step, py_float, repro_snippet
 from cautious.conformance.strategies import cases, step_inputs
 
 __all__ = [
@@ -99,6 +99,18 @@ def check_trajectory(
             )
             raise ConformanceError(msg, report, repro)
         worst = max(worst, report.worst)
+        reader = getattr(adapter, "last_stats", None)  # optional: the implementation's telemetry of that step
+        got_stats = reader() if reader is not None and case.caution is not None else None
+        if got_stats is not None:
+            bad = check_stats(case, params, grads, state, got_stats)
+            if bad:
+                raise ConformanceError(
+                    f"{adapter.name}'s telemetry disagrees with the reference's Optimizer.stats at step {step_i + 1} "
+                    f"of {len(grad_seq)} ({case.describe()}):\n  {bad[0]}\nReproduce the reference step with:\n"
+                    f"{repro}\nprint(opt.stats(params, grads, state))",
+                    None,
+                    repro,
+                )
         params, state = _REFERENCE.step(case, params, grads, state)
     return worst, notes
 
@@ -134,6 +146,8 @@ def run_conformance(
     fixed = getattr(adapter, "fixed_hparams", None)
     # An implementation whose state cannot be loaded is checked from fresh states, one step at a time.
     fresh_only = bool(getattr(adapter, "fresh_only", False))
+    # Caution denominators the adapter implements (optional attribute; default: the size only, never drawn).
+    denominators = tuple(getattr(adapter, "denominators", ("size",)))
     if pin:
         base_fixed = fixed
         fixed = lambda rule: {**((base_fixed(rule) or {}) if base_fixed else {}), **pin}  # noqa: E731
@@ -154,7 +168,7 @@ def run_conformance(
         )
         @given(data=st.data())
         def run(data: st.DataObject) -> None:
-            case = data.draw(cases((rule,), dtypes, fixed), label="case")
+            case = data.draw(cases((rule,), dtypes, fixed, denominators), label="case")
             if allow:
                 case = dataclasses.replace(case, allow=frozenset(allow))
             reason = adapter.supports(case)

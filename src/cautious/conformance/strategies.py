@@ -88,17 +88,19 @@ _WD = [f32(x) for x in (0.0, 1e-4, 1e-2, 0.1)]
 
 
 @st.composite
-def cautions(draw) -> bool | spec.Caution:
+def cautions(draw, denominators: Sequence[str] = ("size",)) -> bool | spec.Caution:
+    """``False`` or a :class:`cautious.Caution`; the denominator is drawn only when more than one is offered."""
     if draw(st.integers(0, 4)) == 0:
         return False
     normalize = draw(st.sampled_from(["mean_clamp", "count_plus_one", "exact", "none"]))
     floor = draw(st.sampled_from([1e-3, 0.1, 0.5, 1.0])) if normalize == "mean_clamp" else 1e-3
-    return spec.Caution(normalize, floor)
+    denominator = draw(st.sampled_from(list(denominators))) if len(denominators) > 1 else denominators[0]
+    return spec.Caution(normalize, floor, denominator)
 
 
 @st.composite
-def hparams(draw, rule: str) -> dict:
-    hp: dict = {"lr": draw(st.sampled_from(_LRS)), "caution": draw(cautions())}
+def hparams(draw, rule: str, denominators: Sequence[str] = ("size",)) -> dict:
+    hp: dict = {"lr": draw(st.sampled_from(_LRS)), "caution": draw(cautions(denominators))}
     if rule in ("adam", "adamw"):
         hp["betas"] = (draw(st.sampled_from(_B1)), draw(st.sampled_from(_B2)))
         hp["eps"] = draw(st.sampled_from(_EPS))
@@ -188,14 +190,16 @@ def cases(
     rules: Sequence[str] = spec.RULES,
     dtypes: Sequence[str] = ("float32", "float64"),
     fixed: Callable[[str], Mapping[str, Any] | None] | None = None,
+    denominators: Sequence[str] = ("size",),
 ) -> Case:
-    """A :class:`Case`. ``fixed(rule)`` may pin hyperparameters (an implementation's fixed options)."""
+    """A :class:`Case`. ``fixed(rule)`` may pin hyperparameters (an implementation's fixed options);
+    ``denominators``: the :class:`cautious.Caution` denominators to draw."""
     rule = draw(st.sampled_from(list(rules)))
     if rule == "muon":  # Muon cases: float32/float64 only (docs/conformance.md, "Muon")
         dtypes = [d for d in dtypes if d in ("float32", "float64")] or ["float32"]
     dtype = draw(st.sampled_from(list(dtypes)))
     state_dtype = "float32" if dtype in ("bfloat16", "float16") else None
-    hp = draw(hparams(rule))
+    hp = draw(hparams(rule, denominators))
     pinned = dict(fixed(rule) or {}) if fixed is not None else {}
     hp.update(pinned)
     if not _decoupled(rule, hp) and "cautious_weight_decay" in hp:

@@ -52,6 +52,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "lion+nonzero": ("lion", {"normalize": "mean_clamp", "floor": 1e-3, "denominator": "nonzero"}),
 }
 
+#: The torch path of every run: the single-tensor loop, so that torch's numbers do not depend on whether the
+#: native fused CPU kernel can be built on the machine (the CPU default with caution when it can).
+TORCH_OPTIONS: dict[str, Any] = {"foreach": False}
+
 #: Settings of the default run and of ``--quick``; any option given on the command line wins.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
@@ -60,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         layers=2,
         context=32,
         batch=16,
-        steps=800,
+        steps=600,
         seeds=3,
         adamw_lrs=[1e-3, 3e-3, 1e-2],
         lion_lrs=[3e-4, 1e-3, 3e-3],
@@ -118,6 +122,7 @@ def plan_runs(args: argparse.Namespace, installed: list[str]) -> list[dict[str, 
                 "hparams": {"lr": lr, **HPARAMS[rule]},
                 "caution": caution,
                 "caution_stats": bool(caution),  # the backends' opt-in telemetry, where it is opt-in
+                "torch_options": TORCH_OPTIONS,
             }
         )
 
@@ -266,7 +271,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--adamw-lrs", type=float, nargs="+", help="AdamW learning rates (default 1e-3 3e-3 1e-2)")
     p.add_argument("--lion-lrs", type=float, nargs="+", help="Lion learning rates (default 3e-4 1e-3 3e-3)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1: initial weights and batch order (default 3)")
-    p.add_argument("--steps", type=int, help="training steps per run (default 800)")
+    p.add_argument("--steps", type=int, help="training steps per run (default 600)")
     p.add_argument("--batch", type=int, help="windows per batch (default 16)")
     p.add_argument("--context", type=int, help="tokens per window (default 32)")
     p.add_argument("--d-model", type=int, help="model width (default 32)")

@@ -100,6 +100,11 @@ def on_local_shards(step: Callable[..., None]) -> Callable[..., None]:
             [_local(x, p, dtensor) for x, p in zip(lst, params)] if len(lst) == len(params) else lst for lst in lists
         ]
         step(local_params, *local_lists, shardings=shardings, **kw)
+        stats = kw.get("stats")
+        if stats is not None:  # telemetry is keyed by the parameters the optimizer holds, not their local shards
+            for p, local in zip(params, local_params):
+                if local is not p and local in stats:
+                    stats[p] = stats.pop(local)
         for lst, local in zip(lists, local_lists):
             for i, (before, after) in enumerate(zip(lst, local)):
                 if before is None and after is not None and shardings[i] is not None:

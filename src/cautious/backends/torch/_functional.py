@@ -222,17 +222,6 @@ def _mask_and_scales(
     return masked, None if caution.normalize == "none" else scales
 
 
-def _fused_supports(caution: Caution | None, stats: dict | None) -> None:
-    """The fused kernels have neither the ``nonzero`` denominator nor telemetry yet: refuse, never ignore."""
-    if caution is not None and caution.denominator != "size":
-        raise ValueError(
-            f"the fused path does not support Caution(denominator={caution.denominator!r}) yet; "
-            "use foreach=True (or foreach=False)"
-        )
-    if stats is not None:
-        raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
-
-
 def _apply_scales_(xs: list[Tensor], scales: Tensor | None, *, foreach: bool) -> None:
     """``x <- scale * x`` in place, with each scale rounded once to the tensor's dtype."""
     if scales is None or not xs:
@@ -290,7 +279,7 @@ def _torch_default_foreach(params: list[Tensor]) -> bool:
     return all(t is None or (type(t) in _NATIVE_TYPES and t.device.type in devices) for t in params)
 
 
-def _default_fused(params: list[Tensor], caution: Caution | None, *, capturable: bool, stats: dict | None) -> bool:
+def _default_fused(params: list[Tensor], caution: Caution | None, *, capturable: bool) -> bool:
     """Whether the default is the fused path (see the table in docs/backends/torch.md).
 
     Only with caution on (off, the default is torch.optim's, so ``caution=False`` reproduces
@@ -298,12 +287,12 @@ def _default_fused(params: list[Tensor], caution: Caution | None, *, capturable:
     C++ loop when the kernel is built or can be built for every parameter dtype (the first call
     compiles it, once, into ``~/.cache/cautious``; :func:`cautious.torch.build_fused` prebuilds);
     not under Triton's interpreter. Never while compiling, and never for what the fused path
-    refuses or handles differently (``denominator="nonzero"``, telemetry, ``capturable``, complex
-    parameters): those keep the single-tensor or foreach default.
+    refuses or handles differently (``capturable``, complex parameters): those keep the
+    single-tensor or foreach default. ``denominator="nonzero"`` and telemetry run fused too.
     """
     if not params or caution is None or torch.compiler.is_compiling():
         return False
-    if caution.denominator != "size" or stats is not None or capturable or any(p.is_complex() for p in params):
+    if capturable or any(p.is_complex() for p in params):
         return False
     kind = params[0].device.type
     if kind == "cuda":
@@ -331,7 +320,6 @@ def _resolve(
     caution: Caution | None,
     *,
     capturable: bool = False,
-    stats: dict | None = None,
 ) -> str:
     """The path a step runs: ``"fused"``, ``"foreach"`` or ``"single"``; an explicit choice wins.
 
@@ -344,7 +332,7 @@ def _resolve(
     if fused:
         return "fused"
     if foreach is None and fused is None:
-        if _default_fused(params, caution, capturable=capturable, stats=stats):
+        if _default_fused(params, caution, capturable=capturable):
             return "fused"
         if torch.compiler.is_compiling():
             foreach = default_foreach(params) and not isinstance(lr, Tensor)
@@ -606,7 +594,7 @@ def adam(
     With ``capturable=True`` (as torch.optim) the steps, ``lr`` (if a tensor) and the bias corrections stay
     tensors on the device: no host synchronisation; under ``torch.compile`` they are tensors as well.
     """
-    impl = _resolve(params, foreach, fused, lr, caution, capturable=capturable, stats=stats)
+    impl = _resolve(params, foreach, fused, lr, caution, capturable=capturable)
     hyper = dict(
         amsgrad=amsgrad,
         beta1=float(beta1),
@@ -625,8 +613,6 @@ def adam(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        _fused_supports(caution, stats)
-
         steps = fused_kernels.increment_steps_(state_steps)
         if steps is None:
             _increment_steps_(state_steps)
@@ -635,7 +621,7 @@ def adam(
             launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
             lists.append(_pick(vmax, idx) if amsgrad else [None] * len(idx))
-            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None)
+            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
         return
     for idx in _groups(params, impl, shards=bool(shardings)):
         _adam_tensors(
@@ -728,7 +714,7 @@ def lion(
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious Lion. See :class:`cautious.backends.torch.Lion` and :func:`cautious.spec.lion`."""
-    impl = _resolve(params, foreach, fused, lr, caution, stats=stats)
+    impl = _resolve(params, foreach, fused, lr, caution)
     hyper = dict(
         beta1=float(beta1),
         beta2=float(beta2),
@@ -742,8 +728,6 @@ def lion(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        _fused_supports(caution, stats)
-
         if fused_kernels.increment_steps_(state_steps) is None:
             _increment_steps_(state_steps)
         launch = fused_kernels.lion_launch(**hyper)
@@ -754,6 +738,7 @@ def lion(
                 [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), nones, nones],
                 lr,
                 shardings=_pick(shardings, idx) or None,
+                stats=stats,
             )
         return
     for idx in _groups(params, impl, shards=bool(shardings)):
@@ -865,7 +850,7 @@ def sgd(
 
     New momentum buffers are written into ``momentum_buffer_list``.
     """
-    impl = _resolve(params, foreach, fused, lr, caution, stats=stats)
+    impl = _resolve(params, foreach, fused, lr, caution)
     hyper = dict(
         momentum=float(momentum),
         dampening=float(dampening),
@@ -898,8 +883,6 @@ def sgd(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        _fused_supports(caution, stats)
-
         first = [momentum != 0 and b is None for b in momentum_buffer_list]
         for i, p in enumerate(params):
             if first[i]:
@@ -913,6 +896,7 @@ def sgd(
                 [_pick(params, idx), _pick(grads, idx), bufs, nones, nones],
                 lr,
                 shardings=_pick(shardings, idx) or None,
+                stats=stats,
             )
         return
     for idx in _groups(params, impl, shards=bool(shardings)):
@@ -1450,8 +1434,14 @@ def adafactor(
         maximize=maximize,
         caution=caution,
     )
-    # an empty tensor has nothing to update (torch.optim.Adafactor divides by its size and raises): its step counts
+    # an empty tensor has nothing to update (torch.optim.Adafactor divides by its size and raises): its step
+    # counts, and its telemetry is the spec's for n = 0 (nothing kept, scale 1)
     _increment_steps_([st for p, st in zip(params, state_steps, strict=True) if p.numel() == 0])
+    if stats is not None and caution is not None:
+        for p in params:
+            if p.numel() == 0:
+                zero = torch.zeros((), dtype=torch.int64, device=p.device)
+                stats[p] = CautionStats(zero, 0, torch.ones((), dtype=torch.float64, device=p.device))
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return

@@ -94,8 +94,6 @@ class _CautiousOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], caution_stats: bool = False) -> None:
         if not isinstance(caution_stats, bool):
             raise TypeError(f"caution_stats must be a bool, got {caution_stats!r}")
-        if caution_stats and defaults.get("fused"):
-            raise ValueError("the fused path has no caution telemetry yet (caution_stats=True); use foreach=True")
         if defaults.get("capturable") and defaults.get("fused"):
             raise ValueError(
                 f"capturable=True with fused=True is not supported by cautious.torch.{type(self).__name__} "

@@ -43,6 +43,9 @@ def _hparams(case: Case) -> dict[str, Any]:
 class FusedAdapter:
     """One in-place fused step from a given spec state, results read back to NumPy."""
 
+    #: the suite draws both denominators of :class:`cautious.Caution` (``nonzero``: the gradient's nonzero entries)
+    denominators = ("size", "nonzero")
+
     def __init__(self, backend: str | None = None, device: str = "cpu", stochastic_rounding: bool = False) -> None:
         if backend not in (None, "triton", "cpu", "eager"):
             raise ValueError(f"backend must be None, 'triton', 'cpu' or 'eager', got {backend!r}")

@@ -101,6 +101,7 @@ def build_optimizer(case: Case) -> optax.GradientTransformationExtraArgs:
             mask_position=hp["mask_position"],
         )
     common = dict(caution=hp["caution"], maximize=hp["maximize"], cautious_weight_decay=hp["cautious_weight_decay"])
+    common["caution_stats"] = case.caution is not None  # the telemetry the suite checks (JaxAdapter.last_stats)
     if case.rule in ("adam", "adamw"):
         b1, b2 = hp["betas"]
         kw = dict(
@@ -203,6 +204,11 @@ class JaxAdapter:
         self.jit = bool(jit)
         self.name = "jax-jit" if self.jit else "jax-eager"
         self._compiled: dict[Any, Any] = {}
+        self._stats: list[tuple[int, int, float]] | None = None
+
+    def last_stats(self) -> list[tuple[int, int, float]] | None:
+        """``cautious.jax.caution_stats`` of the state after the last :meth:`step`: ``(count, n, scale)`` per leaf."""
+        return self._stats
 
     #: optax's forms of the spec's named options, per rule (nothing pinned for the other rules)
     FORMS = {
@@ -315,6 +321,9 @@ class JaxAdapter:
         out = lambda x, d: np.asarray(jnp.asarray(x).astype(jnp.float32 if d == "bfloat16" else _JNP[d])).astype(  # noqa: E731
             numpy_dtype(d)
         )
+        self._stats = None
+        if case.caution is not None:
+            self._stats = [(int(c), int(k), float(sc)) for c, k, sc in cjax.caution_stats(new_state)]
         ds = _find_direction_state(new_state)
         n = len(leaves)
         sd_ = case.state_storage

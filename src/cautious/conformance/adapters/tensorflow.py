@@ -88,6 +88,7 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
         caution=hp.get("caution", True),
         cautious_weight_decay=bool(hp.get("cautious_weight_decay", False)),
         maximize=bool(hp.get("maximize", False)),
+        caution_stats=case.caution is not None,  # the telemetry the suite checks (TFAdapter.last_stats)
     )
     wd = float(hp["weight_decay"])
     if case.rule == "muon":
@@ -300,6 +301,10 @@ class TFAdapter:
         wide = np.float64 if dtype == tf.float64 else np.float32
         return tf.cast(tf.constant(np.asarray(x, dtype=wide)), dtype)
 
+    def last_stats(self) -> list[tuple[int, int, float]] | None:
+        """The optimizer's ``caution_stats()`` after the last :meth:`step`: ``(count, n, scale)`` per variable."""
+        return getattr(self, "_stats", None)
+
     def step(
         self, case: Case, params: Sequence[np.ndarray], grads: Sequence[np.ndarray], state: spec.State
     ) -> tuple[list[np.ndarray], spec.State]:
@@ -320,6 +325,9 @@ class TFAdapter:
                         else tf.constant(np.asarray(x, np.float64))
                     )
         entry.apply([self._to_tf(g, dt) for g in grads])
+        self._stats = None
+        if case.caution is not None:
+            self._stats = [(int(c.numpy()), int(k), float(sc.numpy())) for c, k, sc in entry.opt.caution_stats()]
         out = numpy_dtype(case.dtype)
         read = lambda v: None if v is None else np.asarray(v.numpy()).astype(out)  # noqa: E731
         new_params = [read(v) for v in entry.vars]

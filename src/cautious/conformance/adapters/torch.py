@@ -70,6 +70,7 @@ class TorchAdapter:
         self.impl = impl
         self.device = device
         self.name = f"torch-{impl}" + ("" if device == "cpu" else f"-{device}")
+        self._stats: list[tuple[int, int, float] | None] | None = None
 
     #: torch.optim.Adafactor's forms of the spec's Adafactor options (docs/spec.md, "Adafactor").
     ADAFACTOR_FORMS = {
@@ -140,6 +141,8 @@ class TorchAdapter:
             kw["fused"] = True
         else:
             kw["foreach"] = self.impl == "foreach"
+        if case.caution is not None:
+            kw["caution_stats"] = True  # the telemetry the suite checks (last_stats)
         if case.rule == "adamw":
             hp.pop("decoupled_weight_decay", None)
             return AdamW(params, **hp, **kw)
@@ -169,11 +172,16 @@ class TorchAdapter:
             shape = hp.pop("shape_scale", "rows_over_cols")
             adjust = "match_rms_adamw" if shape == "rms" else "original"
             # orthogonalize in the parameters' dtype (torch's is bfloat16): docs/conformance.md, "Muon"
-            return Muon(params, **hp, adjust_lr_fn=adjust, ns_dtype=case.dtype, foreach=kw["foreach"])
+            kw.pop("fused", None)  # declined in supports(): Muon has no fused kernel
+            return Muon(params, **hp, adjust_lr_fn=adjust, ns_dtype=case.dtype, **kw)
         return SGD(params, **hp, **kw)
 
     def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return to_torch(x, dtype, self.device)
+
+    def last_stats(self) -> list[tuple[int, int, float] | None] | None:
+        """The telemetry (``caution_stats()``) of the last :meth:`step`: ``(count, n, scale)`` per tensor."""
+        return self._stats
 
     # -- one step -----------------------------------------------------------------------------------------
 
@@ -247,6 +255,9 @@ class TorchAdapter:
                 # torch.optim.SGD has no step counter: a missing buffer means "first step".
                 st["momentum_buffer"] = self._tensor(leaf.m, dtype)
         opt.step()
+        self._stats = None
+        if case.caution is not None:
+            self._stats = [None if x is None else (int(x.count), int(x.n), float(x.scale)) for x in opt.caution_stats()]
         sd = case.state_storage
         leaves: list[Any] = []
         for p in ps:

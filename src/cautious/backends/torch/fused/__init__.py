@@ -203,14 +203,22 @@ def run(
     backend: str | None = None,
     check_lr: bool = False,
     shardings: list | None = None,
+    stats: dict | None = None,
 ) -> None:
     """Group by dtypes, make contiguous, and hand each group to the chosen implementation.
 
     ``lists`` is ``[params, grads, s1, s2, s3]`` (state lists of None where a rule has none),
-    already checked. Tensors that had to be made contiguous are copied back. With
-    ``shardings`` (:mod:`cautious.backends.torch._distributed`) the tensors are local shards of
-    DTensors: each group runs the count pass alone, sums the counts over the shards (one
-    all-reduce), then runs the update pass with the whole tensors' scales.
+    already checked. Tensors that had to be made contiguous are copied back.
+
+    A group takes two kernel calls instead of one when the scales need more than the kernel's
+    own count: with ``shardings`` (:mod:`cautious.backends.torch._distributed`) the tensors are
+    local shards of DTensors; with ``denominator="nonzero"`` the scale's ``n`` is the number of
+    nonzero gradient entries; with ``stats`` (the telemetry record, as in
+    :func:`cautious.backends.torch._functional._mask_and_scales`) ``stats[p]`` is set to
+    ``CautionStats(count, n, scale)`` (device tensors: no host synchronisation). The count pass
+    runs alone and returns the kept counts (and the nonzero counts); the counts of shards are
+    summed (one all-reduce); the scales come from the same function as the other paths'; the
+    update pass runs with them.
     """
     params = lists[0]
     if len(params) == 0:
@@ -247,19 +255,35 @@ def run(
             from cautious.backends.torch.fused import cpu
 
             kernel = functools.partial(cpu.run, launch, *cols, native=impl == "cpu")
-        if shardings and launch.caution is not None and launch.counts:
-            from cautious.backends.torch import _distributed, _functional
-
-            sharded = [shardings[i] for i in idx]
-            counts = torch.zeros(len(idx), dtype=torch.int64, device=device)
-            kernel(counts_out=counts)  # the count pass alone
-            counts = _distributed.global_counts(counts, sharded)
-            sizes = _distributed.global_sizes(cols[0], sharded)
-            kernel(scales=_functional._scales(counts, sizes, launch.caution))
+        if launch.caution is not None and (stats is not None or (launch.counts and (shardings or launch.nonzero))):
+            _count_then_update(kernel, launch, [params[i] for i in idx], cols[0], shardings, idx, stats)
         else:
             kernel()
         for x, y in writeback:
             x.copy_(y)
+
+
+def _count_then_update(kernel, launch: Launch, keys, tensors, shardings, idx, stats) -> None:
+    """The two-call form of :func:`run` for one group (see there): count, reduce, scale, update."""
+    from cautious.backends.torch import _distributed, _functional
+    from cautious.spec.mask import CautionStats
+
+    sharded = [shardings[i] for i in idx] if shardings else None
+    t = len(tensors)
+    counts = torch.zeros(t, dtype=torch.int64, device=tensors[0].device)
+    nonzeros = torch.zeros_like(counts) if launch.nonzero else None
+    kernel(counts_out=counts, nonzero_out=nonzeros)  # the count pass alone
+    sizes = _distributed.global_sizes(tensors, sharded)
+    if nonzeros is not None:  # counts and nonzero denominators of shards: one all-reduce
+        both = _distributed.global_counts(torch.cat([counts, nonzeros]), sharded * 2 if sharded else None)
+        counts, dens = both[:t], both[t:]
+    else:
+        counts, dens = _distributed.global_counts(counts, sharded), sizes
+    scales = _functional._scales(counts, dens, launch.caution)
+    kernel(scales=scales)
+    if stats is not None:
+        for i, p in enumerate(keys):
+            stats[p] = CautionStats(counts[i], sizes[i], scales[i])
 
 
 def _nones(n: int) -> list[None]:

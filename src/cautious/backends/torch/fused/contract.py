@@ -106,6 +106,15 @@ class Launch:
         return Norm[self.caution.normalize.upper()] if self.caution is not None else Norm.NONE
 
     @property
+    def nonzero(self) -> bool:
+        """Whether the scale's ``n`` counts the entries of ``g`` that are not 0 (``denominator="nonzero"``).
+
+        The kernels then count them in the count pass (after maximize and coupled decay, as the
+        mask reads ``g``; NaN counts) and the update pass takes the scales from the caller.
+        """
+        return self.caution is not None and self.caution.denominator == "nonzero"
+
+    @property
     def counts(self) -> bool:
         """Whether the count pass runs (caution on, with a normalization that uses the count)."""
         return self.norm != Norm.NONE
@@ -194,6 +203,7 @@ class CpuArgs(ctypes.Structure):
         ("piece", ctypes.c_int64),
         ("counts_out", ctypes.c_int64),  # address of int64 per row: the count pass alone (0: off)
         ("scales_in", ctypes.c_int64),  # address of float64 per row: the update pass with these scales (0: off)
+        ("nonzero_out", ctypes.c_int64),  # with counts_out: address of int64 per row, g's nonzero entries (0: off)
         ("lr", ctypes.c_double),
         ("hp", ctypes.c_double * len(Slot)),
     ]

@@ -241,12 +241,15 @@ def increment_steps_(state_steps: list[torch.Tensor]) -> np.ndarray | None:
     return out
 
 
-def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, counts_out=None, scales=None) -> None:
+def run(
+    launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, counts_out=None, scales=None, nonzero_out=None
+) -> None:
     """One step over one dtype group of contiguous CPU tensors (``launch.hp[Slot.LR]`` is the lr).
 
-    Sharded tensors take two calls: with ``counts_out`` (int64 zeros, one per tensor) only the
-    count pass runs and writes the kept counts there; with ``scales`` (float64, one per tensor,
-    from the global counts) the update pass runs with them instead of counting.
+    Sharded tensors, telemetry and ``denominator="nonzero"`` take two calls: with ``counts_out``
+    (int64 zeros, one per tensor) only the count pass runs and writes the kept counts there (and
+    the gradients' nonzero entries to ``nonzero_out`` when given); with ``scales`` (float64, one
+    per tensor) the update pass runs with them instead of counting.
     """
     numels = [int(p.numel()) for p in params]
     total = sum(numels)
@@ -283,6 +286,7 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, count
             piece=PIECE,
             counts_out=0 if counts_out is None else counts_out.data_ptr(),
             scales_in=0 if scales is None else scales.data_ptr(),
+            nonzero_out=0 if nonzero_out is None else nonzero_out.data_ptr(),
             lr=launch.hp[Slot.LR],
         )
         args.hp[:] = launch.hp
@@ -301,6 +305,8 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, native: bool = True, count
             continue
         if counts_out is not None:
             counts_out[i] = eager.count(launch, params[i], grads[i], s1[i], s2[i], s3[i])
+            if nonzero_out is not None:
+                nonzero_out[i] = eager.nonzero(launch, params[i], grads[i], s1[i], s2[i], s3[i])
         else:
             scale = None if scales is None else float(scales[i])
             eager.step(launch, params[i], grads[i], s1[i], s2[i], s3[i], index=i, scale=scale)

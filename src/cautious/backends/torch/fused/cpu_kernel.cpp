@@ -69,6 +69,7 @@ struct CpuArgs {
   int64_t piece;
   int64_t counts_out;  // address of int64[rows], or 0: run the count pass only, write the counts there
   int64_t scales_in;   // address of double[rows], or 0: the update pass alone, with these scales
+  int64_t nonzero_out;  // with counts_out: address of int64[rows], or 0: also count g's nonzero entries there
   double lr;
   double hp[N_SLOTS];
 };
@@ -258,6 +259,23 @@ template <typename CT, int PC, class R, bool COUPLED, bool CWD> struct Kernel {
     return total;
   }
 
+  // the entries of the consumed gradient that are not 0 (NaN counts): the n of denominator="nonzero"
+  static int64_t nonzero(const Task& t, int64_t s, int64_t e, const CpuArgs& c) {
+    const CT gsign = c.maximize ? CT(-1) : CT(1);
+    const Hp<CT> h(c.hp);
+    int64_t total = 0;
+    for (int64_t s0 = s; s0 < e; s0 += (int64_t)1 << 20) {
+      const int64_t e0 = e < s0 + ((int64_t)1 << 20) ? e : s0 + ((int64_t)1 << 20);
+      int32_t cnt = 0;
+      for (int64_t i = s0; i < e0; ++i) {
+        const CT p = COUPLED ? Io<PC>::template ld<CT>(t.p, i) : CT(0);
+        cnt += (int32_t)(gradient(t, i, p, gsign, h) != CT(0));
+      }
+      total += cnt;
+    }
+    return total;
+  }
+
   static void update(const Task& t, int64_t s, int64_t e, CT step, CT lr_wd, const CpuArgs& c) {
     const CT gsign = c.maximize ? CT(-1) : CT(1);
     const Hp<CT> h(c.hp);
@@ -312,7 +330,11 @@ template <class K, typename CT> void drive(std::vector<Task>& tasks, const CpuAr
   const int nthreads = c.nthreads < 1 ? 1 : (int)c.nthreads;
   const int T = (int)tasks.size();
   if (counts_out) {
-    for (int i = 0; i < T; ++i) counts_out[tasks[i].index] = K::count(tasks[i], 0, tasks[i].n, c);
+    int64_t* nonzero_out = reinterpret_cast<int64_t*>(c.nonzero_out);
+    for (int i = 0; i < T; ++i) {
+      counts_out[tasks[i].index] = K::count(tasks[i], 0, tasks[i].n, c);
+      if (nonzero_out) nonzero_out[tasks[i].index] = K::nonzero(tasks[i], 0, tasks[i].n, c);
+    }
     return;
   }
   std::vector<std::atomic<int64_t>> counts(tasks.size());

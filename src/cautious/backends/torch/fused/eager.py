@@ -13,7 +13,7 @@ import torch
 
 from cautious.backends.torch.fused.contract import Launch, Rule, Slot
 
-__all__ = ["step", "count", "keep", "round_store"]
+__all__ = ["step", "count", "nonzero", "keep", "round_store"]
 
 
 def round_store(dst: torch.Tensor, x: torch.Tensor, sr: bool, gen: torch.Generator | None) -> None:
@@ -82,6 +82,12 @@ def count(launch: Launch, p, g, s1, s2, s3) -> int:
     ct, _, gg = _inputs(launch, p, g, s1, s2, s3)
     _, test, _ = _direction(launch, gg, s1, s2, s3, ct)
     return int(keep(test, gg).sum())
+
+
+def nonzero(launch: Launch, p, g, s1, s2, s3) -> int:
+    """The entries of the consumed gradient that are not 0 (NaN counts): ``denominator="nonzero"``'s ``n``."""
+    _, _, gg = _inputs(launch, p, g, s1, s2, s3)
+    return int(torch.count_nonzero(gg))
 
 
 def step(launch: Launch, p, g, s1, s2, s3, *, index: int, scale: float | None = None) -> None:

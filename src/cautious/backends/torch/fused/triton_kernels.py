@@ -188,6 +188,7 @@ def _count_kernel(
     meta,
     chunks,
     counts,
+    nonzeros,
     hp,
     RULE: tl.constexpr,
     PC: tl.constexpr,
@@ -201,6 +202,7 @@ def _count_kernel(
     FIRST: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
+    NONZERO: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
 ):
@@ -210,6 +212,7 @@ def _count_kernel(
     row = meta + t * 8
     n = tl.load(row + 5)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
+    nz = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
@@ -235,7 +238,11 @@ def _count_kernel(
                 buf = g
             d, _b = _sgd_u(g, buf, hp, CT, FIRST, NESTEROV, HAS_MOMENTUM)
         acc += (_keep(d, g) & mask).to(tl.int32)
+        if NONZERO:  # denominator="nonzero": the consumed gradient's entries that are not 0 (NaN counts)
+            nz += ((g != 0) & mask).to(tl.int32)
     tl.atomic_add(counts + t, tl.sum(acc, axis=0).to(tl.int64))
+    if NONZERO:
+        tl.atomic_add(nonzeros + t, tl.sum(nz, axis=0).to(tl.int64))
 
 
 @triton.jit
@@ -391,14 +398,18 @@ def _hp_tensor(device, values):
     return _cached(key, lambda: torch.tensor(values, dtype=torch.float64).to(device))
 
 
-def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None, counts_out=None, scales=None) -> None:
+def run(
+    launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None, counts_out=None, scales=None, nonzero_out=None
+) -> None:
     """Launch the count pass (when needed) and the update pass over one dtype group.
 
     ``params``, ``grads``, ``s1``/``s2``/``s3`` (state; lists of None when absent) are
     parallel lists of contiguous tensors on one device with one storage dtype each.
     ``lr_tensor``: a 0-d device tensor read by the kernel instead of ``launch.hp[Slot.LR]``.
-    Sharded tensors take two calls: with ``counts_out`` (int64 zeros, one per tensor) only the
-    count pass runs; with ``scales`` (float64, one per tensor) the update pass uses them.
+    Sharded tensors, telemetry and ``denominator="nonzero"`` take two calls: with ``counts_out``
+    (int64 zeros, one per tensor) only the count pass runs (also adding the gradients' nonzero
+    entries to ``nonzero_out`` when given); with ``scales`` (float64, one per tensor) the update
+    pass uses them.
     """
     numels = tuple(int(p.numel()) for p in params)
     if sum(numels) == 0:
@@ -430,10 +441,14 @@ def run(launch: Launch, params, grads, s1, s2, s3, *, lr_tensor=None, counts_out
         ITERS=iters,
     )
     grid = (nchunks,)
-    if launch.caution is not None and launch.counts and scales is None:
-        _count_kernel[grid](meta, chunks, counts, hp_t, num_warps=_NUM_WARPS, **flags)
-    if counts_out is not None:
+    if counts_out is not None:  # the count pass alone, whatever the normalization
+        nonzeros = nonzero_out if nonzero_out is not None else counts
+        _count_kernel[grid](
+            meta, chunks, counts, nonzeros, hp_t, NONZERO=nonzero_out is not None, num_warps=_NUM_WARPS, **flags
+        )
         return
+    if launch.caution is not None and launch.counts and scales is None:
+        _count_kernel[grid](meta, chunks, counts, counts, hp_t, NONZERO=False, num_warps=_NUM_WARPS, **flags)
     lr_arg = lr_tensor if lr_tensor is not None else hp_t
     _update_kernel[grid](
         meta,
