@@ -93,6 +93,7 @@ def build_optimizer(case: Case) -> keras.optimizers.Optimizer:
     wd = float(hp["weight_decay"])
     if case.rule == "muon":
         common.pop("maximize")
+        common.pop("caution_stats")  # Keras's Muon has no telemetry here yet (README, gaps)
         return Muon(
             weight_decay=wd,
             momentum=float(hp["momentum"]),
@@ -193,23 +194,25 @@ class _Entry:
         def apply(grads: list[tf.Tensor]) -> None:
             self.opt.apply(grads, self.vars)
 
-        if mode == "eager":
-            self.apply = apply
-        else:
-            self.apply = tf.function(apply, jit_compile=(mode == "xla"), reduce_retracing=False)
-        if case.rule == "muon" and case.dtype == "float64":
-            # keras.optimizers.Muon multiplies by floatx constants while it steps: float64 needs floatx float64
-            inner = self.apply
+        self.apply = self._compiled(apply, case, mode)
 
-            def apply_float64(grads: list[tf.Tensor]) -> None:
-                previous = keras.config.floatx()
-                keras.config.set_floatx("float64")
-                try:
-                    inner(grads)
-                finally:
-                    keras.config.set_floatx(previous)
+    @staticmethod
+    def _compiled(apply: Any, case: Case, mode: str) -> Any:
+        """``apply`` as the mode runs it (eager, ``tf.function``, XLA), with Keras Muon's float64 floatx."""
+        run = apply if mode == "eager" else tf.function(apply, jit_compile=(mode == "xla"), reduce_retracing=False)
+        if case.rule != "muon" or case.dtype != "float64":
+            return run
 
-            self.apply = apply_float64
+        # keras.optimizers.Muon multiplies by floatx constants while it steps: float64 needs floatx float64
+        def apply_float64(grads: list[tf.Tensor]) -> None:
+            previous = keras.config.floatx()
+            keras.config.set_floatx("float64")
+            try:
+                run(grads)
+            finally:
+                keras.config.set_floatx(previous)
+
+        return apply_float64
 
     def state_vars(self, rule: str, i: int) -> list[Any]:
         opt = self.opt
@@ -326,7 +329,7 @@ class TFAdapter:
                     )
         entry.apply([self._to_tf(g, dt) for g in grads])
         self._stats = None
-        if case.caution is not None:
+        if case.caution is not None and getattr(entry.opt, "caution_stats_enabled", False):  # not Keras's Muon
             self._stats = [(int(c.numpy()), int(k), float(sc.numpy())) for c, k, sc in entry.opt.caution_stats()]
         out = numpy_dtype(case.dtype)
         read = lambda v: None if v is None else np.asarray(v.numpy()).astype(out)  # noqa: E731
@@ -351,10 +354,7 @@ class _WrappedEntry(_Entry):
         def apply(grads: list[tf.Tensor]) -> None:
             self.wrapper.apply(grads, self.vars)
 
-        if mode == "eager":
-            self.apply = apply
-        else:
-            self.apply = tf.function(apply, jit_compile=(mode == "xla"), reduce_retracing=False)
+        self.apply = self._compiled(apply, case, mode)
 
 
 class TFWrapperAdapter(TFAdapter):
