@@ -240,6 +240,10 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if hp.get("eps_in_sqrt", False):
                 q, err_q = q + eps, err_q + e * (np.abs(q) + eps)
+            # centered: v - g_avg^2 within its rounding of a negative value may be negative in one
+            # evaluation (sqrt: NaN) and positive in another; there the direction is undecided
+            amb = (q < 0) & (q + err_q >= 0)
+            q = np.where(amb, 0.0, q)
             r = np.sqrt(q)
             lo = r + np.sqrt(np.maximum(q - err_q, 0.0))
             err_r = np.minimum(np.where(lo > 0, err_q / lo, np.inf), np.sqrt(err_q)) + e * r
@@ -248,7 +252,7 @@ def tensor_terms(case: Case, p: np.ndarray, g: np.ndarray, s: tuple, t: int) -> 
             den_lo = den - err_den
             x = g / den
             err_x = e * np.abs(x) + (err_g + np.abs(x) * err_den) / den_lo
-            err_x = np.where(den_lo > 0, err_x, np.inf)
+            err_x = np.where((den_lo > 0) & ~amb, err_x, np.inf)
             if mom == 0:
                 u, err_u = x, err_x
                 state["m"], state_err["m"] = None, None
