@@ -114,6 +114,7 @@ def torch_rules() -> list[tuple[str, str, Any, dict, bool]]:
 
 
 def bench_torch(args: argparse.Namespace) -> None:
+    """Each rule of :func:`torch_rules` (or only ``args.rules``) on every path it has."""
     import torch
 
     import cautious.torch as ct
@@ -123,6 +124,8 @@ def bench_torch(args: argparse.Namespace) -> None:
     print("| rule | contender | ms/step | vs native, same path |")
     print("|---|---|---|---|")
     for rule, ours_name, native, kw, matrices in torch_rules():
+        if args.rules and ours_name not in args.rules:
+            continue
         ours = getattr(ct, ours_name, None)
         if ours is None:
             print(f"| {rule} | (not in cautious.torch) | | |")
@@ -132,8 +135,10 @@ def bench_torch(args: argparse.Namespace) -> None:
         if rule in TORCH_FUSED:
             paths.append(("fused", {"fused": True}))
         for path, flag in paths:
+            # torch.optim.Muon has no foreach/fused option: its one path runs against each of ours
+            native_flag = {} if rule == "Muon" else flag
             makers = {
-                f"native {path}": None if native is None else functools.partial(native, lr=LR, **flag, **kw),
+                f"native {path}": None if native is None else functools.partial(native, lr=LR, **native_flag, **kw),
                 f"ours caution=False {path}": functools.partial(ours, lr=LR, caution=False, **flag, **kw),
                 f"ours cautious {path}": functools.partial(ours, lr=LR, **flag, **kw),
             }
@@ -183,6 +188,8 @@ def bench_jax(args: argparse.Namespace) -> None:
     print("| rule | contender | ms/step | vs native |")
     print("|---|---|---|---|")
     for rule, ours_name, native, kw, matrices in jax_rules():
+        if args.rules and ours_name not in args.rules:
+            continue
         ours = getattr(cj, ours_name, None)
         if ours is None:
             print(f"| {rule} | (not in cautious.jax) | | |")
@@ -219,6 +226,17 @@ def bench_jax(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- Keras
 
 
+def _keras_step(opt: Any, variables: list, grads: list) -> Callable[[], Any]:
+    """One jit-compiled ``opt.apply`` over ``variables`` (closed over, not traced as inputs)."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def step():
+        opt.apply(grads, variables)
+
+    return step
+
+
 def keras_rules() -> list[tuple[str, str, str | None, dict, bool]]:
     return [
         ("AdamW", "AdamW", "AdamW", {"weight_decay": 0.01}, False),
@@ -242,6 +260,8 @@ def bench_tensorflow(args: argparse.Namespace) -> None:
     print("| rule | contender | ms/step | vs native |")
     print("|---|---|---|---|")
     for rule, ours_name, native_name, kw, matrices in keras_rules():
+        if args.rules and ours_name not in args.rules:
+            continue
         ours = getattr(ctf, ours_name, None)
         native = getattr(keras.optimizers, native_name, None) if native_name else None
         if ours is None:
@@ -259,14 +279,10 @@ def bench_tensorflow(args: argparse.Namespace) -> None:
             if make is None:
                 continue
             opt = make()
-            vs = [tf.Variable(p) for p in params]
+            vs = [keras.Variable(p, name=f"p{i}") for i, p in enumerate(params)]  # Keras's Muon routes by path
             opt.build(vs)
 
-            @tf.function(jit_compile=True)
-            def step(opt=opt, vs=vs, grads_t=grads_t):
-                opt.apply(grads_t, vs)
-
-            steps[name] = step
+            steps[name] = _keras_step(opt, vs, grads_t)
         med = alternate(steps, args.rounds, args.warmup)
         report(rule, med, "native (keras)" if "native (keras)" in med else "ours caution=False")
 
@@ -279,6 +295,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--rules", nargs="*", help="only these (our class or function names, e.g. Muon adafactor)")
     args = ap.parse_args()
     if args.framework is None:
         for fw in ("torch", "jax", "tensorflow"):
