@@ -1,7 +1,8 @@
 """Step time of every base rule: ours (caution on and off) against the framework's native optimizer.
 
 One row per rule and path: PyTorch single-tensor and foreach (and fused where the rule has a
-fused kernel), jitted optax, and Keras 3 with ``jit_compile=True``. Every contender owns a copy
+fused kernel: against the native fused optimizer where there is one, else its single-tensor loop, the CPU
+default), jitted optax, and Keras 3 with ``jit_compile=True``. Every contender owns a copy
 of the same parameters (transformer shapes, ~5M float32 by default; Muon gets the 2-d tensors
 only, as every framework's Muon orthogonalizes matrices) and fixed gradients; within a rule the
 contenders run one step each per round, alternating, in one process, and the table gives the
@@ -94,7 +95,9 @@ def _timm(module: str, cls: str):
         return None
 
 
-#: rules with a fused kernel both in torch.optim and here (the other rules have no fused path)
+#: rules with a fused kernel here (cautious.torch) and, of them, those whose native optimizer has one too;
+#: a rule without a native fused kernel runs our fused path against the native single-tensor loop
+OURS_FUSED = ("AdamW", "NAdam", "Adopt", "LaProp")
 TORCH_FUSED = ("AdamW",)
 
 
@@ -132,13 +135,17 @@ def bench_torch(args: argparse.Namespace) -> None:
             continue
         params, grads = data([s for s in all_shapes if len(s) == 2] if matrices else all_shapes)
         paths = [("single", {"foreach": False}), ("foreach", {"foreach": True})]
-        if rule in TORCH_FUSED:
+        if ours_name in OURS_FUSED:
             paths.append(("fused", {"fused": True}))
         for path, flag in paths:
             # torch.optim.Muon has no foreach/fused option: its one path runs against each of ours
-            native_flag = {} if rule == "Muon" else flag
+            native_flag, native_path = ({}, path) if rule == "Muon" else (flag, path)
+            if path == "fused" and rule not in TORCH_FUSED:
+                native_flag, native_path = {"foreach": False}, "single"  # no native fused kernel
             makers = {
-                f"native {path}": None if native is None else functools.partial(native, lr=LR, **native_flag, **kw),
+                f"native {native_path}": None
+                if native is None
+                else functools.partial(native, lr=LR, **native_flag, **kw),
                 f"ours caution=False {path}": functools.partial(ours, lr=LR, caution=False, **flag, **kw),
                 f"ours cautious {path}": functools.partial(ours, lr=LR, **flag, **kw),
             }
@@ -156,7 +163,8 @@ def bench_torch(args: argparse.Namespace) -> None:
             if not steps:
                 continue
             med = alternate(steps, args.rounds, args.warmup)
-            report(rule, med, f"native {path}" if f"native {path}" in med else f"ours caution=False {path}")
+            native_name = f"native {native_path}"
+            report(rule, med, native_name if native_name in med else f"ours caution=False {path}")
 
 
 # ----------------------------------------------------------------------------------------------- JAX

@@ -8,6 +8,8 @@ storage and gradients with exact zeros (and a NaN): the counts must equal the re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,43 @@ RULES = {
         ),
         1,
     ),
+    "nadamw": (  # NAdam's mask reads u itself: the count pass computes the whole direction
+        lambda c: spec.nadam(lr=LR, weight_decay=0.1, decoupled_weight_decay=True, caution=c),
+        lambda t, c: fused.nadam_launch(
+            step=t, mu=_mu(t), mu_next=_mu(t + 1), mu_product=math.prod(_mu(k) for k in range(1, t + 1)),
+            beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, maximize=False, caution=c,
+            cautious_weight_decay=False,
+        ),
+        2,
+    ),
+    "adopt": (  # step 1 keeps nothing (u = 0) but NaN; decoupled decay from step 2
+        lambda c: spec.adopt(lr=LR, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, caution=c),
+        lambda t, c: fused.adopt_launch(
+            step=t, beta1=0.9, beta2=0.9999, eps=1e-6, clip_exp=0.333, weight_decay=0.1, decoupled=True,
+            nesterov=False, maximize=True, caution=c, cautious_weight_decay=False,
+        ),
+        2,
+    ),
+    "laprop": (  # update form: the rate is lr / lr_avg; decay after the move
+        lambda c: spec.laprop(lr=LR, weight_decay=0.1, caution=c),
+        lambda t, c: fused.laprop_launch(
+            lr=LR, step_lr=LR / _lr_avg(t), bias_correction2=1.0 - 0.999**t, beta1=0.9, beta2=0.999, eps=1e-15,
+            weight_decay=0.1, decay_order="post_update", maximize=False, caution=c, cautious_weight_decay=False,
+        ),
+        2,
+    ),
 }  # fmt: skip
+
+
+def _mu(t):
+    return spec.nadam_mu(t, beta1=0.9, momentum_decay=4e-3, momentum_schedule="dozat")
+
+
+def _lr_avg(t):
+    avg = 0.0
+    for _ in range(t):
+        avg = 0.9 * avg + (1 - 0.9) * LR
+    return avg
 
 
 def _grads(rng, nan=False):

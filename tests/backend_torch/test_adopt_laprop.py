@@ -155,31 +155,10 @@ def test_adopt_first_step_moves_nothing_and_reports_count_zero(foreach):
 
 
 @pytest.mark.parametrize("cls", [ct.Adopt, ct.LaProp])
-def test_fused_is_refused_and_the_default_never_fuses(cls):
+def test_fused_and_foreach_together_are_refused(cls):
     p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match=rf"^fused=True is not available for cautious.torch.{cls.__name__} "):
-        cls([p], fused=True)
-    from cautious.backends.torch import _functional as F
-
-    assert F._plain_resolve([p], None) in ("single", "foreach")
-    with pytest.raises(ValueError, match="no fused kernel"):
-        F.adopt(
-            [p],
-            [p],
-            [p],
-            [p],
-            [torch.tensor(0.0)],
-            fused=True,
-            beta1=0.9,
-            beta2=0.9,
-            lr=0.1,
-            eps=1e-6,
-            clip_exp=None,
-            weight_decay=0.0,
-            decoupled=False,
-            maximize=False,
-            caution=None,
-        )
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together."):
+        cls([p], fused=True, foreach=True)
 
 
 @pytest.mark.parametrize(

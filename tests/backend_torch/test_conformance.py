@@ -25,10 +25,12 @@ def test_conformance_fused():
     adapter = TorchAdapter("fused")
     if adapter.supports(Case("adamw", {"caution": True})) is not None:
         pytest.skip(adapter.supports(Case("adamw", {"caution": True})))
-    assert "no fused kernel" in adapter.supports(Case("adopt", {})) and "no fused kernel" in adapter.supports(
-        Case("laprop", {})
-    )
-    run_conformance(adapter, rules=("adam", "adamw", "lion", "sgd"), max_examples=100)
+    from cautious.conformance.adapters.fused import FUSED_RULES
+
+    for rule in ("rmsprop", "adafactor", "muon"):
+        assert "no fused kernel" in adapter.supports(Case(rule, {})), rule
+    result = run_conformance(adapter, rules=FUSED_RULES, max_examples=100)
+    assert {rule for rule, _ in result.examples} == set(FUSED_RULES)
 
 
 def test_adapter_declines_low_precision_single_and_mixed_state():

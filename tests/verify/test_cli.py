@@ -177,13 +177,14 @@ def test_verify_native_optax_and_keras_as_caution_off(tmp_path):
 
 
 def test_verify_our_torch_backend_on_nadam_and_rmsprop(tmp_path):
-    # the new base rules through the CLI: single/foreach conform, the fused lane declines them (skip)
+    # the new base rules through the CLI: every lane conforms; the fused lane runs NAdam and declines RMSprop
     out = _run(
         [*CLI, "verify", "--backend", "torch", "--max-examples", "3", "--rules", "nadam", "rmsprop",
          "--options", "off", "exact"], cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "=== torch/single: conforms" in out.stdout and "=== torch/foreach: conforms" in out.stdout
-    assert "16 passed, 0 failed, 8 skipped" in out.stdout
+    for lane in ("single", "foreach", "fused"):
+        assert f"=== torch/{lane}: conforms" in out.stdout
+    assert "20 passed, 0 failed, 4 skipped" in out.stdout
 
 
 def test_verify_includes_adafactor_on_our_torch_backend(tmp_path):

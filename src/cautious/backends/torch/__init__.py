@@ -7,13 +7,22 @@ wraps any ``torch.optim.Optimizer`` (caution for any optimizer: :func:`cautious.
 
 Also public: :func:`fused_available` (whether ``fused=True`` runs on a device), :func:`build_fused`
 (prebuild the native CPU kernel, the CPU default with caution on) and the fused
-step functions :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_` (in-place steps over
+step functions :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_`, :func:`fused_nadam_`,
+:func:`fused_adopt_`, :func:`fused_laprop_` (in-place steps over
 lists of tensors, with opt-in ``stochastic_rounding`` of bfloat16 results), from
 :mod:`cautious.backends.torch.fused`.
 """
 
 from cautious._caution import Caution
-from cautious.backends.torch.fused import build_fused, fused_adam_, fused_lion_, fused_sgd_
+from cautious.backends.torch.fused import (
+    build_fused,
+    fused_adam_,
+    fused_adopt_,
+    fused_laprop_,
+    fused_lion_,
+    fused_nadam_,
+    fused_sgd_,
+)
 from cautious.backends.torch.fused import is_available as fused_available
 from cautious.backends.torch.optim import SGD, Adafactor, Adam, AdamW, Adopt, LaProp, Lion, Muon, NAdam, RMSprop
 from cautious.backends.torch.wrapper import Cautious
@@ -35,5 +44,8 @@ __all__ = [
     "fused_adam_",
     "fused_lion_",
     "fused_sgd_",
+    "fused_nadam_",
+    "fused_adopt_",
+    "fused_laprop_",
     "Cautious",
 ]

@@ -98,6 +98,17 @@ def _increment_steps_(state_steps: list[Tensor]) -> None:
         torch._foreach_add_(state_steps, 1)
 
 
+def _fused_steps(state_steps: list[Tensor]) -> list[int]:
+    """``step += 1`` for the fused path (one native call on CPU when it can) and the new steps."""
+    from cautious.backends.torch import fused as fused_kernels
+
+    steps = fused_kernels.increment_steps_(state_steps)
+    if steps is None:
+        _increment_steps_(state_steps)
+        steps = _step_values(state_steps)
+    return steps
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The cautious mask, written once.
 # ----------------------------------------------------------------------------------------------------------
@@ -613,10 +624,7 @@ def adam(
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
-        steps = fused_kernels.increment_steps_(state_steps)
-        if steps is None:
-            _increment_steps_(state_steps)
-            steps = _step_values(state_steps)
+        steps = _fused_steps(state_steps)
         for idx in _groups(params, impl, steps):
             launch = fused_kernels.adam_launch(step=steps[idx[0]], decoupled=decoupled_weight_decay, **hyper)
             lists = [_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx)]
@@ -917,12 +925,13 @@ def sgd(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# NAdam / NAdamW and RMSprop: single-tensor and foreach paths (no fused kernel)
+# NAdam / NAdamW (single-tensor, foreach and fused) and RMSprop (single-tensor and foreach)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _no_fused(name: str, foreach: bool | None, fused: bool | None) -> None:
-    """``fused=True`` is refused for rules without a fused kernel; the default never picks it for them."""
+    """``fused=True`` is refused for rules without a fused kernel (RMSprop, Adafactor, Muon), with one message;
+    the default never picks it for them."""
     _check_no_fused_foreach(foreach, fused)
     if fused:
         raise ValueError(f"fused=True is not available for {name} (no fused kernel); use foreach=True or foreach=False")
@@ -1089,10 +1098,36 @@ def nadam(
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious NAdam/NAdamW; see :class:`cautious.backends.torch.NAdam`."""
-    _no_fused("NAdam", foreach, fused)
-    impl = _plain_resolve(params, foreach)
+    impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    if impl == "fused":
+        from cautious.backends.torch import fused as fused_kernels
+        from cautious.spec.rules import nadam_mu
+
+        steps = _fused_steps(state_steps)
+        schedule = dict(beta1=float(beta1), momentum_decay=float(momentum_decay), momentum_schedule=momentum_schedule)
+        torch._foreach_mul_(mu_products, [nadam_mu(t, **schedule) for t in steps])
+        prods = torch.stack(mu_products).tolist() if mu_products else []
+        for idx in _groups(params, impl, steps, prods):
+            t = steps[idx[0]]
+            launch = fused_kernels.nadam_launch(
+                step=t,
+                mu=nadam_mu(t, **schedule),
+                mu_next=nadam_mu(t + 1, **schedule),
+                mu_product=prods[idx[0]],
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                decoupled=decoupled_weight_decay,
+                maximize=maximize,
+                caution=caution,
+                cautious_weight_decay=cautious_weight_decay,
+            )
+            lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
+            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
+        return
     for idx in _groups(params, impl, shards=bool(shardings)):
         _nadam_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps)),
@@ -1597,10 +1632,30 @@ def adopt(
     stats: dict[Tensor, CautionStats] | None = None,
 ) -> None:
     """Functional cautious ADOPT. See :class:`cautious.backends.torch.Adopt` and :func:`cautious.spec.adopt`."""
-    _no_fused("ADOPT", foreach, fused)
-    impl = _plain_resolve(params, foreach)
+    impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    if impl == "fused":
+        from cautious.backends.torch import fused as fused_kernels
+
+        steps = _fused_steps(state_steps)
+        for idx in _groups(params, impl, steps):
+            launch = fused_kernels.adopt_launch(
+                step=steps[idx[0]],
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                clip_exp=clip_exp,
+                weight_decay=weight_decay,
+                decoupled=decoupled,
+                nesterov=False,
+                maximize=maximize,
+                caution=caution,
+                cautious_weight_decay=cautious_weight_decay,
+            )
+            lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
+            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
+        return
     for idx in _groups(params, impl, shards=bool(shardings)):
         _adopt_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
@@ -1713,10 +1768,30 @@ def laprop(
     ``step_sizes`` (``lr / lr_avg``, 0 while ``lr_avg`` is 0) and ``bias_corrections2`` (``1 - b2^t`` as
     timm's running product, a 0-d CPU tensor) are per-parameter scalars the optimizer class keeps.
     """
-    _no_fused("LaProp", foreach, fused)
-    impl = _plain_resolve(params, foreach)
+    impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    if impl == "fused":
+        from cautious.backends.torch import fused as fused_kernels
+
+        bcs = [float(_scalar(bc)) for bc in bias_corrections2]
+        for idx in _groups(params, impl, list(step_sizes), bcs):
+            launch = fused_kernels.laprop_launch(
+                lr=lr,
+                step_lr=step_sizes[idx[0]],
+                bias_correction2=bcs[idx[0]],
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                decay_order=decay_order,
+                maximize=maximize,
+                caution=caution,
+                cautious_weight_decay=cautious_weight_decay,
+            )
+            lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
+            fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
+        return
     for idx in _groups(params, impl, shards=bool(shardings)):
         _laprop_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)),

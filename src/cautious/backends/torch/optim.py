@@ -74,7 +74,10 @@ def _caution_of(data: dict[str, Any] | None) -> Caution | None:
 
 #: The functional steps as torch.compile runs ``fused=True``: not traced (as torch.optim's fused steps), so a
 #: compiled step runs the fused kernels eagerly instead of tracing their host-side launch (one graph break).
-_UNTRACED_FUSED = {f: torch.compiler.disable(f) for f in (functional.adam, functional.lion, functional.sgd)}
+_UNTRACED_FUSED = {
+    f: torch.compiler.disable(f)
+    for f in (functional.adam, functional.lion, functional.sgd, functional.nadam, functional.adopt, functional.laprop)
+}
 
 
 def _step_fn(f: Callable, group: dict[str, Any]) -> Callable:
@@ -670,8 +673,8 @@ class NAdam(_CautiousOptimizer):
         p' = p - \eta\,\text{mask}(u, g)\,\text{scale}\,u
 
     with ``d = sqrt(v' / (1 - beta2**t)) + eps`` (:func:`cautious.spec.nadam`). Same arguments as
-    ``torch.optim.NAdam`` (``capturable`` and ``differentiable`` must stay False; ``fused=True`` is
-    refused: NAdam has no fused kernel), plus ``caution``, ``caution_stats``, ``cautious_weight_decay``
+    ``torch.optim.NAdam`` (``capturable`` and ``differentiable`` must stay False; ``fused=True`` runs the
+    fused kernels, which torch's NAdam does not have), plus ``caution``, ``caution_stats``, ``cautious_weight_decay``
     (needs ``decoupled_weight_decay``) and ``momentum_schedule`` (``"dozat"``: torch's; ``"constant"``:
     ``mu_t = beta1``, optax's ``nadam``). State per parameter: ``step``, ``mu_product``, ``exp_avg``,
     ``exp_avg_sq``, as torch.optim.NAdam: checkpoints load both ways.
@@ -697,7 +700,6 @@ class NAdam(_CautiousOptimizer):
         cautious_weight_decay: bool = False,
         momentum_schedule: str = "dozat",
     ) -> None:
-        functional._no_fused("NAdam", foreach, fused)
         _refuse_capturable("NAdam", capturable)
         defaults = dict(
             lr=lr,
@@ -770,8 +772,9 @@ class NAdam(_CautiousOptimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps)
+            self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.nadam(
+            _step_fn(functional.nadam, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -1069,19 +1072,7 @@ class Adafactor(_CautiousOptimizer):
         return loss
 
 
-class _TimmRule(_CautiousOptimizer):
-    """Shared by :class:`Adopt` and :class:`LaProp` (timm's optimizers): no fused kernel, refused up front."""
-
-    def __init__(self, params: Any, defaults: dict[str, Any], caution_stats: bool = False) -> None:
-        if defaults.get("fused"):
-            raise ValueError(
-                f"fused=True is not available for cautious.torch.{type(self).__name__} (no fused kernel for this "
-                "rule); use foreach=True or foreach=False"
-            )
-        super().__init__(params, defaults, caution_stats=caution_stats)
-
-
-class Adopt(_TimmRule):
+class Adopt(_CautiousOptimizer):
     r"""Cautious ADOPT (Taniguchi et al. 2024), a drop-in for ``timm.optim.Adopt`` (same name, signature,
     defaults and state: ``step``, ``exp_avg``, ``exp_avg_sq``).
 
@@ -1095,8 +1086,9 @@ class Adopt(_TimmRule):
 
     See :func:`cautious.spec.adopt`. ``clip_exp=None``: no clipping. ``weight_decay`` is coupled (L2) unless
     ``decoupled``; decoupled decay starts at step 2 (step 1 moves nothing). ``caution=False`` runs timm's
-    operations (bit for bit). timm's ``corrected_weight_decay``, ``capturable`` and ``differentiable`` are
-    not supported.
+    operations (bit for bit). ``foreach`` and ``fused`` choose the path as in ``torch.optim`` (timm's Adopt
+    has ``foreach`` only; ``fused=True`` runs the fused kernels). timm's ``corrected_weight_decay``,
+    ``capturable`` and ``differentiable`` are not supported.
 
     .. note::
        ``load_state_dict`` keeps the caution options of this optimizer.
@@ -1176,14 +1168,16 @@ class Adopt(_TimmRule):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, state_steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.adopt(
+            _step_fn(functional.adopt, group)(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
                 state_steps,
                 foreach=group["foreach"],
+                fused=group["fused"],
                 beta1=beta1,
                 beta2=beta2,
                 lr=group["lr"],
@@ -1199,7 +1193,7 @@ class Adopt(_TimmRule):
         return loss
 
 
-class LaProp(_TimmRule):
+class LaProp(_CautiousOptimizer):
     r"""Cautious LaProp (Ziyin et al. 2020), a drop-in for ``timm.optim.LaProp`` (same name, signature, defaults
     and state: ``step``, ``exp_avg``, ``exp_avg_lr_1``, ``exp_avg_lr_2``, ``exp_avg_sq``).
 
@@ -1213,8 +1207,9 @@ class LaProp(_TimmRule):
     ``\bar\eta``, the same average of the learning rates (its bias correction), and ``exp_avg_lr_2`` is
     ``1 - beta2^t`` as a running product in the default scalar dtype (as timm). Decoupled decay applies to the
     updated parameter (``decay_order="post_update"``, timm and the reference code; ``"pre_update"`` is
-    AdamW's order). ``caution=False`` runs timm's operations (bit for bit). timm's
-    ``corrected_weight_decay`` is not supported.
+    AdamW's order). ``caution=False`` runs timm's operations (bit for bit). ``foreach`` and ``fused`` choose
+    the path as in ``torch.optim`` (``fused=True`` runs the fused kernels). timm's ``corrected_weight_decay``
+    is not supported.
 
     .. note::
        ``load_state_dict`` keeps the caution options of this optimizer.
@@ -1300,8 +1295,9 @@ class LaProp(_TimmRule):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2 = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)
+            self._check_fused(group, params)
             beta1, beta2 = group["betas"]
-            functional.laprop(
+            _step_fn(functional.laprop, group)(
                 params,
                 grads,
                 exp_avgs,
@@ -1309,6 +1305,7 @@ class LaProp(_TimmRule):
                 step_sizes,
                 bias_corrections2,
                 foreach=group["foreach"],
+                fused=group["fused"],
                 beta1=beta1,
                 beta2=beta2,
                 lr=group["lr"],

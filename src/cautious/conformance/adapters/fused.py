@@ -22,7 +22,10 @@ from cautious.backends.torch import fused
 from cautious.conformance.adapters.torch import to_numpy, to_torch
 from cautious.conformance.case import Case
 
-__all__ = ["FusedAdapter"]
+__all__ = ["FusedAdapter", "FUSED_RULES"]
+
+#: The spec rules with a fused kernel (:class:`cautious.backends.torch.fused.contract.Rule`).
+FUSED_RULES = ("adam", "adamw", "lion", "sgd", "nadam", "adopt", "laprop")
 
 _TORCH_DTYPES = {
     "float64": torch.float64,
@@ -55,15 +58,13 @@ class FusedAdapter:
         self.name = f"torch-fused-{backend or 'auto'}" + ("" if device == "cpu" else f"-{device}")
 
     def supports(self, case: Case) -> str | None:
-        if case.rule in ("nadam", "rmsprop"):
-            return f"no fused kernel for {case.rule} (single-tensor and foreach paths only)"
+        if case.rule == "rmsprop":
+            return "no fused kernel for RMSprop (single-tensor and foreach paths only)"
         if case.rule == "adafactor":
             return "no fused kernel for Adafactor (its row/column statistics are reductions; torch runs single/foreach)"
-        if case.rule in ("adopt", "laprop"):
-            return f"{case.rule} has no fused kernel (fused=True is refused)"
         if case.rule == "muon":
             return "no fused kernel for Muon (Newton-Schulz is a matrix iteration, not an elementwise step)"
-        if case.rule not in ("adam", "adamw", "lion", "sgd"):
+        if case.rule not in FUSED_RULES:
             return f"unknown rule {case.rule!r}"
         if case.dtype not in _TORCH_DTYPES or case.state_storage not in _TORCH_DTYPES:
             return f"unsupported dtype {case.dtype!r} / {case.state_storage!r}"
@@ -129,6 +130,8 @@ class FusedAdapter:
             ms = [self._tensor(s.m, sd) for s in state.leaves]
             fused.fused_lion_(ps, gs, ms, beta1=b1, beta2=b2, **common)
             leaves = [spec.LionState(to_numpy(m, case.state_storage)) for m in ms]
+        elif rule in ("nadam", "adopt", "laprop"):
+            return self._adam_family(case, hp, ps, gs, state, common)
         else:
             momentum = float(hp["momentum"])
             bufs = None
@@ -153,3 +156,73 @@ class FusedAdapter:
                 for b in (bufs or [None] * len(ps))
             ]
         return [to_numpy(p, case.dtype) for p in ps], spec.State(state.step + 1, tuple(leaves))
+
+    def _adam_family(self, case: Case, hp: dict[str, Any], ps, gs, state: spec.State, common: dict[str, Any]):
+        """NAdam, ADOPT and LaProp: state ``(m, v)`` plus the scalars each keeps outside its tensors."""
+        sd = _TORCH_DTYPES[case.state_storage]
+        b1, b2 = (float(x) for x in hp["betas"])
+        t = state.step + 1
+        ms = [self._tensor(s.m, sd) for s in state.leaves]
+        vs = [self._tensor(s.v, sd) for s in state.leaves]
+        tail: list[Any] = [() for _ in ps]
+        if case.rule == "nadam":
+            schedule = dict(beta1=b1, momentum_decay=hp["momentum_decay"], momentum_schedule=hp["momentum_schedule"])
+            prods = [float(s.mu_product) * spec.nadam_mu(t, **schedule) for s in state.leaves]
+            if len(set(prods)) != 1:
+                raise ValueError("the tensors of one case must share NAdam's mu_product")
+            fused.fused_nadam_(
+                ps,
+                gs,
+                ms,
+                vs,
+                step=t,
+                mu_product=prods[0],
+                beta1=b1,
+                beta2=b2,
+                eps=hp["eps"],
+                momentum_decay=hp["momentum_decay"],
+                momentum_schedule=hp["momentum_schedule"],
+                decoupled=bool(hp["decoupled_weight_decay"]),
+                **common,
+            )
+            tail = [(np.asarray(x, dtype=np.float64),) for x in prods]
+        elif case.rule == "adopt":
+            fused.fused_adopt_(
+                ps,
+                gs,
+                ms,
+                vs,
+                step=t,
+                beta1=b1,
+                beta2=b2,
+                eps=hp["eps"],
+                clip_exp=hp["clip_exp"],
+                nesterov=bool(hp["nesterov"]),
+                decoupled=bool(hp["decoupled_weight_decay"]),
+                **common,
+            )
+        else:
+            lr = float(hp["lr"])
+            lr_avgs = [b1 * float(s.lr_avg) + (1.0 - b1) * lr for s in state.leaves]
+            if len(set(lr_avgs)) != 1:
+                raise ValueError("the tensors of one case must share LaProp's lr_avg")
+            fused.fused_laprop_(
+                ps,
+                gs,
+                ms,
+                vs,
+                step_lr=lr / lr_avgs[0] if lr_avgs[0] != 0 else 0.0,
+                bias_correction2=1.0 - b2**t,
+                beta1=b1,
+                beta2=b2,
+                eps=hp["eps"],
+                decay_order=hp["decay_order"],
+                **common,
+            )
+            tail = [(np.asarray(x, dtype=np.float64),) for x in lr_avgs]
+        kind = {"nadam": spec.NAdamState, "adopt": spec.AdoptState, "laprop": spec.LaPropState}[case.rule]
+        leaves = [
+            kind(to_numpy(m, case.state_storage), to_numpy(v, case.state_storage), *extra)
+            for m, v, extra in zip(ms, vs, tail, strict=True)
+        ]
+        return [to_numpy(p, case.dtype) for p in ps], spec.State(t, tuple(leaves))

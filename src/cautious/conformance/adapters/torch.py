@@ -107,10 +107,8 @@ class TorchAdapter:
             case.hparams.get("eps_in_sqrt") or case.hparams.get("nesterov") or case.hparams.get("initial_scale")
         ):
             return "torch.optim.RMSprop adds eps after the root, has no Nesterov momentum and starts v at 0"
-        if self.impl == "fused" and case.rule in ("nadam", "rmsprop"):
-            return f"no fused kernel for {case.rule}"
-        if case.rule in ("adopt", "laprop") and self.impl == "fused":
-            return f"{case.rule} has no fused kernel (fused=True is refused): single and foreach only"
+        if self.impl == "fused" and case.rule == "rmsprop":
+            return "no fused kernel for rmsprop (cautious.torch.RMSprop refuses fused=True)"
         if case.rule == "adopt" and case.hparams.get("nesterov", False):
             return "cautious.torch.Adopt has timm's signature: no nesterov (optax's option)"
         if case.rule == "muon":

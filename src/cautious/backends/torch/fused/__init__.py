@@ -1,7 +1,8 @@
-r"""Fused cautious Adam(W), Lion and SGD: two passes over many tensors per call.
+r"""Fused cautious Adam(W), Lion, SGD, NAdam(W), ADOPT and LaProp: two passes over many tensors per call.
 
-Public functions: :func:`is_available`, :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_`
-(also reachable as :func:`cautious.torch.fused_available` and the optimizers' ``fused=True``).
+Public functions: :func:`is_available`, :func:`fused_adam_`, :func:`fused_lion_`, :func:`fused_sgd_`,
+:func:`fused_nadam_`, :func:`fused_adopt_`, :func:`fused_laprop_` (also reachable as
+:func:`cautious.torch.fused_available` and the optimizers' ``fused=True``).
 
 The per-tensor kept count must be complete before any entry of that tensor is updated, so
 every implementation here runs a **count pass** then an **update pass**:
@@ -15,6 +16,9 @@ The count pass needs only the *sign* of ``u``: for Adam ``sign(u) = sign(m_new)`
 ``m_new = b1 m + (1 - b1) g`` (the denominator ``sqrt(v_hat) + eps`` is positive), for Lion
 ``sign(u) = sign(b1 m + (1 - b1) g)``, for SGD ``u`` is the (Nesterov) momentum. It reads
 ``g`` and ``m`` only (36 B per float32 Adam parameter instead of 28 for plain fused AdamW).
+NAdam's ``u`` mixes ``g / d`` and ``m' / d``, and ADOPT's and LaProp's normalize ``g`` before
+the momentum, so their count pass computes ``u`` itself and also reads ``v`` (40 B per float32
+parameter).
 See :mod:`cautious.spec` for the full algorithm; every function here matches it.
 
 Implementations, chosen per device:
@@ -53,10 +57,29 @@ from typing import Any
 import torch
 
 from cautious._caution import Caution, as_caution
-from cautious.backends.torch.fused.contract import STORAGE, Launch, Rule, adam_hp, lion_hp, sgd_hp
+from cautious.backends.torch.fused.contract import (
+    STORAGE,
+    Launch,
+    Rule,
+    adam_hp,
+    adopt_hp,
+    laprop_hp,
+    lion_hp,
+    nadam_hp,
+    sgd_hp,
+)
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, validate
 
-__all__ = ["is_available", "build_fused", "fused_adam_", "fused_lion_", "fused_sgd_"]
+__all__ = [
+    "is_available",
+    "build_fused",
+    "fused_adam_",
+    "fused_lion_",
+    "fused_sgd_",
+    "fused_nadam_",
+    "fused_adopt_",
+    "fused_laprop_",
+]
 
 _BETA_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 _BACKENDS = ("triton", "cpu", "eager")
@@ -381,7 +404,137 @@ def sgd_launch(
     )
 
 
+def nadam_launch(
+    *,
+    step,
+    mu,
+    mu_next,
+    mu_product,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    maximize,
+    caution,
+    cautious_weight_decay,
+    stochastic_rounding=False,
+    seed=0,
+) -> Launch:
+    """The :class:`~.contract.Launch` of one NAdam step: ``mu_product`` is ``prod_t`` (through this step)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.NADAM,
+        hp=nadam_hp(
+            step=step,
+            mu=mu,
+            mu_next=mu_next,
+            mu_product=mu_product,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=wd,
+            decoupled=decoupled,
+            caution=caution,
+        ),
+        caution=caution,
+        maximize=bool(maximize),
+        coupled=(not decoupled) and wd != 0.0,
+        decoupled=bool(decoupled) and wd != 0.0,
+        cwd=bool(cautious_weight_decay),
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
+def adopt_launch(
+    *,
+    step,
+    beta1,
+    beta2,
+    eps,
+    clip_exp,
+    weight_decay,
+    decoupled,
+    nesterov,
+    maximize,
+    caution,
+    cautious_weight_decay,
+    stochastic_rounding=False,
+    seed=0,
+) -> Launch:
+    """The :class:`~.contract.Launch` of one ADOPT step (step 1 sets ``v = g^2`` and moves nothing, no decay)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.ADOPT,
+        hp=adopt_hp(
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            clip_exp=clip_exp,
+            weight_decay=wd,
+            decoupled=decoupled,
+            caution=caution,
+        ),
+        caution=caution,
+        maximize=bool(maximize),
+        coupled=(not decoupled) and wd != 0.0,
+        decoupled=bool(decoupled) and wd != 0.0 and int(step) > 1,
+        cwd=bool(cautious_weight_decay),
+        first=int(step) == 1,
+        nesterov=bool(nesterov),
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
+def laprop_launch(
+    *,
+    lr,
+    step_lr,
+    bias_correction2,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decay_order,
+    maximize,
+    caution,
+    cautious_weight_decay,
+    stochastic_rounding=False,
+    seed=0,
+) -> Launch:
+    """The :class:`~.contract.Launch` of one LaProp step (decoupled decay, before or after the move)."""
+    wd = float(weight_decay)
+    return Launch(
+        rule=Rule.LAPROP,
+        hp=laprop_hp(
+            lr=lr,
+            step_lr=step_lr,
+            bias_correction2=bias_correction2,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=wd,
+            caution=caution,
+        ),
+        caution=caution,
+        maximize=bool(maximize),
+        decoupled=wd != 0.0,
+        cwd=bool(cautious_weight_decay),
+        post_decay=decay_order == "post_update",
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+    )
+
+
 # --------------------------------------------------------------------------- public functions
+
+
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the new 1-based step), got {step!r}")
 
 
 def fused_adam_(
@@ -435,8 +588,7 @@ def fused_adam_(
     )
     caution = as_caution(caution)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (the new 1-based step), got {step!r}")
+    _check_step(step)
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     n = len(params)
@@ -573,3 +725,201 @@ def fused_sgd_(
         seed=seed,
     )
     run(launch, lists, lr, backend=_backend, check_lr=True)
+
+
+def fused_nadam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    step: int,
+    mu_product: float,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    momentum_schedule: str,
+    decoupled: bool,
+    maximize: bool,
+    caution: bool | Caution,
+    cautious_weight_decay: bool,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    _backend: str | None = None,
+) -> None:
+    """One in-place cautious NAdam / NAdamW step (see :func:`cautious.spec.nadam`).
+
+    ``step`` is the new 1-based step; ``mu_product`` is ``prod_t``, the product of the momentum
+    schedule through this step (:func:`cautious.spec.rules.nadam_mu`), which the caller keeps.
+    """
+    from cautious.spec.rules import nadam_mu
+
+    beta1, beta2, eps, weight_decay = (
+        _scalar(x, n)
+        for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    )
+    validate(
+        dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_decay=momentum_decay,
+            momentum_schedule=momentum_schedule,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled,
+            cautious_weight_decay=cautious_weight_decay,
+        ),
+        _BETA_NAMES,
+    )
+    caution = as_caution(caution)
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
+    _check_step(step)
+    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), _nones(len(params))]
+    _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+    schedule = dict(beta1=beta1, momentum_decay=momentum_decay, momentum_schedule=momentum_schedule)
+    launch = nadam_launch(
+        step=step,
+        mu=nadam_mu(step, **schedule),
+        mu_next=nadam_mu(step + 1, **schedule),
+        mu_product=float(mu_product),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+    )
+    run(launch, lists, lr, backend=_backend, check_lr=True)
+
+
+def fused_adopt_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    step: int,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_exp: float | None,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    caution: bool | Caution,
+    cautious_weight_decay: bool,
+    nesterov: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    _backend: str | None = None,
+) -> None:
+    """One in-place cautious ADOPT step (see :func:`cautious.spec.adopt`); ``step`` is the new 1-based step.
+
+    Step 1 sets ``v = g^2`` and moves nothing; decoupled decay starts at step 2.
+    """
+    beta1, beta2, eps, weight_decay = (
+        _scalar(x, n)
+        for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    )
+    hp = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    if clip_exp is not None:
+        hp["clip_exp"] = clip_exp
+    validate(hp, _BETA_NAMES)
+    validate(
+        dict(decoupled_weight_decay=decoupled, cautious_weight_decay=cautious_weight_decay),
+        {"decoupled_weight_decay": "decoupled"},
+    )
+    caution = as_caution(caution)
+    check_cautious_weight_decay(cautious_weight_decay, decoupled)
+    _check_step(step)
+    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), _nones(len(params))]
+    _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+    launch = adopt_launch(
+        step=step,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        clip_exp=clip_exp,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        nesterov=nesterov,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+    )
+    run(launch, lists, lr, backend=_backend, check_lr=True)
+
+
+def fused_laprop_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    step_lr: float,
+    bias_correction2: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_order: str,
+    maximize: bool,
+    caution: bool | Caution,
+    cautious_weight_decay: bool,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    _backend: str | None = None,
+) -> None:
+    """One in-place cautious LaProp step (see :func:`cautious.spec.laprop`).
+
+    The caller keeps LaProp's scalars: ``step_lr = lr / lr_avg`` (0 while ``lr_avg`` is 0) and
+    ``bias_correction2 = 1 - beta2^t``. ``lr`` is a number here (the momentum carries it).
+    """
+    lr, beta1, beta2, eps, weight_decay = (
+        _scalar(x, n)
+        for x, n in ((lr, "lr"), (beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    )
+    validate(
+        dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_order=decay_order,
+            maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay,
+        ),
+        _BETA_NAMES,
+    )
+    caution = as_caution(caution)
+    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), _nones(len(params))]
+    _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+    launch = laprop_launch(
+        lr=lr,
+        step_lr=float(step_lr),
+        bias_correction2=float(bias_correction2),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decay_order=decay_order,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+    )
+    run(launch, lists, lr, backend=_backend)

@@ -21,16 +21,29 @@ LION      ``c = MIX1_OLD m + MIX1_NEW g``, ``u = sign(c)`` (NaN kept),          
           ``m' = MIX2_OLD m + MIX2_NEW g``
 SGD       ``b = g`` (first step or no momentum) else ``MIX1_OLD b + MIX1_NEW g``,  ``u``
           ``u = g + MIX1_OLD b`` (nesterov) else ``b``
+NADAM     ``m'``, ``v'`` as ADAM, ``d = sqrt(v') ADAM_B + EPS``,                  ``u``
+          ``u = G_COEF (g / d) + M_COEF (m' / d)``
+ADOPT     first step: ``v' = g^2``, ``m' = m``, ``u = 0``; later:                 ``u``
+          ``n = clip(g / max(sqrt(v), EPS), +-CLIP)``,
+          ``m' = MIX1_OLD m + MIX1_NEW n``, ``u = m'`` (nesterov:
+          ``MIX1_OLD m' + MIX1_NEW n``), ``v' = MIX2_OLD v + MIX2_NEW g^2``
+LAPROP    ``v' = MIX2_OLD v + MIX2_NEW g^2``, ``n = g / (sqrt(v') ADAM_B + EPS)``,  ``m'`` (``0 m'``
+          ``m' = MIX1_OLD m + MIX1_NEW n`` (``MIX1_NEW = lr (1 - beta1)``),       when
+          ``u = m'``                                                              ``STEP_LR = 0``)
 ========  =====================================================================  ==============
 
 then ``keep = mask(test, g)``, ``scale`` from the per-tensor count (:class:`Norm`), and
 
 .. math::
 
-    p' = p - \text{lr}\cdot\text{DECOUPLED\_DECAY}\cdot d - (\text{lr}\cdot\text{scale})\cdot
+    p' = p - \text{lr}\cdot\text{DECOUPLED\_DECAY}\cdot d - (\text{rate}\cdot\text{scale})\cdot
     \text{keep}\odot u
 
-with ``d = p`` (``0`` where cautious weight decay skips it).
+with ``d = p`` (``0`` where cautious weight decay skips it) and ``rate = lr``, except LaProp's
+``rate = STEP_LR`` (``lr / lr_avg``: its momentum carries the learning rate). With
+:attr:`Launch.post_decay` (LaProp's ``decay_order="post_update"``) the decay shrinks the moved
+parameter instead: ``p1 = p - (rate scale) keep u``, ``p' = p1 - lr DECOUPLED_DECAY d1`` with
+``d1 = p1`` (``0`` where cautious weight decay skips it, decided from ``p`` and ``keep u``).
 """
 
 from __future__ import annotations
@@ -44,7 +57,20 @@ import torch
 
 from cautious._caution import NORMALIZATIONS, Caution
 
-__all__ = ["Rule", "Norm", "Slot", "STORAGE", "Launch", "CpuArgs", "adam_hp", "lion_hp", "sgd_hp"]
+__all__ = [
+    "Rule",
+    "Norm",
+    "Slot",
+    "STORAGE",
+    "Launch",
+    "CpuArgs",
+    "adam_hp",
+    "lion_hp",
+    "sgd_hp",
+    "nadam_hp",
+    "adopt_hp",
+    "laprop_hp",
+]
 
 
 class Rule(enum.IntEnum):
@@ -53,6 +79,9 @@ class Rule(enum.IntEnum):
     ADAM = 0
     LION = 1
     SGD = 2
+    NADAM = 3
+    ADOPT = 4
+    LAPROP = 5
 
 
 #: Normalization of the kept count (:class:`cautious.Caution`); ``NONE`` also means caution off.
@@ -64,17 +93,21 @@ class Slot(enum.IntEnum):
     """Positions in the float64 hyperparameter vector ``hp`` (``len(Slot)`` entries)."""
 
     COUPLED_DECAY = 0  # g <- g + COUPLED_DECAY * p (coupled L2 decay; 0 when decoupled)
-    MIX1_OLD = 1  # Adam/Lion beta1; SGD momentum
-    MIX1_NEW = 2  # Adam/Lion 1 - beta1; SGD 1 - dampening
-    MIX2_OLD = 3  # Adam beta2 (v); Lion beta2 (m)
+    MIX1_OLD = 1  # Adam/Lion/NAdam/ADOPT/LaProp beta1; SGD momentum
+    MIX1_NEW = 2  # Adam/Lion/NAdam/ADOPT 1 - beta1; SGD 1 - dampening; LaProp lr * (1 - beta1)
+    MIX2_OLD = 3  # Adam/NAdam/ADOPT/LaProp beta2 (v); Lion beta2 (m)
     MIX2_NEW = 4  # 1 - beta2
     EPS = 5
     ADAM_A = 6  # Adam: u = ADAM_C * ((m' * ADAM_A) / (sqrt(v) * ADAM_B + EPS))
-    ADAM_B = 7
+    ADAM_B = 7  # also NAdam's and LaProp's 1 / sqrt(1 - beta2^t)
     ADAM_C = 8
     DECOUPLED_DECAY = 9  # p <- p - lr * DECOUPLED_DECAY * d
     LR = 10  # the learning rate (when it is not a device tensor)
     FLOOR = 11  # mean_clamp's floor on the kept fraction
+    G_COEF = 12  # NAdam: (1 - mu_t) / (1 - prod_t), the weight of g / d
+    M_COEF = 13  # NAdam: mu_{t+1} / (1 - prod_t mu_{t+1}), the weight of m' / d
+    CLIP = 14  # ADOPT: the clip bound (t - 1)^clip_exp (inf: no clipping)
+    STEP_LR = 15  # LaProp: the rate of the direction, lr / lr_avg (0 while lr_avg is 0)
 
 
 #: Storage codes of the supported dtypes (the kernels load and store by code).
@@ -94,9 +127,10 @@ class Launch:
     cwd: bool = False  # cautious weight decay
     exact_u: bool = False  # Adam with eps == 0: the mask tests u itself (0/0 is NaN)
     amsgrad: bool = False
-    first: bool = False  # SGD: the momentum buffer is set to g
+    first: bool = False  # SGD: the momentum buffer is set to g; ADOPT: v is set to g^2 and nothing moves
     nesterov: bool = False
     has_momentum: bool = False
+    post_decay: bool = False  # LaProp's decay_order="post_update": decay shrinks the moved parameter
     stochastic_rounding: bool = False
     seed: int = 0
 
@@ -179,6 +213,56 @@ def sgd_hp(*, momentum, dampening, weight_decay, decoupled, caution) -> tuple[fl
     return _finish(hp, caution)
 
 
+def nadam_hp(*, step, mu, mu_next, mu_product, beta1, beta2, eps, weight_decay, decoupled, caution):
+    """NAdam's slots for the new 1-based ``step``: ``mu_product`` is ``prod_t`` (already times ``mu``)."""
+    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
+    hp = _hp(
+        COUPLED_DECAY=0.0 if decoupled else wd,
+        MIX1_OLD=b1,
+        MIX1_NEW=1.0 - b1,
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        ADAM_B=1.0 / math.sqrt(1.0 - b2 ** int(step)),
+        G_COEF=(1.0 - mu) / (1.0 - mu_product),
+        M_COEF=mu_next / (1.0 - mu_product * mu_next),
+        DECOUPLED_DECAY=wd if decoupled else 0.0,
+    )
+    return _finish(hp, caution)
+
+
+def adopt_hp(*, step, beta1, beta2, eps, clip_exp, weight_decay, decoupled, caution):
+    """ADOPT's slots for the new 1-based ``step`` (``clip_exp=None``: no clipping)."""
+    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
+    hp = _hp(
+        COUPLED_DECAY=0.0 if decoupled else wd,
+        MIX1_OLD=b1,
+        MIX1_NEW=1.0 - b1,
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        CLIP=math.inf if clip_exp is None else (float(step) - 1.0) ** float(clip_exp),
+        DECOUPLED_DECAY=wd if decoupled and int(step) > 1 else 0.0,
+    )
+    return _finish(hp, caution)
+
+
+def laprop_hp(*, lr, step_lr, bias_correction2, beta1, beta2, eps, weight_decay, caution):
+    """LaProp's slots: ``step_lr = lr / lr_avg``; ``bias_correction2 = 1 - beta2^t`` (timm's running product)."""
+    b1, b2 = float(beta1), float(beta2)
+    hp = _hp(
+        MIX1_OLD=b1,
+        MIX1_NEW=float(lr) * (1.0 - b1),
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        ADAM_B=1.0 / math.sqrt(float(bias_correction2)),
+        DECOUPLED_DECAY=weight_decay,
+        STEP_LR=step_lr,
+    )
+    return _finish(hp, caution)
+
+
 class CpuArgs(ctypes.Structure):
     """The C++ kernel's argument block (``struct CpuArgs`` in ``cpu_kernel.cpp``, same order)."""
 
@@ -197,6 +281,7 @@ class CpuArgs(ctypes.Structure):
         ("first", ctypes.c_int64),
         ("nesterov", ctypes.c_int64),
         ("has_momentum", ctypes.c_int64),
+        ("post_decay", ctypes.c_int64),
         ("stochastic_rounding", ctypes.c_int64),
         ("seed", ctypes.c_uint64),
         ("nthreads", ctypes.c_int64),

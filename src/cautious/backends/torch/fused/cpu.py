@@ -280,6 +280,7 @@ def run(
             first=launch.first,
             nesterov=launch.nesterov,
             has_momentum=launch.has_momentum,
+            post_decay=launch.post_decay,
             stochastic_rounding=launch.stochastic_rounding,
             seed=int(launch.seed) & 0x7FFFFFFFFFFFFFFF,
             nthreads=max(1, min(torch.get_num_threads(), total // PIECE)),

@@ -1,4 +1,4 @@
-// Fused cautious Adam / Lion / SGD for the CPU: a count pass then an update pass per tensor.
+// Fused cautious Adam / Lion / SGD / NAdam / ADOPT / LaProp for the CPU: a count pass then an update pass per tensor.
 //
 // Built on first use by cautious.backends.torch.fused.cpu (g++ -O3 -march=native, one shared
 // object per (parameter, state) storage pair), loaded with ctypes: no torch headers. The
@@ -30,7 +30,7 @@ namespace {
 
 // ---------------------------------------------------------------- the contract (contract.py)
 
-enum Rule : int64_t { ADAM = 0, LION = 1, SGD = 2 };
+enum Rule : int64_t { ADAM = 0, LION = 1, SGD = 2, NADAM = 3, ADOPT = 4, LAPROP = 5 };
 enum Norm : int64_t { MEAN_CLAMP = 0, COUNT_PLUS_ONE = 1, EXACT = 2, NONE = 3 };
 enum Slot : int {
   COUPLED_DECAY = 0,
@@ -45,7 +45,11 @@ enum Slot : int {
   DECOUPLED_DECAY = 9,
   LR = 10,
   FLOOR = 11,
-  N_SLOTS = 12
+  G_COEF = 12,
+  M_COEF = 13,
+  CLIP = 14,
+  STEP_LR = 15,
+  N_SLOTS = 16
 };
 
 struct CpuArgs {
@@ -63,6 +67,7 @@ struct CpuArgs {
   int64_t first;
   int64_t nesterov;
   int64_t has_momentum;
+  int64_t post_decay;
   int64_t stochastic_rounding;
   uint64_t seed;
   int64_t nthreads;
@@ -164,11 +169,13 @@ double scale_of(int64_t count, int64_t n, int64_t norm, double floor_) {
 // ---------------------------------------------------------------- base rules
 
 template <typename CT> struct Hp {  // the slots, in the compute dtype
-  CT coupled_decay, mix1_old, mix1_new, mix2_old, mix2_new, eps, a, b, c;
+  CT coupled_decay, mix1_old, mix1_new, mix2_old, mix2_new, eps, a, b, c, g_coef, m_coef, clip;
+  CT test_mul;  // LaProp: 1, or 0 while its rate STEP_LR is 0 (delta = -STEP_LR m' is then 0 or NaN)
   explicit Hp(const double* hp)
       : coupled_decay((CT)hp[COUPLED_DECAY]), mix1_old((CT)hp[MIX1_OLD]), mix1_new((CT)hp[MIX1_NEW]),
         mix2_old((CT)hp[MIX2_OLD]), mix2_new((CT)hp[MIX2_NEW]), eps((CT)hp[EPS]), a((CT)hp[ADAM_A]),
-        b((CT)hp[ADAM_B]), c((CT)hp[ADAM_C]) {}
+        b((CT)hp[ADAM_B]), c((CT)hp[ADAM_C]), g_coef((CT)hp[G_COEF]), m_coef((CT)hp[M_COEF]), clip((CT)hp[CLIP]),
+        test_mul(hp[STEP_LR] > 0 ? CT(1) : CT(0)) {}
 };
 
 // One entry's result: the direction, the value whose sign the mask tests, and the new state.
@@ -176,7 +183,12 @@ template <typename CT> struct Entry {
   CT u, test, s1, s2, s3;
 };
 
-template <int SC, bool AMS, bool EXACT_U> struct Adam {
+// Every rule's decoupled decay shrinks p before the move, except LaProp's post_update order.
+struct PreDecay {
+  static constexpr bool post_decay = false;
+};
+
+template <int SC, bool AMS, bool EXACT_U> struct Adam : PreDecay {
   template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
     Entry<CT> e;
     e.s1 = h.mix1_old * Io<SC>::template ld<CT>(t.s1, i) + h.mix1_new * g;
@@ -193,7 +205,7 @@ template <int SC, bool AMS, bool EXACT_U> struct Adam {
   }
 };
 
-template <int SC> struct Lion {
+template <int SC> struct Lion : PreDecay {
   template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
     Entry<CT> e;
     CT m = Io<SC>::template ld<CT>(t.s1, i);
@@ -209,7 +221,7 @@ template <int SC> struct Lion {
   }
 };
 
-template <int SC, bool HASM, bool FIRST, bool NEST> struct Sgd {
+template <int SC, bool HASM, bool FIRST, bool NEST> struct Sgd : PreDecay {
   template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
     Entry<CT> e;
     CT b;
@@ -224,6 +236,69 @@ template <int SC, bool HASM, bool FIRST, bool NEST> struct Sgd {
   }
   template <typename CT> static inline void store(const Task& t, int64_t i, const Entry<CT>& e, const Rounding& r) {
     if constexpr (HASM) Io<SC>::template st<CT>(t.s1, i, e.s1, r(1, (uint64_t)i));
+  }
+};
+
+// NAdam: u is a positive combination of g/d and m'/d, its sign neither's in general: the mask tests u.
+template <int SC> struct NAdam : PreDecay {
+  template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
+    Entry<CT> e;
+    e.s1 = h.mix1_old * Io<SC>::template ld<CT>(t.s1, i) + h.mix1_new * g;
+    e.s2 = h.mix2_old * Io<SC>::template ld<CT>(t.s2, i) + h.mix2_new * (g * g);
+    const CT d = std::sqrt(e.s2) * h.b + h.eps;
+    e.u = h.g_coef * (g / d) + h.m_coef * (e.s1 / d);
+    e.test = e.u;
+    e.s3 = CT(0);
+    return e;
+  }
+  template <typename CT> static inline void store(const Task& t, int64_t i, const Entry<CT>& e, const Rounding& r) {
+    Io<SC>::template st<CT>(t.s1, i, e.s1, r(1, (uint64_t)i));
+    Io<SC>::template st<CT>(t.s2, i, e.s2, r(2, (uint64_t)i));
+  }
+};
+
+// ADOPT: the first step sets v = g^2 and moves nothing; later steps normalize g by the OLD v.
+template <int SC, bool FIRST, bool NEST> struct Adopt : PreDecay {
+  template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
+    Entry<CT> e;
+    e.s3 = CT(0);
+    if constexpr (FIRST) {
+      e.u = e.test = e.s1 = CT(0);
+      e.s2 = g * g;
+    } else {
+      const CT v = Io<SC>::template ld<CT>(t.s2, i);
+      CT n = g / nanmax(std::sqrt(v), h.eps);
+      n = n > h.clip ? h.clip : (n < -h.clip ? -h.clip : n);  // NaN stays NaN
+      e.s1 = h.mix1_old * Io<SC>::template ld<CT>(t.s1, i) + h.mix1_new * n;
+      if constexpr (NEST) e.u = h.mix1_old * e.s1 + h.mix1_new * n;
+      else e.u = e.s1;
+      e.test = e.u;
+      e.s2 = h.mix2_old * v + h.mix2_new * (g * g);
+    }
+    return e;
+  }
+  template <typename CT> static inline void store(const Task& t, int64_t i, const Entry<CT>& e, const Rounding& r) {
+    if constexpr (!FIRST) Io<SC>::template st<CT>(t.s1, i, e.s1, r(1, (uint64_t)i));
+    Io<SC>::template st<CT>(t.s2, i, e.s2, r(2, (uint64_t)i));
+  }
+};
+
+// LaProp: the gradient is normalized before the momentum, which carries the learning rate; u = m'.
+template <int SC, bool POST> struct LaProp {
+  static constexpr bool post_decay = POST;
+  template <typename CT> static inline Entry<CT> direction(const Task& t, int64_t i, CT g, const Hp<CT>& h) {
+    Entry<CT> e;
+    e.s2 = h.mix2_old * Io<SC>::template ld<CT>(t.s2, i) + h.mix2_new * (g * g);
+    const CT n = g / (std::sqrt(e.s2) * h.b + h.eps);
+    e.s1 = h.mix1_old * Io<SC>::template ld<CT>(t.s1, i) + h.mix1_new * n;
+    e.u = e.s1;
+    e.test = e.s1 * h.test_mul;
+    e.s3 = CT(0);
+    return e;
+  }
+  template <typename CT> static inline void store(const Task& t, int64_t i, const Entry<CT>& e, const Rounding& r) {
+    Io<SC>::template st<CT>(t.s1, i, e.s1, r(1, (uint64_t)i));
+    Io<SC>::template st<CT>(t.s2, i, e.s2, r(2, (uint64_t)i));
   }
 };
 
@@ -292,8 +367,13 @@ template <typename CT, int PC, class R, bool COUPLED, bool CWD> struct Kernel {
       const CT uc = ((0u - (uint32_t)k) | nocaution) ? en.u : CT(0);
       uint32_t zero_d = nodec;  // no decoupled decay: lr_wd * 0 = 0 and p - 0 = p exactly
       if constexpr (CWD) zero_d |= 0u - (uint32_t)(((uc > 0) & (p < 0)) | ((uc < 0) & (p > 0)));
-      const CT d = zero_d ? CT(0) : p;
-      const CT pn = (p - lr_wd * d) - step * uc;
+      CT pn;
+      if constexpr (R::post_decay) {  // LaProp's post_update: the decay shrinks the moved parameter
+        const CT moved = p - step * uc;
+        pn = moved - lr_wd * (zero_d ? CT(0) : moved);
+      } else {
+        pn = (p - lr_wd * (zero_d ? CT(0) : p)) - step * uc;
+      }
       Io<PC>::template st<CT>(t.p, i, pn, rnd(0, (uint64_t)i));
     }
   }
@@ -327,6 +407,7 @@ template <class K, typename CT> void drive(std::vector<Task>& tasks, const CpuAr
   const double* scales_in = reinterpret_cast<const double*>(c.scales_in);
   const bool need_count = c.caution && c.norm != NONE && scales_in == nullptr;
   const double floor_ = c.hp[FLOOR], lr_wd = c.lr * c.hp[DECOUPLED_DECAY];
+  const double rate = c.rule == LAPROP ? c.hp[STEP_LR] : c.lr;  // the direction's rate (LaProp: lr / lr_avg)
   const int nthreads = c.nthreads < 1 ? 1 : (int)c.nthreads;
   const int T = (int)tasks.size();
   if (counts_out) {
@@ -343,7 +424,7 @@ template <class K, typename CT> void drive(std::vector<Task>& tasks, const CpuAr
     double s = scales_in    ? scales_in[tasks[i].index]
                : need_count ? scale_of(counts[i].load(std::memory_order_relaxed), tasks[i].n, c.norm, floor_)
                             : 1.0;
-    return (CT)(c.lr * s);
+    return (CT)(rate * s);
   };
   if (nthreads <= 1) {  // one thread: each tensor counted then updated at once (its g, m still cached)
     for (int i = 0; i < T; ++i) {
@@ -451,6 +532,19 @@ template <typename CT, int PC, int SC> int by_rule(std::vector<Task>& tasks, con
         return with_bool(c.nesterov, [&](auto NEST) {
           return run_rule<CT, PC, Sgd<SC, true, decltype(FIRST)::value, decltype(NEST)::value>>(tasks, c);
         });
+      });
+    case NADAM:
+      return run_rule<CT, PC, NAdam<SC>>(tasks, c);
+    case ADOPT:
+      if (c.first) return run_rule<CT, PC, Adopt<SC, true, false>>(tasks, c);
+      return with_bool(c.nesterov, [&](auto NEST) {
+        return run_rule<CT, PC, Adopt<SC, false, decltype(NEST)::value>>(tasks, c);
+      });
+    case LAPROP:  // decay is always decoupled: no coupled variant
+      return with_bool(c.post_decay, [&](auto POST) {
+        using R = LaProp<SC, decltype(POST)::value>;
+        if (c.cwd) return drive<Kernel<CT, PC, R, false, true>, CT>(tasks, c), 0;
+        return drive<Kernel<CT, PC, R, false, false>, CT>(tasks, c), 0;
       });
   }
   return -1;

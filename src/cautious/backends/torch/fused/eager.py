@@ -52,6 +52,28 @@ def _direction(launch: Launch, g, s1, s2, s3, ct):
         u = hp[Slot.ADAM_C] * ((m_new * hp[Slot.ADAM_A]) / (torch.sqrt(v_used) * hp[Slot.ADAM_B] + hp[Slot.EPS]))
         news = [(s1, m_new), (s2, v_new)] + ([(s3, v_used)] if launch.amsgrad else [])
         return u, (u if launch.exact_u else m_new), news
+    if launch.rule == Rule.NADAM:
+        m_new = hp[Slot.MIX1_OLD] * s1.to(ct) + hp[Slot.MIX1_NEW] * g
+        v_new = hp[Slot.MIX2_OLD] * s2.to(ct) + hp[Slot.MIX2_NEW] * (g * g)
+        d = torch.sqrt(v_new) * hp[Slot.ADAM_B] + hp[Slot.EPS]
+        u = hp[Slot.G_COEF] * (g / d) + hp[Slot.M_COEF] * (m_new / d)
+        return u, u, [(s1, m_new), (s2, v_new)]
+    if launch.rule == Rule.ADOPT:
+        if launch.first:  # v = g^2, nothing moves
+            u = torch.zeros_like(g)
+            return u, u, [(s2, g * g)]
+        v = s2.to(ct)
+        n = g / torch.clamp(torch.sqrt(v), min=hp[Slot.EPS])  # clamp keeps NaN
+        n = torch.clamp(n, -hp[Slot.CLIP], hp[Slot.CLIP])
+        m_new = hp[Slot.MIX1_OLD] * s1.to(ct) + hp[Slot.MIX1_NEW] * n
+        u = hp[Slot.MIX1_OLD] * m_new + hp[Slot.MIX1_NEW] * n if launch.nesterov else m_new
+        return u, u, [(s1, m_new), (s2, hp[Slot.MIX2_OLD] * v + hp[Slot.MIX2_NEW] * (g * g))]
+    if launch.rule == Rule.LAPROP:
+        v_new = hp[Slot.MIX2_OLD] * s2.to(ct) + hp[Slot.MIX2_NEW] * (g * g)
+        n = g / (torch.sqrt(v_new) * hp[Slot.ADAM_B] + hp[Slot.EPS])
+        m_new = hp[Slot.MIX1_OLD] * s1.to(ct) + hp[Slot.MIX1_NEW] * n
+        test = m_new if hp[Slot.STEP_LR] > 0 else m_new * 0.0  # delta = -STEP_LR m': 0 (or NaN) at rate 0
+        return m_new, test, [(s1, m_new), (s2, v_new)]
     if launch.rule == Rule.LION:
         m = s1.to(ct)
         c = hp[Slot.MIX1_OLD] * m + hp[Slot.MIX1_NEW] * g
@@ -102,19 +124,25 @@ def step(launch: Launch, p, g, s1, s2, s3, *, index: int, scale: float | None = 
     hp = launch.hp
     u, test, news = _direction(launch, gg, s1, s2, s3, ct)
     lr = hp[Slot.LR]
-    step_size = lr
+    rate = hp[Slot.STEP_LR] if launch.rule == Rule.LAPROP else lr
+    step_size = rate
     if launch.caution is not None:
         kept = keep(test, gg)
         if scale is not None:
-            step_size = lr * scale
+            step_size = rate * scale
         elif launch.counts:
-            step_size = lr * launch.caution.scale(int(kept.sum()), int(p.numel()))
+            step_size = rate * launch.caution.scale(int(kept.sum()), int(p.numel()))
         u = torch.where(kept, u, torch.zeros((), dtype=ct))
     if launch.decoupled:
-        d = pp
-        if launch.cwd:
-            d = torch.where(((u > 0) & (pp < 0)) | ((u < 0) & (pp > 0)), torch.zeros((), dtype=ct), pp)
-        pn = (pp - (lr * hp[Slot.DECOUPLED_DECAY]) * d) - step_size * u
+        skip = ((u > 0) & (pp < 0)) | ((u < 0) & (pp > 0)) if launch.cwd else None
+        lr_wd = lr * hp[Slot.DECOUPLED_DECAY]
+        if launch.post_decay:
+            moved = pp - step_size * u
+            d = moved if skip is None else torch.where(skip, torch.zeros((), dtype=ct), moved)
+            pn = moved - lr_wd * d
+        else:
+            d = pp if skip is None else torch.where(skip, torch.zeros((), dtype=ct), pp)
+            pn = (pp - lr_wd * d) - step_size * u
     else:
         pn = pp - step_size * u
     for dst, val in news:

@@ -40,6 +40,9 @@ META_COLS = 8  # p, g, s1, s2, s3, numel, pad, pad
 # The contract's numbers as compile-time constants (a jitted function reads only constexpr globals).
 ADAM: tl.constexpr = tl.constexpr(int(Rule.ADAM))
 LION: tl.constexpr = tl.constexpr(int(Rule.LION))
+NADAM: tl.constexpr = tl.constexpr(int(Rule.NADAM))
+ADOPT: tl.constexpr = tl.constexpr(int(Rule.ADOPT))
+LAPROP: tl.constexpr = tl.constexpr(int(Rule.LAPROP))
 MEAN_CLAMP: tl.constexpr = tl.constexpr(int(Norm.MEAN_CLAMP))
 COUNT_PLUS_ONE: tl.constexpr = tl.constexpr(int(Norm.COUNT_PLUS_ONE))
 EXACT: tl.constexpr = tl.constexpr(int(Norm.EXACT))
@@ -55,6 +58,10 @@ ADAM_C: tl.constexpr = tl.constexpr(int(Slot.ADAM_C))
 DECOUPLED_DECAY: tl.constexpr = tl.constexpr(int(Slot.DECOUPLED_DECAY))
 LR: tl.constexpr = tl.constexpr(int(Slot.LR))
 FLOOR: tl.constexpr = tl.constexpr(int(Slot.FLOOR))
+G_COEF: tl.constexpr = tl.constexpr(int(Slot.G_COEF))
+M_COEF: tl.constexpr = tl.constexpr(int(Slot.M_COEF))
+CLIP: tl.constexpr = tl.constexpr(int(Slot.CLIP))
+STEP_LR: tl.constexpr = tl.constexpr(int(Slot.STEP_LR))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -136,6 +143,42 @@ def _adam_u(m_new, v_used, hp, CT: tl.constexpr):
     """``u = ADAM_C * ((m' * ADAM_A) / (sqrt(v) * ADAM_B + EPS))`` (the slots fold the bias corrections)."""
     num = m_new * _hp(hp, ADAM_A, CT)
     return _hp(hp, ADAM_C, CT) * (num / (tl.sqrt(v_used) * _hp(hp, ADAM_B, CT) + _hp(hp, EPS, CT)))
+
+
+@triton.jit
+def _nadam(g, m, v, hp, CT: tl.constexpr):
+    """``(u, m', v')``: ``u = G_COEF (g / d) + M_COEF (m' / d)``, ``d = sqrt(v') ADAM_B + EPS``."""
+    m_new = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
+    v_new = _hp(hp, MIX2_OLD, CT) * v + _hp(hp, MIX2_NEW, CT) * (g * g)
+    d = tl.sqrt(v_new) * _hp(hp, ADAM_B, CT) + _hp(hp, EPS, CT)
+    u = _hp(hp, G_COEF, CT) * (g / d) + _hp(hp, M_COEF, CT) * (m_new / d)
+    return u, m_new, v_new
+
+
+@triton.jit
+def _adopt(g, m, v, hp, CT: tl.constexpr, NESTEROV: tl.constexpr):
+    """``(u, m', v')`` of a later ADOPT step: ``n = clip(g / max(sqrt(v), EPS), +-CLIP)`` (NaN kept)."""
+    n = g / tl.maximum(tl.sqrt(v), _hp(hp, EPS, CT), propagate_nan=tl.PropagateNan.ALL)
+    c = _hp(hp, CLIP, CT)
+    n = tl.where(n > c, c, tl.where(n < -c, -c, n))
+    m_new = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * n
+    if NESTEROV:
+        u = _hp(hp, MIX1_OLD, CT) * m_new + _hp(hp, MIX1_NEW, CT) * n
+    else:
+        u = m_new
+    v_new = _hp(hp, MIX2_OLD, CT) * v + _hp(hp, MIX2_NEW, CT) * (g * g)
+    return u, m_new, v_new
+
+
+@triton.jit
+def _laprop(g, m, v, hp, CT: tl.constexpr):
+    """``(u, test, m', v')``: ``n = g / (sqrt(v') ADAM_B + EPS)``, ``u = m' = MIX1_OLD m + MIX1_NEW n``;
+    the test is ``0 m'`` while the rate ``STEP_LR`` is 0 (the move ``-STEP_LR m'`` is then 0 or NaN)."""
+    v_new = _hp(hp, MIX2_OLD, CT) * v + _hp(hp, MIX2_NEW, CT) * (g * g)
+    n = g / (tl.sqrt(v_new) * _hp(hp, ADAM_B, CT) + _hp(hp, EPS, CT))
+    m_new = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * n
+    test_mul = tl.where(tl.load(hp + STEP_LR) > 0, 1.0, 0.0).to(CT)
+    return m_new, m_new * test_mul, m_new, v_new
 
 
 @triton.jit
@@ -231,6 +274,21 @@ def _count_kernel(
         elif RULE == LION:  # lion: sign(u) == sign(b1 * m + (1 - b1) * g)
             m = _ld(tl.load(row + 2), offs, mask, SC, CT)
             d = _hp(hp, MIX1_OLD, CT) * m + _hp(hp, MIX1_NEW, CT) * g
+        elif RULE == NADAM:  # the sign of u itself
+            m = _ld(tl.load(row + 2), offs, mask, SC, CT)
+            v = _ld(tl.load(row + 3), offs, mask, SC, CT)
+            d, _m, _v = _nadam(g, m, v, hp, CT)
+        elif RULE == ADOPT:
+            if FIRST:  # u = 0: only a NaN gradient is kept
+                d = tl.zeros_like(g)
+            else:
+                m = _ld(tl.load(row + 2), offs, mask, SC, CT)
+                v = _ld(tl.load(row + 3), offs, mask, SC, CT)
+                d, _m, _v = _adopt(g, m, v, hp, CT, NESTEROV)
+        elif RULE == LAPROP:
+            m = _ld(tl.load(row + 2), offs, mask, SC, CT)
+            v = _ld(tl.load(row + 3), offs, mask, SC, CT)
+            _u, d, _m, _v = _laprop(g, m, v, hp, CT)
         else:  # sgd
             if HAS_MOMENTUM and not FIRST:
                 buf = _ld(tl.load(row + 2), offs, mask, SC, CT)
@@ -273,6 +331,7 @@ def _update_kernel(
     FIRST: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
+    POST_DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
 ):
@@ -286,12 +345,16 @@ def _update_kernel(
     s2 = tl.load(row + 3)
     s3 = tl.load(row + 4)
     lr = _lr(hp, lr_ptr, LR_TENSOR)
-    if CAUTION and GIVEN_SCALES:  # a sharded tensor: the scale of its global count
-        step = (lr * tl.load(scales + t)).to(CT)
-    elif CAUTION:
-        step = (lr * _scale(counts, t, n, hp, NORM)).to(CT)  # lr * scale, one rounding
+    if RULE == LAPROP:  # the direction's rate: lr / lr_avg (its momentum carries the learning rate)
+        rate = tl.load(hp + STEP_LR)
     else:
-        step = lr.to(CT)
+        rate = lr
+    if CAUTION and GIVEN_SCALES:  # a sharded tensor: the scale of its global count
+        step = (rate * tl.load(scales + t)).to(CT)
+    elif CAUTION:
+        step = (rate * _scale(counts, t, n, hp, NORM)).to(CT)  # rate * scale, one rounding
+    else:
+        step = rate.to(CT)
     lr_wd = (lr * tl.load(hp + DECOUPLED_DECAY)).to(CT)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -318,6 +381,24 @@ def _update_kernel(
             u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, tl.where(c != c, c, 0.0))).to(CT)
             m_new = _hp(hp, MIX2_OLD, CT) * m + _hp(hp, MIX2_NEW, CT) * g
             _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+        elif RULE == NADAM:
+            u, m_new, v_new = _nadam(g, _ld(s1, offs, mask, SC, CT), _ld(s2, offs, mask, SC, CT), hp, CT)
+            test = u
+            _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+            _st(s2, offs, v_new, mask, SC, SR, seed + 2, rnd)
+        elif RULE == ADOPT:
+            if FIRST:  # v = g^2; nothing moves
+                u = tl.zeros_like(g)
+                _st(s2, offs, g * g, mask, SC, SR, seed + 2, rnd)
+            else:
+                u, m_new, v_new = _adopt(g, _ld(s1, offs, mask, SC, CT), _ld(s2, offs, mask, SC, CT), hp, CT, NESTEROV)
+                _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+                _st(s2, offs, v_new, mask, SC, SR, seed + 2, rnd)
+            test = u
+        elif RULE == LAPROP:
+            u, test, m_new, v_new = _laprop(g, _ld(s1, offs, mask, SC, CT), _ld(s2, offs, mask, SC, CT), hp, CT)
+            _st(s1, offs, m_new, mask, SC, SR, seed + 1, rnd)
+            _st(s2, offs, v_new, mask, SC, SR, seed + 2, rnd)
         else:
             if HAS_MOMENTUM and not FIRST:
                 buf = _ld(s1, offs, mask, SC, CT)
@@ -329,16 +410,25 @@ def _update_kernel(
         if CAUTION:
             if RULE == ADAM and not EXACT_U:
                 keep = _keep(m_new, g)  # the count pass's test: sign(u) == sign(m_new)
+            elif RULE == NADAM or RULE == ADOPT or RULE == LAPROP:
+                keep = _keep(test, g)
             else:
                 keep = _keep(u, g)
             u = tl.where(keep, u, 0.0)
-        # p' = p - lr*wd*d - lr*scale*u  (d = p, or p where u_c and p do not strictly disagree)
+        # p' = p - lr*wd*d - rate*scale*u  (d = p, or p where u_c and p do not strictly disagree);
+        # POST_DECAY (LaProp's post_update): the decay shrinks the moved parameter p - rate*scale*u
         if DECOUPLED:
-            if CWD:
-                dec = ((u > 0) & (p < 0)) | ((u < 0) & (p > 0))
-                p_new = p - lr_wd * tl.where(dec, 0.0, p).to(CT) - step * u
+            if POST_DECAY:
+                moved = p - step * u
+                d = moved
             else:
-                p_new = p - lr_wd * p - step * u
+                d = p
+            if CWD:
+                d = tl.where(((u > 0) & (p < 0)) | ((u < 0) & (p > 0)), 0.0, d).to(CT)
+            if POST_DECAY:
+                p_new = moved - lr_wd * d
+            else:
+                p_new = p - lr_wd * d - step * u
         else:
             p_new = p - step * u
         _st(p_addr, offs, p_new, mask, PC, SR, seed, rnd)
@@ -465,6 +555,7 @@ def run(
         GIVEN_SCALES=scales is not None,
         LR_TENSOR=lr_tensor is not None,
         SR=launch.stochastic_rounding,
+        POST_DECAY=launch.post_decay,
         num_warps=_NUM_WARPS,
         **flags,
     )
