@@ -34,6 +34,14 @@ RULES = {
     "lion": dict(lr=1e-3, weight_decay=0.1),
     "sgd": dict(lr=0.05, momentum=0.9, nesterov=True),
 }
+# The AdamW-family rules added with their fused kernels: NAdamW, ADOPT (step 1 moves nothing) and LaProp
+# (decay after the move). Not in the full grid (its time budget): see more_rule_ids.
+MORE_RULES = {
+    "nadam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, cautious_weight_decay=True),
+    "adopt": dict(lr=1e-2, weight_decay=1e-2),
+    "laprop": dict(lr=1e-2, weight_decay=0.1),
+}
+HPARAMS = {**RULES, **MORE_RULES}
 NORMALIZATIONS = ("mean_clamp", "count_plus_one", "exact", "none")
 PATHS = ("single", "foreach", "fused")  # fused: the native CPU kernels
 # How the parameters are distributed: distribute_tensor with one placement (Shard(1) puts 1-d tensors on
@@ -60,6 +68,15 @@ def trajectory_ids(world: int) -> list[str]:
         f"{lay}-{r}-{NORMALIZATIONS[(i + i // len(RULES)) % len(NORMALIZATIONS)]}-{PATHS[i % len(PATHS)]}"
         for i, (lay, r) in enumerate(configs)
     ]
+
+
+def more_rule_ids(world: int) -> list[str]:
+    """Trajectories (``layout-rule-normalize-path``) of :data:`MORE_RULES`: each on a sharded layout with
+    the fused kernels, on FSDP2 and on a replicated one with the loops, at the smallest world size."""
+    if world != min(WORLD_SIZES):
+        return []
+    layouts = (("shard1", "fused"), ("fsdp2", "fused"), ("shard0", "single"), ("replicate", "foreach"))
+    return [f"{lay}-{r}-{NORMALIZATIONS[i % 3]}-{p}" for r in MORE_RULES for i, (lay, p) in enumerate(layouts)]
 
 
 def _with_paths(world: int, configs: list[str]) -> list[str]:

@@ -45,7 +45,7 @@ def cells(ids) -> list:
     return [pytest.param(w, sid, id=f"{w}procs-{sid}") for w in S.WORLD_SIZES for sid in ids(w)]
 
 
-@pytest.mark.parametrize(("world", "sid"), cells(S.trajectory_ids))
+@pytest.mark.parametrize(("world", "sid"), cells(S.trajectory_ids) + cells(S.more_rule_ids))
 def test_sharded_trajectory_matches_spec_and_unsharded(world, sid):
     """20 steps equal to the unsharded optimizer's; the checked ones within the conformance bounds of the spec."""
     rec = record(world, sid)

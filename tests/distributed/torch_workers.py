@@ -46,7 +46,15 @@ from cautious.conformance.case import Case, spec_optimizer  # noqa: E402
 from cautious.conformance.check import check_step  # noqa: E402
 
 VOCAB, D, HEADS, FF, SEQ, BATCH = 7, 6, 2, 10, 5, 8
-CLASSES = {"adam": ct.Adam, "adamw": ct.AdamW, "lion": ct.Lion, "sgd": ct.SGD}
+CLASSES = {
+    "adam": ct.Adam,
+    "adamw": ct.AdamW,
+    "lion": ct.Lion,
+    "sgd": ct.SGD,
+    "nadam": ct.NAdam,
+    "adopt": ct.Adopt,
+    "laprop": ct.LaProp,
+}
 
 
 class TinyTransformer(nn.Module):
@@ -94,11 +102,14 @@ def caution_of(normalize: str) -> Caution:
 
 def make_opt(rule: str, caution: Caution, path: str, params, cls=None, **extra):
     kw = {"fused": True} if path == "fused" else {"foreach": path == "foreach"}
-    return (cls or CLASSES[rule])(params, **S.RULES[rule], caution=caution, **kw, **extra)
+    hp = dict(S.HPARAMS[rule])
+    if rule == "adopt":  # timm's keyword
+        hp["decoupled"] = hp.pop("decoupled_weight_decay", False)
+    return (cls or CLASSES[rule])(params, **hp, caution=caution, **kw, **extra)
 
 
 def case_of(rule: str, caution: Caution) -> Case:
-    return Case(rule, {**S.RULES[rule], "caution": caution}, dtype="float64")
+    return Case(rule, {**S.HPARAMS[rule], "caution": caution}, dtype="float64")
 
 
 # -- gathering, for the checks only ------------------------------------------------------------------------
@@ -129,7 +140,17 @@ def gather(tensors: list) -> list[np.ndarray]:
     return out
 
 
-STATE_FIELDS = {"adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",)}
+STATE_FIELDS = {
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "lion": ("exp_avg",),
+    "nadam": ("exp_avg", "exp_avg_sq"),
+    "adopt": ("exp_avg", "exp_avg_sq"),
+    "laprop": ("exp_avg", "exp_avg_sq"),
+}
+#: per-parameter scalars outside the tensors (the same on every rank): NAdam's product of the momentum
+#: schedule, LaProp's average of the learning rates
+SCALAR_FIELDS = {"nadam": "mu_product", "laprop": "exp_avg_lr_1"}
 
 
 def state_tensors(rule: str, opt: torch.optim.Optimizer, params: list) -> list:
@@ -138,11 +159,26 @@ def state_tensors(rule: str, opt: torch.optim.Optimizer, params: list) -> list:
     return [opt.state[p][f] for p in params for f in fields]
 
 
-def spec_state(case: Case, step: int, flat: list[np.ndarray], init: list[np.ndarray]) -> spec.State:
-    """Gathered state tensors (:func:`state_tensors`) as the spec's state (at step 0: its initial state)."""
+def scalar_state(rule: str, opt: torch.optim.Optimizer, params: list) -> list[np.ndarray]:
+    """The per-parameter scalars of :data:`SCALAR_FIELDS` (float64), in ``params`` order."""
+    field = SCALAR_FIELDS.get(rule)
+    return [] if field is None else [np.asarray(float(opt.state[p][field]), dtype=np.float64) for p in params]
+
+
+def spec_state(
+    case: Case, step: int, flat: list[np.ndarray], init: list[np.ndarray], scalars: list | None = None
+) -> spec.State:
+    """Gathered state tensors (:func:`state_tensors`, plus :func:`scalar_state`) as the spec's state
+    (at step 0: its initial state)."""
     if step == 0:
         return spec_optimizer(case).init(init)
-    if case.rule in ("adam", "adamw"):
+    if case.rule == "nadam":
+        leaves = [spec.NAdamState(m, v, x) for m, v, x in zip(flat[::2], flat[1::2], scalars)]
+    elif case.rule == "adopt":
+        leaves = [spec.AdoptState(m, v) for m, v in zip(flat[::2], flat[1::2])]
+    elif case.rule == "laprop":
+        leaves = [spec.LaPropState(m, v, x) for m, v, x in zip(flat[::2], flat[1::2], scalars)]
+    elif case.rule in ("adam", "adamw"):
         leaves = [spec.AdamState(m, v, None) for m, v in zip(flat[::2], flat[1::2])]
     elif case.rule == "lion":
         leaves = [spec.LionState(m) for m in flat]
@@ -222,7 +258,7 @@ def trajectory(mesh, layout: str, rule: str, normalize: str, path: str) -> dict:
             r.grad = torch.from_numpy(g)
         opt_ref.step()
         diff = max([diff] + [float(np.max(np.abs(a - r.detach().numpy()), initial=0.0)) for a, r in zip(after, ref)])
-        new_state = spec_state(case, step + 1, flat[2 * n :], after)
+        new_state = spec_state(case, step + 1, flat[2 * n :], after, scalar_state(rule, opt, params))
         if step + 1 in S.SPEC_CHECKED_STEPS and len(checked) % world == rank:  # the ranks share the checks
             report = check_step(case, before, grads, state, after, new_state)
             if not report.ok and failure is None:  # raised after the loop: every rank runs every collective
@@ -431,7 +467,7 @@ def run_one(mesh, sid: str) -> dict:
 def all_ids(world: int) -> list[str]:
     """Scenario order: the fused paths last (a crash in native code then loses the fewest records)."""
     ids = S.refusal_ids(world) + S.wrapper_ids(world) + S.global_count_ids(world) + S.trajectory_ids(world)
-    ids += S.nonzero_ids(world)
+    ids += S.nonzero_ids(world) + S.more_rule_ids(world)
     return sorted(ids, key=lambda s: s.endswith("-fused"))
 
 
