@@ -116,7 +116,7 @@ def test_momentum_state_and_telemetry():
         (
             {"fused": True},
             ValueError,
-            "fused=True is not supported for Adafactor (no fused kernel); use foreach=True or False",
+            "fused=True is not available for Adafactor (no fused kernel); use foreach=True or foreach=False",
         ),
         ({"caution": None}, TypeError, None),
     ],

@@ -1450,9 +1450,7 @@ def adafactor(
     torch.optim's foreach Adafactor); ``fused=True`` is refused (no fused kernel for Adafactor), and the
     default never picks it. DTensor parameters are refused (:func:`_refuse_dtensor`).
     """
-    if fused:
-        raise ValueError("fused=True is not supported for Adafactor (no fused kernel); use foreach=True or False")
-    _check_no_fused_foreach(foreach, fused)
+    _no_fused("Adafactor", foreach, fused)
     _refuse_dtensor(params, "cautious.torch.Adafactor")
     if foreach is None:
         foreach = _torch_default_foreach(params)

@@ -970,8 +970,7 @@ class Adafactor(_CautiousOptimizer):
         caution_stats: bool = False,
         fused: bool | None = None,
     ) -> None:
-        if fused:
-            raise ValueError("fused=True is not supported for Adafactor (no fused kernel); use foreach=True or False")
+        functional._no_fused("Adafactor", foreach, fused)
         defaults = dict(
             lr=lr,
             beta2_decay=beta2_decay,
@@ -1362,11 +1361,7 @@ class Muon(_CautiousOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if fused:
-            raise ValueError(
-                "fused=True is not supported by cautious.torch.Muon (no fused kernel for Muon): "
-                "use foreach=True or the single-tensor path"
-            )
+        functional._no_fused("Muon", foreach, fused)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
