@@ -154,6 +154,24 @@ def test_adopt_first_step_moves_nothing_and_reports_count_zero(foreach):
     assert int(st.count) == 3  # m' = 0.1 n has g's sign where g != 0
 
 
+@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=str)
+def test_adopt_first_step_counts_a_nan_gradient_as_kept(path):
+    """Step 1's u is 0, not NaN, but the mask keeps NaN in g: the count is the spec's (found by `cautious verify`,
+    whose random clause drew all-NaN gradients on the first step; single and foreach reported 0)."""
+    from cautious import Caution, spec
+
+    caution = Caution("mean_clamp")
+    g = np.array([float("nan"), 1.0, float("inf"), 0.0, float("nan")])
+    want = spec.adopt(lr=1e-4, caution=caution).stats([np.zeros(5)], [g], spec.adopt().init([np.zeros(5)]))
+    p = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = ct.Adopt([p], lr=1e-4, caution=caution, caution_stats=True, **path)
+    p.grad = torch.tensor(g)
+    opt.step()
+    (st,) = opt.caution_stats()
+    assert (int(st.count), st.n, float(st.scale)) == tuple(want[0]) == (2, 5, 2.5)
+    assert torch.equal(p.detach(), torch.zeros(5, dtype=torch.float64))  # step 1 moves nothing, NaN or not
+
+
 @pytest.mark.parametrize("cls", [ct.Adopt, ct.LaProp])
 def test_fused_and_foreach_together_are_refused(cls):
     p = torch.zeros(3, requires_grad=True)

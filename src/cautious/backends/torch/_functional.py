@@ -1555,11 +1555,13 @@ def _adopt_tensors(
         else:
             for v, g in zip(vs, gs, strict=False):
                 v.addcmul_(g, g)
-        if caution is not None and stats is not None:  # u = 0: nothing kept, count 0 and the scale of count 0
+        if caution is not None and stats is not None:
+            # u = 0: nothing is kept but a NaN gradient entry (the mask keeps NaN in either; here u is 0, not
+            # NaN, so the signs carry g's NaN themselves), and the scale of that count
             zeros = [torch.zeros_like(g) for g in gs]
             _mask_and_scales(
                 zeros,
-                zeros,
+                [torch.where(g.isnan(), g, z) for g, z in zip(gs, zeros, strict=True)],
                 gs,
                 caution,
                 foreach=foreach,
