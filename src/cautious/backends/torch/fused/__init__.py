@@ -49,6 +49,7 @@ can differ by one count.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -57,17 +58,7 @@ from typing import Any
 import torch
 
 from cautious._caution import Caution, as_caution
-from cautious.backends.torch.fused.contract import (
-    STORAGE,
-    Launch,
-    Rule,
-    adam_hp,
-    adopt_hp,
-    laprop_hp,
-    lion_hp,
-    nadam_hp,
-    sgd_hp,
-)
+from cautious.backends.torch.fused.contract import STORAGE, Launch, Rule, slots
 from cautious.spec.errors import check_cautious_weight_decay, check_nesterov, validate
 
 __all__ = [
@@ -313,228 +304,155 @@ def _nones(n: int) -> list[None]:
     return [None] * n
 
 
+# --------------------------------------------------------------------------- launches: a step's contract per rule
+#
+# Each ``*_launch`` takes the rule's hyperparameters and returns its :class:`~.contract.Launch`: the
+# slots of ``hp`` by name and the rule's flags. The flags every rule shares (``maximize``,
+# ``cautious_weight_decay``, ``stochastic_rounding``, ``seed``) pass through ``**common`` to
+# :func:`_launch`.
+
+
+def _launch(
+    rule: Rule,
+    caution: Caution | None,
+    values: dict[str, float],
+    *,
+    maximize: bool,
+    cautious_weight_decay: bool,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    **flags: bool,
+) -> Launch:
+    return Launch(
+        rule=rule,
+        hp=slots(caution, **values),
+        caution=caution,
+        maximize=bool(maximize),
+        cwd=bool(cautious_weight_decay),
+        stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed),
+        **flags,
+    )
+
+
+def _decay(weight_decay: float, decoupled: bool) -> tuple[dict[str, float], dict[str, bool]]:
+    """The decay slots and flags: coupled L2 (``g += wd p``) or decoupled (``p -= lr wd p``)."""
+    wd = float(weight_decay)
+    values = {"COUPLED_DECAY": 0.0 if decoupled else wd, "DECOUPLED_DECAY": wd if decoupled else 0.0}
+    return values, {"coupled": (not decoupled) and wd != 0.0, "decoupled": bool(decoupled) and wd != 0.0}
+
+
 def adam_launch(
-    *,
-    step,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-    caution,
-    eps_placement,
-    cautious_weight_decay,
-    stochastic_rounding=False,
-    seed=0,
+    *, step, beta1, beta2, eps, weight_decay, decoupled, amsgrad, eps_placement, caution, **common
 ) -> Launch:
-    """The :class:`~.contract.Launch` of one Adam step (``step`` is the new 1-based step)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.ADAM,
-        hp=adam_hp(
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=wd,
-            decoupled=decoupled,
-            eps_placement=eps_placement,
-            caution=caution,
-        ),
-        caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        exact_u=float(eps) == 0.0,
-        amsgrad=bool(amsgrad),
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+    """One Adam step (``step`` is the new 1-based step); the bias corrections fold into ``ADAM_A/B/C``."""
+    b1, b2 = float(beta1), float(beta2)
+    bc1 = 1.0 - b1 ** int(step)
+    bc2 = 1.0 - b2 ** int(step)
+    if eps_placement == "corrected":  # u = (m / bc1) / (sqrt(v / bc2) + eps)
+        a, b, c = 1.0 / bc1, 1.0 / math.sqrt(bc2), 1.0
+    else:  # u = sqrt(bc2) / bc1 * m / (sqrt(v) + eps)
+        a, b, c = 1.0, 1.0, math.sqrt(bc2) / bc1
+    decay, flags = _decay(weight_decay, decoupled)
+    values = dict(MIX1_OLD=b1, MIX1_NEW=1.0 - b1, MIX2_OLD=b2, MIX2_NEW=1.0 - b2, EPS=eps, ADAM_A=a, ADAM_B=b, ADAM_C=c)
+    return _launch(
+        Rule.ADAM, caution, {**values, **decay}, exact_u=float(eps) == 0.0, amsgrad=bool(amsgrad), **flags, **common
     )
 
 
-def lion_launch(
-    *, beta1, beta2, weight_decay, maximize, caution, cautious_weight_decay, stochastic_rounding=False, seed=0
-) -> Launch:
-    """The :class:`~.contract.Launch` of one Lion step (decoupled decay)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.LION,
-        hp=lion_hp(beta1=beta1, beta2=beta2, weight_decay=wd, caution=caution),
-        caution=caution,
-        maximize=bool(maximize),
-        decoupled=wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
-    )
+def lion_launch(*, beta1, beta2, weight_decay, caution, **common) -> Launch:
+    """One Lion step (decoupled decay)."""
+    b1, b2 = float(beta1), float(beta2)
+    decay, flags = _decay(weight_decay, True)
+    values = dict(MIX1_OLD=b1, MIX1_NEW=1.0 - b1, MIX2_OLD=b2, MIX2_NEW=1.0 - b2)
+    return _launch(Rule.LION, caution, {**values, **decay}, **flags, **common)
 
 
-def sgd_launch(
-    *,
-    first_step,
-    momentum,
-    dampening,
-    nesterov,
-    weight_decay,
-    decoupled,
-    maximize,
-    caution,
-    cautious_weight_decay,
-    stochastic_rounding=False,
-    seed=0,
-) -> Launch:
-    """The :class:`~.contract.Launch` of one SGD step (``first_step``: the buffer is set to ``g``)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.SGD,
-        hp=sgd_hp(momentum=float(momentum), dampening=dampening, weight_decay=wd, decoupled=decoupled, caution=caution),
-        caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0,
-        cwd=bool(cautious_weight_decay),
+def sgd_launch(*, first_step, momentum, dampening, nesterov, weight_decay, decoupled, caution, **common) -> Launch:
+    """One SGD step (``first_step``: the buffer is set to ``g``)."""
+    decay, flags = _decay(weight_decay, decoupled)
+    values = dict(MIX1_OLD=float(momentum), MIX1_NEW=1.0 - float(dampening))
+    return _launch(
+        Rule.SGD,
+        caution,
+        {**values, **decay},
         first=bool(first_step),
         nesterov=bool(nesterov),
         has_momentum=float(momentum) != 0.0,
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+        **flags,
+        **common,
     )
 
 
-def nadam_launch(
-    *,
-    step,
-    mu,
-    mu_next,
-    mu_product,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    maximize,
-    caution,
-    cautious_weight_decay,
-    stochastic_rounding=False,
-    seed=0,
-) -> Launch:
-    """The :class:`~.contract.Launch` of one NAdam step: ``mu_product`` is ``prod_t`` (through this step)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.NADAM,
-        hp=nadam_hp(
-            step=step,
-            mu=mu,
-            mu_next=mu_next,
-            mu_product=mu_product,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=wd,
-            decoupled=decoupled,
-            caution=caution,
-        ),
-        caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+def nadam_launch(*, step, mu, mu_next, mu_product, beta1, beta2, eps, weight_decay, decoupled, caution, **common):
+    """One NAdam step: ``mu``, ``mu_next`` from :func:`cautious.spec.nadam_mu`; ``mu_product`` is ``prod_t``
+    (through this step)."""
+    b1, b2 = float(beta1), float(beta2)
+    decay, flags = _decay(weight_decay, decoupled)
+    values = dict(
+        MIX1_OLD=b1,
+        MIX1_NEW=1.0 - b1,
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        ADAM_B=1.0 / math.sqrt(1.0 - b2 ** int(step)),
+        G_COEF=(1.0 - mu) / (1.0 - mu_product),
+        M_COEF=mu_next / (1.0 - mu_product * mu_next),
+    )
+    return _launch(Rule.NADAM, caution, {**values, **decay}, **flags, **common)
+
+
+def adopt_launch(*, step, beta1, beta2, eps, clip_exp, weight_decay, decoupled, nesterov, caution, **common):
+    """One ADOPT step: step 1 sets ``v = g^2`` and moves nothing (no decoupled decay); ``clip_exp=None``: no clip."""
+    b1, b2 = float(beta1), float(beta2)
+    decay, flags = _decay(weight_decay, decoupled)
+    flags["decoupled"] = flags["decoupled"] and int(step) > 1
+    values = dict(
+        MIX1_OLD=b1,
+        MIX1_NEW=1.0 - b1,
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        CLIP=math.inf if clip_exp is None else (float(step) - 1.0) ** float(clip_exp),
+    )
+    return _launch(
+        Rule.ADOPT, caution, {**values, **decay}, first=int(step) == 1, nesterov=bool(nesterov), **flags, **common
     )
 
 
-def adopt_launch(
-    *,
-    step,
-    beta1,
-    beta2,
-    eps,
-    clip_exp,
-    weight_decay,
-    decoupled,
-    nesterov,
-    maximize,
-    caution,
-    cautious_weight_decay,
-    stochastic_rounding=False,
-    seed=0,
-) -> Launch:
-    """The :class:`~.contract.Launch` of one ADOPT step (step 1 sets ``v = g^2`` and moves nothing, no decay)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.ADOPT,
-        hp=adopt_hp(
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            clip_exp=clip_exp,
-            weight_decay=wd,
-            decoupled=decoupled,
-            caution=caution,
-        ),
-        caution=caution,
-        maximize=bool(maximize),
-        coupled=(not decoupled) and wd != 0.0,
-        decoupled=bool(decoupled) and wd != 0.0 and int(step) > 1,
-        cwd=bool(cautious_weight_decay),
-        first=int(step) == 1,
-        nesterov=bool(nesterov),
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+def laprop_launch(*, lr, step_lr, bias_correction2, beta1, beta2, eps, weight_decay, decay_order, caution, **common):
+    """One LaProp step: ``step_lr = lr / lr_avg`` (0 while ``lr_avg`` is 0), ``bias_correction2 = 1 - beta2^t``;
+    decoupled decay before or after the move (``decay_order``)."""
+    b1, b2 = float(beta1), float(beta2)
+    decay, flags = _decay(weight_decay, True)
+    values = dict(
+        MIX1_OLD=b1,
+        MIX1_NEW=float(lr) * (1.0 - b1),
+        MIX2_OLD=b2,
+        MIX2_NEW=1.0 - b2,
+        EPS=eps,
+        ADAM_B=1.0 / math.sqrt(float(bias_correction2)),
+        STEP_LR=step_lr,
     )
-
-
-def laprop_launch(
-    *,
-    lr,
-    step_lr,
-    bias_correction2,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decay_order,
-    maximize,
-    caution,
-    cautious_weight_decay,
-    stochastic_rounding=False,
-    seed=0,
-) -> Launch:
-    """The :class:`~.contract.Launch` of one LaProp step (decoupled decay, before or after the move)."""
-    wd = float(weight_decay)
-    return Launch(
-        rule=Rule.LAPROP,
-        hp=laprop_hp(
-            lr=lr,
-            step_lr=step_lr,
-            bias_correction2=bias_correction2,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=wd,
-            caution=caution,
-        ),
-        caution=caution,
-        maximize=bool(maximize),
-        decoupled=wd != 0.0,
-        cwd=bool(cautious_weight_decay),
-        post_decay=decay_order == "post_update",
-        stochastic_rounding=bool(stochastic_rounding),
-        seed=int(seed),
+    return _launch(
+        Rule.LAPROP, caution, {**values, **decay}, post_decay=decay_order == "post_update", **flags, **common
     )
 
 
 # --------------------------------------------------------------------------- public functions
+#
+# Each validates its arguments (nothing is modified when validation fails), builds the rule's launch
+# and runs it. ``hyper`` holds the hyperparameters once: validated, then handed to the launch.
 
 
 def _check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the new 1-based step), got {step!r}")
+
+
+def _numbers(**values: Any) -> dict[str, Any]:
+    """Scalar hyperparameters (numbers or 1-element tensors) as numbers, named as the error table names them."""
+    return {k: _scalar(v, _BETA_NAMES.get(k, k)) for k, v in values.items()}
 
 
 def fused_adam_(
@@ -568,24 +486,14 @@ def fused_adam_(
     :class:`cautious.Caution`. ``stochastic_rounding`` rounds bfloat16 results stochastically
     (seeded by ``seed``). Nothing is modified if validation fails.
     """
-    beta1, beta2, eps, weight_decay = (
-        _scalar(x, n)
-        for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        eps_placement=eps_placement,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    validate(
-        dict(
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            eps_placement=eps_placement,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled,
-            cautious_weight_decay=cautious_weight_decay,
-        ),
-        _BETA_NAMES,
-    )
+    validate({**hyper, "decoupled_weight_decay": decoupled}, _BETA_NAMES)
     caution = as_caution(caution)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     _check_step(step)
@@ -599,19 +507,7 @@ def fused_adam_(
         [lists[0], lists[1], lists[2], lists[3], vmax if amsgrad else None],
     )
     launch = adam_launch(
-        step=step,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        caution=caution,
-        eps_placement=eps_placement,
-        cautious_weight_decay=cautious_weight_decay,
-        stochastic_rounding=stochastic_rounding,
-        seed=seed,
+        step=step, decoupled=decoupled, caution=caution, stochastic_rounding=stochastic_rounding, seed=seed, **hyper
     )
     run(launch, lists, lr, backend=_backend, check_lr=True)
 
@@ -633,33 +529,17 @@ def fused_lion_(
     _backend: str | None = None,
 ) -> None:
     """One in-place cautious Lion step (decoupled decay; see :func:`cautious.spec.lion`)."""
-    beta1, beta2, weight_decay = (
-        _scalar(x, n) for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(beta1=beta1, beta2=beta2, weight_decay=weight_decay),
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    validate(
-        dict(
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            cautious_weight_decay=cautious_weight_decay,
-        ),
-        _BETA_NAMES,
-    )
+    validate(hyper, _BETA_NAMES)
     caution = as_caution(caution)
     n = len(params)
     lists = [list(params), list(grads), list(exp_avgs), _nones(n), _nones(n)]
     _check_lists(("params", "grads", "exp_avgs"), lists[:3])
-    launch = lion_launch(
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        caution=caution,
-        cautious_weight_decay=cautious_weight_decay,
-        stochastic_rounding=stochastic_rounding,
-        seed=seed,
-    )
+    launch = lion_launch(caution=caution, stochastic_rounding=stochastic_rounding, seed=seed, **hyper)
     run(launch, lists, lr, backend=_backend, check_lr=True)
 
 
@@ -687,25 +567,18 @@ def fused_sgd_(
     ``momentum_buffers`` are preallocated when ``momentum != 0`` (else None); on
     ``first_step`` the buffer is set to ``g`` (as torch.optim.SGD).
     """
-    momentum, dampening, weight_decay = (
-        _scalar(x, n) for x, n in ((momentum, "momentum"), (dampening, "dampening"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(momentum=momentum, dampening=dampening, weight_decay=weight_decay),
+        nesterov=nesterov,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    validate(
-        dict(
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled,
-            cautious_weight_decay=cautious_weight_decay,
-        )
-    )
+    validate({**hyper, "decoupled_weight_decay": decoupled})
     caution = as_caution(caution)
-    check_nesterov(nesterov, momentum, dampening)
+    check_nesterov(nesterov, hyper["momentum"], hyper["dampening"])
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     n = len(params)
-    has_m = float(momentum) != 0.0
+    has_m = float(hyper["momentum"]) != 0.0
     if has_m and momentum_buffers is None:
         raise ValueError("momentum != 0 needs momentum_buffers")
     bufs = list(momentum_buffers) if has_m else _nones(n)
@@ -713,16 +586,11 @@ def fused_sgd_(
     _check_lists(("params", "grads", "momentum_buffers"), [lists[0], lists[1], bufs if has_m else None])
     launch = sgd_launch(
         first_step=first_step,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
         decoupled=decoupled,
-        maximize=maximize,
         caution=caution,
-        cautious_weight_decay=cautious_weight_decay,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        **hyper,
     )
     run(launch, lists, lr, backend=_backend, check_lr=True)
 
@@ -753,49 +621,32 @@ def fused_nadam_(
     """One in-place cautious NAdam / NAdamW step (see :func:`cautious.spec.nadam`).
 
     ``step`` is the new 1-based step; ``mu_product`` is ``prod_t``, the product of the momentum
-    schedule through this step (:func:`cautious.spec.rules.nadam_mu`), which the caller keeps.
+    schedule through this step (:func:`cautious.spec.nadam_mu`), which the caller keeps.
     """
     from cautious.spec.rules import nadam_mu
 
-    beta1, beta2, eps, weight_decay = (
-        _scalar(x, n)
-        for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    validate(
-        dict(
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum_decay=momentum_decay,
-            momentum_schedule=momentum_schedule,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled,
-            cautious_weight_decay=cautious_weight_decay,
-        ),
-        _BETA_NAMES,
-    )
+    schedule = dict(momentum_decay=momentum_decay, momentum_schedule=momentum_schedule)
+    validate({**hyper, **schedule, "decoupled_weight_decay": decoupled}, _BETA_NAMES)
     caution = as_caution(caution)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     _check_step(step)
     lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), _nones(len(params))]
     _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
-    schedule = dict(beta1=beta1, momentum_decay=momentum_decay, momentum_schedule=momentum_schedule)
     launch = nadam_launch(
         step=step,
-        mu=nadam_mu(step, **schedule),
-        mu_next=nadam_mu(step + 1, **schedule),
+        mu=nadam_mu(step, beta1=hyper["beta1"], **schedule),
+        mu_next=nadam_mu(step + 1, beta1=hyper["beta1"], **schedule),
         mu_product=float(mu_product),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
         decoupled=decoupled,
-        maximize=maximize,
         caution=caution,
-        cautious_weight_decay=cautious_weight_decay,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        **hyper,
     )
     run(launch, lists, lr, backend=_backend, check_lr=True)
 
@@ -824,20 +675,19 @@ def fused_adopt_(
 ) -> None:
     """One in-place cautious ADOPT step (see :func:`cautious.spec.adopt`); ``step`` is the new 1-based step.
 
-    Step 1 sets ``v = g^2`` and moves nothing; decoupled decay starts at step 2.
+    Step 1 sets ``v = g^2`` and moves nothing; decoupled decay starts at step 2. ``clip_exp=None``:
+    no clipping.
     """
-    beta1, beta2, eps, weight_decay = (
-        _scalar(x, n)
-        for x, n in ((beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        nesterov=nesterov,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    hp = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    checked = {**hyper, "decoupled_weight_decay": decoupled}
     if clip_exp is not None:
-        hp["clip_exp"] = clip_exp
-    validate(hp, _BETA_NAMES)
-    validate(
-        dict(decoupled_weight_decay=decoupled, cautious_weight_decay=cautious_weight_decay),
-        {"decoupled_weight_decay": "decoupled"},
-    )
+        checked["clip_exp"] = clip_exp
+    validate(checked, {**_BETA_NAMES, "decoupled_weight_decay": "decoupled"})
     caution = as_caution(caution)
     check_cautious_weight_decay(cautious_weight_decay, decoupled)
     _check_step(step)
@@ -845,18 +695,12 @@ def fused_adopt_(
     _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
     launch = adopt_launch(
         step=step,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
         clip_exp=clip_exp,
-        weight_decay=weight_decay,
         decoupled=decoupled,
-        nesterov=nesterov,
-        maximize=maximize,
         caution=caution,
-        cautious_weight_decay=cautious_weight_decay,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        **hyper,
     )
     run(launch, lists, lr, backend=_backend, check_lr=True)
 
@@ -887,39 +731,22 @@ def fused_laprop_(
     The caller keeps LaProp's scalars: ``step_lr = lr / lr_avg`` (0 while ``lr_avg`` is 0) and
     ``bias_correction2 = 1 - beta2^t``. ``lr`` is a number here (the momentum carries it).
     """
-    lr, beta1, beta2, eps, weight_decay = (
-        _scalar(x, n)
-        for x, n in ((lr, "lr"), (beta1, "betas[0]"), (beta2, "betas[1]"), (eps, "eps"), (weight_decay, "weight_decay"))
+    hyper = dict(
+        **_numbers(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        decay_order=decay_order,
+        maximize=maximize,
+        cautious_weight_decay=cautious_weight_decay,
     )
-    validate(
-        dict(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decay_order=decay_order,
-            maximize=maximize,
-            cautious_weight_decay=cautious_weight_decay,
-        ),
-        _BETA_NAMES,
-    )
+    validate(hyper, _BETA_NAMES)
     caution = as_caution(caution)
     lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), _nones(len(params))]
     _check_lists(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
     launch = laprop_launch(
-        lr=lr,
         step_lr=float(step_lr),
         bias_correction2=float(bias_correction2),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decay_order=decay_order,
-        maximize=maximize,
         caution=caution,
-        cautious_weight_decay=cautious_weight_decay,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        **hyper,
     )
-    run(launch, lists, lr, backend=_backend)
+    run(launch, lists, hyper["lr"], backend=_backend)

@@ -51,26 +51,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
-import math
 
 import torch
 
 from cautious._caution import NORMALIZATIONS, Caution
 
-__all__ = [
-    "Rule",
-    "Norm",
-    "Slot",
-    "STORAGE",
-    "Launch",
-    "CpuArgs",
-    "adam_hp",
-    "lion_hp",
-    "sgd_hp",
-    "nadam_hp",
-    "adopt_hp",
-    "laprop_hp",
-]
+__all__ = ["Rule", "Norm", "Slot", "STORAGE", "Launch", "CpuArgs", "slots"]
 
 
 class Rule(enum.IntEnum):
@@ -159,108 +145,17 @@ class Launch:
         return dataclasses.replace(self, hp=tuple(hp))
 
 
-def _hp(**slots: float) -> list[float]:
+def slots(caution: Caution | None, **values: float) -> tuple[float, ...]:
+    """The ``hp`` vector: ``values`` by :class:`Slot` name (0.0 elsewhere), ``FLOOR`` from ``caution``.
+
+    The launches of :mod:`cautious.backends.torch.fused` (``adam_launch``, ...) name each rule's slots.
+    """
     hp = [0.0] * len(Slot)
-    for name, value in slots.items():
+    for name, value in values.items():
         hp[Slot[name]] = float(value)
-    return hp
-
-
-def _finish(hp: list[float], caution: Caution | None) -> tuple[float, ...]:
     if caution is not None:
         hp[Slot.FLOOR] = caution.floor
     return tuple(hp)
-
-
-def adam_hp(*, step, beta1, beta2, eps, weight_decay, decoupled, eps_placement, caution) -> tuple[float, ...]:
-    """Adam's slots; the bias corrections fold into ``ADAM_A/B/C`` (``eps_placement`` chooses)."""
-    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
-    bc1 = 1.0 - b1 ** int(step)
-    bc2 = 1.0 - b2 ** int(step)
-    if eps_placement == "corrected":  # u = (m / bc1) / (sqrt(v / bc2) + eps)
-        a, b, c = 1.0 / bc1, 1.0 / math.sqrt(bc2), 1.0
-    else:  # u = sqrt(bc2) / bc1 * m / (sqrt(v) + eps)
-        a, b, c = 1.0, 1.0, math.sqrt(bc2) / bc1
-    hp = _hp(
-        COUPLED_DECAY=0.0 if decoupled else wd,
-        MIX1_OLD=b1,
-        MIX1_NEW=1.0 - b1,
-        MIX2_OLD=b2,
-        MIX2_NEW=1.0 - b2,
-        EPS=eps,
-        ADAM_A=a,
-        ADAM_B=b,
-        ADAM_C=c,
-        DECOUPLED_DECAY=wd if decoupled else 0.0,
-    )
-    return _finish(hp, caution)
-
-
-def lion_hp(*, beta1, beta2, weight_decay, caution) -> tuple[float, ...]:
-    b1, b2 = float(beta1), float(beta2)
-    hp = _hp(MIX1_OLD=b1, MIX1_NEW=1.0 - b1, MIX2_OLD=b2, MIX2_NEW=1.0 - b2, DECOUPLED_DECAY=weight_decay)
-    return _finish(hp, caution)
-
-
-def sgd_hp(*, momentum, dampening, weight_decay, decoupled, caution) -> tuple[float, ...]:
-    wd = float(weight_decay)
-    hp = _hp(
-        COUPLED_DECAY=0.0 if decoupled else wd,
-        MIX1_OLD=momentum,
-        MIX1_NEW=1.0 - float(dampening),
-        DECOUPLED_DECAY=wd if decoupled else 0.0,
-    )
-    return _finish(hp, caution)
-
-
-def nadam_hp(*, step, mu, mu_next, mu_product, beta1, beta2, eps, weight_decay, decoupled, caution):
-    """NAdam's slots for the new 1-based ``step``: ``mu_product`` is ``prod_t`` (already times ``mu``)."""
-    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
-    hp = _hp(
-        COUPLED_DECAY=0.0 if decoupled else wd,
-        MIX1_OLD=b1,
-        MIX1_NEW=1.0 - b1,
-        MIX2_OLD=b2,
-        MIX2_NEW=1.0 - b2,
-        EPS=eps,
-        ADAM_B=1.0 / math.sqrt(1.0 - b2 ** int(step)),
-        G_COEF=(1.0 - mu) / (1.0 - mu_product),
-        M_COEF=mu_next / (1.0 - mu_product * mu_next),
-        DECOUPLED_DECAY=wd if decoupled else 0.0,
-    )
-    return _finish(hp, caution)
-
-
-def adopt_hp(*, step, beta1, beta2, eps, clip_exp, weight_decay, decoupled, caution):
-    """ADOPT's slots for the new 1-based ``step`` (``clip_exp=None``: no clipping)."""
-    b1, b2, wd = float(beta1), float(beta2), float(weight_decay)
-    hp = _hp(
-        COUPLED_DECAY=0.0 if decoupled else wd,
-        MIX1_OLD=b1,
-        MIX1_NEW=1.0 - b1,
-        MIX2_OLD=b2,
-        MIX2_NEW=1.0 - b2,
-        EPS=eps,
-        CLIP=math.inf if clip_exp is None else (float(step) - 1.0) ** float(clip_exp),
-        DECOUPLED_DECAY=wd if decoupled and int(step) > 1 else 0.0,
-    )
-    return _finish(hp, caution)
-
-
-def laprop_hp(*, lr, step_lr, bias_correction2, beta1, beta2, eps, weight_decay, caution):
-    """LaProp's slots: ``step_lr = lr / lr_avg``; ``bias_correction2 = 1 - beta2^t`` (timm's running product)."""
-    b1, b2 = float(beta1), float(beta2)
-    hp = _hp(
-        MIX1_OLD=b1,
-        MIX1_NEW=float(lr) * (1.0 - b1),
-        MIX2_OLD=b2,
-        MIX2_NEW=1.0 - b2,
-        EPS=eps,
-        ADAM_B=1.0 / math.sqrt(float(bias_correction2)),
-        DECOUPLED_DECAY=weight_decay,
-        STEP_LR=step_lr,
-    )
-    return _finish(hp, caution)
 
 
 class CpuArgs(ctypes.Structure):
