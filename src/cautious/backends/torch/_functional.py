@@ -1101,29 +1101,32 @@ def nadam(
     impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    hyper = dict(
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+    )
+    schedule = dict(momentum_decay=float(momentum_decay), momentum_schedule=momentum_schedule)
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
         from cautious.spec.rules import nadam_mu
 
         steps = _fused_steps(state_steps)
-        schedule = dict(beta1=float(beta1), momentum_decay=float(momentum_decay), momentum_schedule=momentum_schedule)
-        torch._foreach_mul_(mu_products, [nadam_mu(t, **schedule) for t in steps])
+        torch._foreach_mul_(mu_products, [nadam_mu(t, beta1=hyper["beta1"], **schedule) for t in steps])
         prods = torch.stack(mu_products).tolist() if mu_products else []
         for idx in _groups(params, impl, steps, prods):
             t = steps[idx[0]]
             launch = fused_kernels.nadam_launch(
                 step=t,
-                mu=nadam_mu(t, **schedule),
-                mu_next=nadam_mu(t + 1, **schedule),
+                mu=nadam_mu(t, beta1=hyper["beta1"], **schedule),
+                mu_next=nadam_mu(t + 1, beta1=hyper["beta1"], **schedule),
                 mu_product=prods[idx[0]],
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
                 decoupled=decoupled_weight_decay,
-                maximize=maximize,
-                caution=caution,
-                cautious_weight_decay=cautious_weight_decay,
+                **hyper,
             )
             lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
             fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
@@ -1132,19 +1135,12 @@ def nadam(
         _nadam_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps)),
             foreach=impl == "foreach",
-            beta1=float(beta1),
-            beta2=float(beta2),
             lr=lr,
-            weight_decay=float(weight_decay),
-            momentum_decay=float(momentum_decay),
-            eps=float(eps),
-            maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
-            momentum_schedule=momentum_schedule,
             shardings=_pick(shardings, idx) or None,
             stats=stats,
+            **hyper,
+            **schedule,
         )
 
 
@@ -1635,24 +1631,23 @@ def adopt(
     impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    hyper = dict(
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        clip_exp=None if clip_exp is None else float(clip_exp),
+        weight_decay=float(weight_decay),
+        decoupled=decoupled,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+    )
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
         steps = _fused_steps(state_steps)
         for idx in _groups(params, impl, steps):
-            launch = fused_kernels.adopt_launch(
-                step=steps[idx[0]],
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                clip_exp=clip_exp,
-                weight_decay=weight_decay,
-                decoupled=decoupled,
-                nesterov=False,
-                maximize=maximize,
-                caution=caution,
-                cautious_weight_decay=cautious_weight_decay,
-            )
+            launch = fused_kernels.adopt_launch(step=steps[idx[0]], nesterov=False, **hyper)
             lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
             fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
         return
@@ -1660,18 +1655,10 @@ def adopt(
         _adopt_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
             foreach=impl == "foreach",
-            beta1=float(beta1),
-            beta2=float(beta2),
             lr=lr,
-            eps=float(eps),
-            clip_exp=None if clip_exp is None else float(clip_exp),
-            weight_decay=float(weight_decay),
-            decoupled=decoupled,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
             shardings=_pick(shardings, idx) or None,
             stats=stats,
+            **hyper,
         )
 
 
@@ -1771,24 +1758,23 @@ def laprop(
     impl = _resolve(params, foreach, fused, lr, caution)
     lr = _scalar(lr)
     params, grads, exp_avgs, exp_avg_sqs = (_as_real(x) for x in (params, grads, exp_avgs, exp_avg_sqs))
+    hyper = dict(
+        lr=lr,
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        decay_order=decay_order,
+        maximize=maximize,
+        caution=caution,
+        cautious_weight_decay=cautious_weight_decay,
+    )
     if impl == "fused":
         from cautious.backends.torch import fused as fused_kernels
 
         bcs = [float(_scalar(bc)) for bc in bias_corrections2]
         for idx in _groups(params, impl, list(step_sizes), bcs):
-            launch = fused_kernels.laprop_launch(
-                lr=lr,
-                step_lr=step_sizes[idx[0]],
-                bias_correction2=bcs[idx[0]],
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                decay_order=decay_order,
-                maximize=maximize,
-                caution=caution,
-                cautious_weight_decay=cautious_weight_decay,
-            )
+            launch = fused_kernels.laprop_launch(step_lr=step_sizes[idx[0]], bias_correction2=bcs[idx[0]], **hyper)
             lists = [_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs)] + [[None] * len(idx)]
             fused_kernels.run(launch, lists, lr, shardings=_pick(shardings, idx) or None, stats=stats)
         return
@@ -1796,17 +1782,9 @@ def laprop(
         _laprop_tensors(
             *(_pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)),
             foreach=impl == "foreach",
-            beta1=float(beta1),
-            beta2=float(beta2),
-            lr=lr,
-            eps=float(eps),
-            weight_decay=float(weight_decay),
-            decay_order=decay_order,
-            maximize=maximize,
-            caution=caution,
-            cautious_weight_decay=cautious_weight_decay,
             shardings=_pick(shardings, idx) or None,
             stats=stats,
+            **hyper,
         )
 
 
