@@ -146,6 +146,20 @@ def test_rmsprop_caution_stats():
     assert int(stats.count) == 3 and int(stats.n) == 4
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_rmsprop_decides_before_the_learning_rate(centered):
+    """Without momentum the mask reads u = g / d, not lr * u: here lr * u is a float32 subnormal (flushed to
+    zero by XLA on CPU), yet the entry is kept and counted, as the spec's (found by `cautious verify`)."""
+    g = jnp.array([np.float32(np.finfo(np.float32).tiny), 1.0, np.nan], jnp.float32)
+    tx = cj.rmsprop(1e-4, decay=0.5, eps=1e-3, eps_in_sqrt=False, centered=centered, caution_stats=True)
+    p = jnp.zeros(3, jnp.float32)
+    _, state = tx.update(g, tx.init(p), p)
+    (stats,) = cj.caution_stats(state)
+    opt = spec.rmsprop(lr=1e-4, alpha=0.5, eps=1e-3, centered=centered)
+    (want,) = opt.stats([np.zeros(3, np.float32)], [np.asarray(g)], opt.init([np.zeros(3, np.float32)]))
+    assert int(stats.count) == want.count == 3
+
+
 def test_errors():
     with pytest.raises(ValueError) as info:
         cj.rmsprop(0.1, decay=1.5)

@@ -452,10 +452,13 @@ def rmsprop(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Cautious RMSprop: :func:`optax.rmsprop` with the whole update masked against the gradient.
 
-    optax scales by the learning rate *before* the momentum trace, so its buffer carries
-    ``-lr`` (the spec's ``momentum_form="keras"``, :func:`cautious.spec.rmsprop_velocity`):
-    caution masks the chain's whole output ``o`` (``o^c = mask(o, -g) * scale * o``, the
+    optax scales by the learning rate *before* the momentum trace, so with ``momentum`` its buffer
+    carries ``-lr`` (the spec's ``momentum_form="keras"``, :func:`cautious.spec.rmsprop_velocity`):
+    caution then masks the chain's whole output ``o`` (``o^c = mask(o, -g) * scale * o``, the
     spec's update form), which is the direction form's result for a positive learning rate.
+    Without momentum it masks ``u = g / d`` before the learning rate (the direction form, as
+    :func:`cautious.spec.rmsprop`), so the decision never reads a product ``lr * u`` that can
+    underflow.
     The state is optax's pytree (:class:`optax.ScaleByRmsState` or
     :class:`optax.ScaleByRStdDevState`, ``EmptyState``, :class:`optax.TraceState` or
     ``EmptyState``) unless ``maximize`` or ``weight_decay`` add their transformations.
@@ -480,19 +483,22 @@ def rmsprop(
     )
     if nesterov and (momentum is None or (tf._is_concrete_number(momentum) and float(momentum) <= 0)):
         raise ValueError(NESTEROV_MESSAGE)
-    scaling = tf.scale_by_stddev if centered else tf.scale_by_rms
-    inner = optax.chain(
-        scaling(decay, eps, initial_scale, eps_in_sqrt, bias_correction),
-        optax.scale_by_learning_rate(learning_rate),
-        tf.trace(momentum, nesterov) if momentum is not None else optax.identity(),
-    )
+    scale_by = tf.scale_by_stddev if centered else tf.scale_by_rms
+    scaling = scale_by(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
     c = caution_arg(caution)
-    if c is None:
-        if caution_stats:
-            raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
-        whole: Any = inner
+    if momentum is None:
+        # No buffer: u = g / d comes before the learning rate, so the mask reads its sign there (the
+        # direction form), never the sign of lr * u, which can underflow to zero in the update
+        whole: Any = optax.chain(
+            _direction(scaling, c, caution_stats), optax.scale_by_learning_rate(learning_rate), optax.identity()
+        )
     else:
-        whole = _cautious(inner, c, form="update", keep_dtype=False, caution_stats=caution_stats)
+        whole = optax.chain(scaling, optax.scale_by_learning_rate(learning_rate), tf.trace(momentum, nesterov))
+        if c is None:
+            if caution_stats:
+                raise ValueError("caution_stats=True needs caution on (caution=False has no mask to report)")
+        else:
+            whole = _cautious(whole, c, form="update", keep_dtype=False, caution_stats=caution_stats)
     parts: list[Any] = [tf.negate()] if maximize else []
     zero = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay == 0
     if not zero:
