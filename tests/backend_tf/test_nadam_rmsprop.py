@@ -122,6 +122,22 @@ def test_rmsprop_without_momentum_caution_only_rescales():
     np.testing.assert_allclose(a, b * 4 / 3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("lr", [1e-4, 0.0])
+def test_rmsprop_decides_from_the_direction_not_the_underflowing_update(centered, lr):
+    """Without momentum lr * g is a float32 subnormal here (flushed to zero on CPU), yet the entry is kept
+    and counted, as the spec's (found in JAX by `cautious verify`; Keras had the same). At lr = 0 the update
+    is 0: nothing but the NaN is kept, as the spec's update form."""
+    g = np.array([np.finfo(np.float32).tiny, 1.0, np.nan], np.float32)
+    v = keras.Variable(np.zeros(3, np.float32))
+    opt = ctf.RMSprop(learning_rate=lr, rho=0.5, epsilon=1e-3, centered=centered, caution_stats=True)
+    opt.apply_gradients([(tf.constant(g), v)])
+    (stats,) = opt.caution_stats()
+    ref = spec.rmsprop(lr=lr, alpha=0.5, eps=1e-3, centered=centered, eps_in_sqrt=True, momentum_form="keras")
+    (want,) = ref.stats([np.zeros(3, np.float32)], [g], ref.init([np.zeros(3, np.float32)]))
+    assert int(stats.count.numpy()) == want.count == (3 if lr else 1)
+
+
 def test_config_round_trip():
     for opt in (ctf.Nadam(0.01, momentum_decay=0.004), ctf.RMSprop(0.01, rho=0.8, momentum=0.5, centered=True)):
         again = type(opt).from_config(opt.get_config())

@@ -752,7 +752,8 @@ class RMSprop(CautiousOptimizer):
 
     (:func:`cautious.spec.rmsprop_velocity`, ``eps_in_sqrt=True``): Keras's momentum slot carries the
     learning rate, so caution masks the whole update ``delta`` against ``-g``. Without momentum
-    ``delta`` has the sign of ``-g``: caution only rescales (docs/spec.md). ``caution=False`` is
+    ``delta`` has the sign of ``-g``: caution only rescales (docs/spec.md); the mask then reads that
+    sign off ``-g / sqrt(...)`` (while ``lr > 0``), never off ``lr * g``, which can underflow. ``caution=False`` is
     ``keras.optimizers.RMSprop``'s operations in its order.
 
     Args:
@@ -836,11 +837,14 @@ class RMSprop(CautiousOptimizer):
             m = _c(self.momentum, cdt) * tf.cast(m_var, cdt) + increment
             assigns.append((m_var, m))
             delta = -m
+            signs = delta
         else:
             delta = -increment
+            # delta = -lr g / d: its sign is read off -g / d while lr > 0, since lr * g can underflow to zero
+            signs = tf.where(lr > 0, -(g / tf.sqrt(denominator)), delta)
         mask = None
         if self.caution is not None:  # the whole update against the descent direction -g
-            mask = _ops.cautious_mask(delta, -g)
+            mask = _ops.cautious_mask(signs, -g)
             if self.caution.normalize != "none" or self._caution_counts:
                 delta = delta * tf.cast(self._caution_scale(mask, g, n, variable), cdt)
             delta = tf.where(mask, delta, tf.zeros((), cdt))
