@@ -210,3 +210,16 @@ def test_adapter_keras_form_matches_the_spec(p, g, m, nesterov, caution, wd, cwd
     np.testing.assert_allclose(got_s.leaves[0].m, want_s.leaves[0].m, rtol=1e-6, atol=1e-6)
     # a mask decision within rounding of zero may go either way: compare where it is clear-cut
     np.testing.assert_allclose(got_p[0], want_p[0], rtol=1e-5, atol=1e-5 * (1 + np.abs(m).max()) * 5)
+
+
+@pytest.mark.parametrize("lr", [1e-4, 0.0])
+def test_sgd_without_momentum_decides_from_g_not_the_underflowing_update(lr):
+    """The same class in Keras's SGD: delta = -lr g is a float32 subnormal for the first entry."""
+    g = np.array([np.finfo(np.float32).tiny, -1.0, np.nan, 0.0], np.float32)
+    v = keras.Variable(np.zeros(4, np.float32))
+    opt = ctf.SGD(learning_rate=lr, caution_stats=True)
+    opt.apply_gradients([(tf.constant(g), v)])
+    (stats,) = opt.caution_stats()
+    ref = spec.sgd(lr=lr, momentum_form="keras")
+    (want,) = ref.stats([np.zeros(4, np.float32)], [g], ref.init([np.zeros(4, np.float32)]))
+    assert int(stats.count.numpy()) == want.count == (3 if lr else 1)

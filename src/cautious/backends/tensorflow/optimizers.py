@@ -512,7 +512,8 @@ class SGD(CautiousOptimizer):
         m' = \mu m - \eta g, \qquad \delta = \mu m' - \eta g \text{ (nesterov) else } m',
         \qquad p' = p - \eta\lambda p + \text{mask}(\delta, -g)\cdot\text{scale}\cdot\delta
 
-    (``delta = -lr * g`` when ``momentum == 0``). ``caution=False`` is ``keras.optimizers.SGD``
+    (``delta = -lr * g`` when ``momentum == 0``; the mask then reads that sign off ``-g`` while
+    ``lr > 0``, since ``lr * g`` can underflow). ``caution=False`` is ``keras.optimizers.SGD``
     bit for bit for float32 and float64 variables, learning-rate schedules and weight decay
     included (the same operations in the same order, and Keras's constants: for float64
     variables ``momentum`` and ``weight_decay`` are float32-rounded, as Keras rounds them), and
@@ -602,11 +603,13 @@ class SGD(CautiousOptimizer):
             m = tf.cast(m_var, cdt) * mu - g * lr
             delta = m * mu - g * lr if self.nesterov else m
             assigns.append((m_var, m))
+            signs = delta
         else:
             delta = -(g * lr)
+            signs = tf.where(lr > 0, -g, delta)  # delta's sign while lr > 0: g * lr can underflow to zero
         mask = None
         if self.caution is not None:  # the whole update against the descent direction -g
-            mask = _ops.cautious_mask(delta, -g)
+            mask = _ops.cautious_mask(signs, -g)
             if self.caution.normalize != "none" or self._caution_counts:
                 delta = delta * tf.cast(self._caution_scale(mask, g, n, variable), cdt)
             delta = tf.where(mask, delta, tf.zeros((), cdt))
