@@ -59,7 +59,54 @@ def test_compiled_step_is_one_graph_without_recompiles(rule, foreach, caution):
     assert counter.op_count > 0
 
 
-@pytest.mark.parametrize("rule", list(RULES))
+#: every rule with a fused kernel (NAdam, Adopt and LaProp keep host scalars: not in the one-graph test above)
+FUSED_RULES = {
+    **RULES,
+    "NAdam": lambda ps, **kw: ct.NAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, **kw),
+    "Adopt": lambda ps, **kw: ct.Adopt(ps, lr=1e-2, **kw),
+    "LaProp": lambda ps, **kw: ct.LaProp(ps, lr=1e-2, weight_decay=0.1, **kw),
+}
+
+
+#: every optimizer class, for the compiled-equals-eager check (matrices only: Muon orthogonalizes 2-d tensors)
+ALL_CLASSES = {
+    **FUSED_RULES,
+    "RMSprop": lambda ps, **kw: ct.RMSprop(ps, lr=1e-2, momentum=0.9, centered=True, **kw),
+    "Adafactor": lambda ps, **kw: ct.Adafactor(ps, lr=1e-2, **kw),
+    "Muon": lambda ps, **kw: ct.Muon(ps, lr=1e-2, **kw),
+}
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("rule", list(ALL_CLASSES))
+def test_compiled_step_keeps_advancing_the_state(rule, foreach):
+    """torch.compile(opt.step) equals the eager step, state included. Dynamo runs an optimizer's
+    ``_init_group`` once, at trace time: per-step bookkeeping there is lost (LaProp's step counter and
+    learning-rate average stayed at step 1 until it moved out of ``_init_group``)."""
+    torch._dynamo.reset()
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(4, 3, bias=False))
+
+    m1, m2 = model(), model()
+    o1, o2 = ALL_CLASSES[rule](m1.parameters(), foreach=foreach), ALL_CLASSES[rule](m2.parameters(), foreach=foreach)
+    step = torch.compile(o1.step, backend="eager")
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        for model_, run in ((m1, step), (m2, o2.step)):
+            model_.zero_grad()
+            model_(x).square().mean().backward()
+            run()
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for key, value in o2.state[b].items():
+            got = o1.state[a][key]
+            if key == "step" or not isinstance(value, torch.Tensor):
+                assert float(got) == float(value), key
+
+
+@pytest.mark.parametrize("rule", list(FUSED_RULES))
 def test_compiled_fused_step_runs_eagerly_like_torch_optims_fused(rule):
     # torch.optim does not trace its fused steps (torch.compiler.disable): neither do we, so nothing recompiles
     from cautious.backends.torch import fused
@@ -68,7 +115,7 @@ def test_compiled_fused_step_runs_eagerly_like_torch_optims_fused(rule):
         pytest.skip("no fused CPU kernel")
     torch._dynamo.reset()
     m1, m2 = _model(), _model()
-    o1, o2 = RULES[rule](m1.parameters(), fused=True), RULES[rule](m2.parameters(), fused=True)
+    o1, o2 = FUSED_RULES[rule](m1.parameters(), fused=True), FUSED_RULES[rule](m2.parameters(), fused=True)
     counter = CompileCounter()
     step = torch.compile(o1.step, backend=counter)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))

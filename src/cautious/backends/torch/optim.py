@@ -1259,9 +1259,9 @@ class LaProp(_CautiousOptimizer):
         validate(dict(maximize=group["maximize"], cautious_weight_decay=group["cautious_weight_decay"]))
         return self._check_caution(group)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2):
-        beta1, beta2 = group["betas"]
-        lr = functional._scalar(group["lr"])
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs):
+        """Lazy state initialization only (torch.compile calls ``_init_group`` once, at trace time, as
+        torch.optim's): the per-step bookkeeping is :meth:`_advance`."""
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -1274,14 +1274,28 @@ class LaProp(_CautiousOptimizer):
                 state["exp_avg_lr_1"] = 0.0
                 state["exp_avg_lr_2"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+
+    # timm's state keeps the learning-rate average as a Python float: traced, every step would recompile on its
+    # new value, so this host-side bookkeeping runs eagerly under torch.compile (a graph break, no recompiles)
+    @torch.compiler.disable
+    def _advance(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[float], list[Tensor]]:
+        """One step of the scalars timm keeps per parameter: ``step``, the learning-rate average ``exp_avg_lr_1``
+        and ``exp_avg_lr_2 = 1 - beta2^t``. Returns the rates ``lr / lr_avg`` (0 while ``lr_avg`` is 0) and the
+        bias corrections."""
+        beta1, beta2 = group["betas"]
+        lr = functional._scalar(group["lr"])
+        step_sizes, bias_corrections2 = [], []
+        for p in params:
+            state = self.state[p]
             state["step"].add_(1)
             state["exp_avg_lr_1"] = state["exp_avg_lr_1"] * beta1 + (1 - beta1) * lr
             state["exp_avg_lr_2"] = state["exp_avg_lr_2"] * beta2 + (1 - beta2)
             lr_avg = state["exp_avg_lr_1"]
             step_sizes.append(lr / lr_avg if lr_avg != 0 else 0.0)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
             bias_corrections2.append(state["exp_avg_lr_2"])
+        return step_sizes, bias_corrections2
 
     @_use_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -1292,9 +1306,10 @@ class LaProp(_CautiousOptimizer):
                 loss = closure()
         self._check_grads()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2 = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias_corrections2)
+            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs)
             self._check_fused(group, params)
+            step_sizes, bias_corrections2 = self._advance(group, params)
             beta1, beta2 = group["betas"]
             _step_fn(functional.laprop, group)(
                 params,
