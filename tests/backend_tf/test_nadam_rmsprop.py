@@ -138,6 +138,24 @@ def test_rmsprop_decides_from_the_direction_not_the_underflowing_update(centered
     assert int(stats.count.numpy()) == want.count == (3 if lr else 1)
 
 
+@pytest.mark.parametrize("caution", [False, True])
+def test_rmsprop_cautious_decay_decides_from_the_direction_in_float64(caution):
+    """float64: lr * g is a subnormal (flushed to zero on CPU), g / sqrt(v) is not: cautious weight decay
+    sees u < 0 < p and skips the decay, as the spec (found by `cautious verify --seed 1`)."""
+    p0, g = np.array([1.4142135266470554e-04]), np.array([-7.121917873523875e-305])
+    hp = dict(lr=1e-4, alpha=0.5, eps=0.0, weight_decay=1e-4, decoupled_weight_decay=True, cautious_weight_decay=True)
+    ref = spec.rmsprop(**hp, eps_in_sqrt=True, momentum_form="keras", caution=caution)
+    want, _ = ref.step([p0], [g], spec.State(1, (spec.RMSpropState(np.array([0.5]), None, None),)))
+    v = keras.Variable(p0.copy(), dtype="float64")
+    opt = ctf.RMSprop(learning_rate=1e-4, rho=0.5, epsilon=0.0, weight_decay=1e-4, cautious_weight_decay=True,
+                      caution=caution)  # fmt: skip
+    opt.build([v])
+    opt._velocities[0].assign(np.array([0.5]))
+    opt.apply_gradients([(tf.constant(g), v)])
+    np.testing.assert_array_equal(v.numpy(), want[0])
+    assert v.numpy()[0] == p0[0]  # no decay, and the update itself underflows
+
+
 def test_config_round_trip():
     for opt in (ctf.Nadam(0.01, momentum_decay=0.004), ctf.RMSprop(0.01, rho=0.8, momentum=0.5, centered=True)):
         again = type(opt).from_config(opt.get_config())

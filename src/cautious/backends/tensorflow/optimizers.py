@@ -606,7 +606,8 @@ class SGD(CautiousOptimizer):
             signs = delta
         else:
             delta = -(g * lr)
-            signs = tf.where(lr > 0, -g, delta)  # delta's sign while lr > 0: g * lr can underflow to zero
+            # delta's sign while lr > 0 (g * lr can underflow to zero): for the mask and cautious weight decay
+            signs = tf.where(lr > 0, -g, delta)
         mask = None
         if self.caution is not None:  # the whole update against the descent direction -g
             mask = _ops.cautious_mask(signs, -g)
@@ -618,7 +619,7 @@ class SGD(CautiousOptimizer):
             # Keras decays first (variable - variable * wd * lr), then adds the velocity.
             decay = p * keras.ops.cast(self.weight_decay, cdt) * lr
             if self.cautious_weight_decay:
-                decay = tf.where(_ops.decay_keep(-delta, p, mask), decay, tf.zeros((), cdt))
+                decay = tf.where(_ops.decay_keep(-signs, p, mask), decay, tf.zeros((), cdt))
             p = p - decay
         for state_var, value in assigns:
             self.assign(state_var, value)
@@ -843,7 +844,8 @@ class RMSprop(CautiousOptimizer):
             signs = delta
         else:
             delta = -increment
-            # delta = -lr g / d: its sign is read off -g / d while lr > 0, since lr * g can underflow to zero
+            # delta = -lr g / d: its sign (for the mask and cautious weight decay) is read off -g / d while lr > 0,
+            # since lr * g can underflow to zero
             signs = tf.where(lr > 0, -(g / tf.sqrt(denominator)), delta)
         mask = None
         if self.caution is not None:  # the whole update against the descent direction -g
@@ -855,7 +857,7 @@ class RMSprop(CautiousOptimizer):
         if self.weight_decay and self._use_weight_decay(variable):
             decay = p * _c(self.weight_decay, cdt) * lr
             if self.cautious_weight_decay:
-                decay = tf.where(_ops.decay_keep(-delta, p, mask), decay, tf.zeros((), cdt))
+                decay = tf.where(_ops.decay_keep(-signs, p, mask), decay, tf.zeros((), cdt))
             p = p - decay
         for state_var, value in assigns:
             self.assign(state_var, value)
